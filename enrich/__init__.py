@@ -1,0 +1,1 @@
+"""enrich: enrich dataframes through Parallel's Task API."""

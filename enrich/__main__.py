@@ -1,0 +1,3 @@
+from enrich._cli import main
+
+raise SystemExit(main())
