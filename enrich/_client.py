@@ -1,0 +1,535 @@
+"""An async client for Parallel's Task API, built on httpx.
+
+Every call a bulk job needs, with typed answers (`enrich._models`), one exception tree
+(`enrich._exceptions`), a shared rate limiter and retries that never pay twice:
+
+- Read-only calls are retried on transport errors, 408, 409, 429 and 5xx with exponential backoff and
+  full jitter, honouring the server's `Retry-After` / `retry-after-ms`.
+- Calls that create runs (`create_run`, `add_runs`) are retried only when the service certainly did
+  nothing: the connection was never made, or it answered 429. When the request may have reached the
+  service and the answer was lost (a 5xx, a dropped connection, a read timeout), `OutcomeUnknownError`
+  is raised instead, so the caller can find out what was created before sending anything again.
+
+Example::
+
+    async with TaskClient(api_key="...") as client:
+        run = await client.create_run({"company": "Parallel"}, "core", task_spec=spec)
+        run, output = await client.wait_for_result(run.run_id)
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import httpx
+
+from enrich._exceptions import (
+    STATUS_ERRORS,
+    APIError,
+    APIStatusError,
+    NotFoundError,
+    OutcomeUnknownError,
+    RateLimitError,
+    RequestInfo,
+    ServerError,
+    StillRunningError,
+    TransportError,
+    UsageError,
+)
+from enrich._models import (
+    AddRunsResponse,
+    StreamEvent,
+    TaskGroup,
+    TaskOutput,
+    TaskRun,
+    TaskRunResult,
+    parse_event,
+)
+from enrich._retry import RetryPolicy
+from enrich._sse import SSEDecoder
+
+__all__ = ["DEFAULT_BASE_URL", "MAX_RUNS_PER_ADD", "Limiter", "TaskClient"]
+
+DEFAULT_BASE_URL = "https://api.parallel.ai"
+#: The API refuses add-runs requests with more inputs than this.
+MAX_RUNS_PER_ADD = 1000
+_GROUPS = "/v1/tasks/groups"
+_RUNS = "/v1/tasks/runs"
+_USER_AGENT = "enrich/0.1 (+https://github.com/parallel-web)"
+
+
+class Limiter(Protocol):
+    """What the client needs of a rate limiter (`enrich.RateLimiter` is one)."""
+
+    async def acquire(self, runs: int = 0) -> None: ...
+    def rate_limited(self, retry_after: float | None = None) -> None: ...
+    def succeeded(self) -> None: ...
+
+
+def _parse_retry_after(headers: httpx.Headers) -> float | None:
+    """The server's wait in seconds from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+_TAGS = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def _error_from_response(response: httpx.Response, request: RequestInfo) -> APIStatusError:
+    """Translate an error answer into the exception tree; reads both error-body shapes and HTML pages."""
+    status = response.status_code
+    message = ""
+    ref_id = None
+    detail: Any = None
+    try:
+        body = response.json()
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):  # {"type": "error", "error": {...}}
+        err = body["error"]
+        message = str(err.get("message") or "")
+        ref_id = err.get("ref_id")
+        detail = err.get("detail")
+    elif isinstance(body, dict) and "detail" in body:  # FastAPI's {"detail": [{"loc", "msg", "type"}]}
+        detail = body["detail"]
+        if isinstance(detail, list):
+            parts = []
+            for item in detail:
+                if isinstance(item, dict):
+                    loc = ".".join(str(p) for p in item.get("loc") or ())
+                    parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg", "")))
+            message = "; ".join(parts)
+        else:
+            message = str(detail)
+    elif isinstance(body, dict) and isinstance(body.get("message"), str):
+        message = body["message"]
+    if not message:
+        text = _SPACE.sub(" ", _TAGS.sub(" ", response.text)).strip()
+        reason = response.reason_phrase or "error"
+        message = reason + (f": {text[:200]}" if text and text.lower() != reason.lower() else "")
+    kwargs: dict[str, Any] = {"status": status, "request": request, "ref_id": ref_id, "detail": detail}
+    if status == 429:
+        return RateLimitError(message, retry_after=_parse_retry_after(response.headers), **kwargs)
+    cls = STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
+    return cls(message, **kwargs)
+
+
+def _is_retryable_status(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
+
+
+# Transport errors raised before the request could have reached the service: safe to retry anything.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+class TaskClient:
+    """Async client for the Task API.
+
+    Args:
+        api_key: sent as `x-api-key`; default: env `PARALLEL_API_KEY`. Never logged, printed or stored.
+        base_url: default: env `PARALLEL_BASE_URL`, else `https://api.parallel.ai`.
+        transport: an `httpx.AsyncBaseTransport` (tests use `httpx.MockTransport` or `httpx.ASGITransport`).
+        limiter: shared rate limiter; every request first acquires from it (create calls spend their runs).
+        retry: the retry policy (`RetryPolicy()` by default).
+        timeout: seconds to wait for a connection, or for bytes of an answer (default 60); the blocking
+            result call adds its server-side wait to it.
+        max_connections: size of the connection pool (default 100).
+
+    Use it as an async context manager, or call `aclose()`.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        limiter: Limiter | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: float = 60.0,
+        max_connections: int = 100,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
+        if not key:
+            raise UsageError("no API key: set the PARALLEL_API_KEY environment variable or pass api_key=")
+        if any(c in key for c in "\r\n") or key != key.strip():
+            raise UsageError("the API key has spaces or line breaks around it: copy it again")
+        url = base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"base URL {url!r} must start with http:// or https://")
+        self.base_url = url.rstrip("/")
+        self.limiter = limiter
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=transport,
+            headers={"x-api-key": key, "user-agent": _USER_AGENT, "accept": "application/json"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            follow_redirects=False,
+        )
+        #: Requests sent, by kind: a bulk job reads its requests-per-row from these.
+        self.requests_sent = 0
+        self.rate_limited_count = 0
+
+    def __repr__(self) -> str:
+        return f"TaskClient(base_url={self.base_url!r}, api_key=<hidden>)"
+
+    async def __aenter__(self) -> TaskClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- the request loop ------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: Mapping[str, Any] | None = None,
+        runs: int = 0,
+        creates: bool = False,
+        retry_408: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one request, retrying what is safe to retry; returns the decoded JSON body."""
+        info = RequestInfo(method, self.base_url + path + _query(params))
+        failures = 0
+        rate_limited = 0
+        while True:
+            if self.limiter is not None:
+                await self.limiter.acquire(runs)
+            self.requests_sent += 1
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    json=json_body,
+                    params=_wire_params(params),
+                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0))
+                    if timeout
+                    else httpx.USE_CLIENT_DEFAULT,
+                )
+            except httpx.TransportError as exc:
+                error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
+                if creates and not isinstance(exc, _NOT_SENT):
+                    raise OutcomeUnknownError(
+                        "the request was sent but its answer was lost", cause=error, request=info
+                    ) from exc
+                failures += 1
+                if failures >= self.retry.max_attempts:
+                    raise error from exc
+                await self.retry.sleep(self.retry.delay(failures - 1))
+                continue
+            if response.status_code < 400:
+                if self.limiter is not None:
+                    self.limiter.succeeded()
+                try:
+                    return response.json()
+                except ValueError as exc:
+                    error = TransportError(f"malformed JSON in a {response.status_code} answer", request=info)
+                    if creates:
+                        raise OutcomeUnknownError(
+                            "the runs may have been created but the answer could not be read",
+                            cause=error,
+                            request=info,
+                        ) from exc
+                    failures += 1
+                    if failures >= self.retry.max_attempts:
+                        raise error from exc
+                    await self.retry.sleep(self.retry.delay(failures - 1))
+                    continue
+            error_ = _error_from_response(response, info)
+            if isinstance(error_, RateLimitError):
+                self.rate_limited_count += 1
+                rate_limited += 1
+                if rate_limited > self.retry.max_rate_limited:
+                    raise error_
+                if self.limiter is not None:
+                    self.limiter.rate_limited(error_.retry_after)
+                else:
+                    await self.retry.sleep(self.retry.delay(min(rate_limited - 1, 10), error_.retry_after))
+                continue
+            if self.limiter is not None:
+                self.limiter.succeeded()
+            if creates and isinstance(error_, ServerError):
+                raise OutcomeUnknownError(
+                    f"the service answered {error_.status} after the request was sent",
+                    cause=error_,
+                    request=info,
+                )
+            retryable = _is_retryable_status(error_.status or 0) and (retry_408 or error_.status != 408)
+            failures += 1
+            if not retryable or creates or failures >= self.retry.max_attempts:
+                raise error_
+            await self.retry.sleep(self.retry.delay(failures - 1, _parse_retry_after(response.headers)))
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        input: str | Mapping[str, Any],
+        processor: str,
+        *,
+        task_spec: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **extra: Any,
+    ) -> TaskRun:
+        """Create one run (`POST /v1/tasks/runs`, 202). Never retried once it may have been received:
+        a lost answer raises `OutcomeUnknownError`. `extra` passes other TaskRunInput fields as they are
+        (`source_policy`, `webhook`, ...)."""
+        body = _run_input(input, processor, task_spec, metadata, extra)
+        return TaskRun.from_json(await self._request("POST", _RUNS, json_body=body, runs=1, creates=True))
+
+    async def get_run(self, run_id: str) -> TaskRun:
+        """A run's current state (`GET /v1/tasks/runs/{id}`; does not block)."""
+        return TaskRun.from_json(await self._request("GET", f"{_RUNS}/{run_id}"))
+
+    async def get_run_input(self, run_id: str) -> dict[str, Any]:
+        """The TaskRunInput the run was created with."""
+        data = await self._request("GET", f"{_RUNS}/{run_id}/input")
+        return data if isinstance(data, dict) else {}
+
+    async def get_result(self, run_id: str, *, timeout: int = 600) -> TaskRunResult:
+        """The result of a run, waiting up to `timeout` seconds on the server for it to finish.
+
+        Raises `StillRunningError` (408) when the wait ran out with the run still active, and
+        `NotFoundError` (404) when the run failed (read its error with `get_run`) or does not exist.
+        """
+        data = await self._request(
+            "GET",
+            f"{_RUNS}/{run_id}/result",
+            params={"timeout": int(timeout)},
+            retry_408=False,
+            timeout=self.timeout + timeout,
+        )
+        return TaskRunResult.from_json(data)
+
+    async def wait_for_result(
+        self, run_id: str, *, poll_timeout: int = 600
+    ) -> tuple[TaskRun, TaskOutput | None]:
+        """Wait until a run ends: `(run, output)` when it completed, `(run, None)` when it failed.
+
+        Asks the blocking result call again on every 408; on a 404 reads the run to tell a failed
+        run (returned, with `run.error`) from an unknown id (`NotFoundError` raised).
+        """
+        while True:
+            try:
+                result = await self.get_result(run_id, timeout=poll_timeout)
+            except StillRunningError:
+                continue
+            except NotFoundError:
+                run = await self.get_run(run_id)
+                if run.is_active:  # the result vanished under us; ask again
+                    continue
+                return run, None
+            return result.run, result.output
+
+    # -- groups -------------------------------------------------------------------------------------
+
+    async def create_group(self, metadata: Mapping[str, Any] | None = None) -> TaskGroup:
+        """Create a task group (`POST /v1/tasks/groups`). Creating an empty group costs nothing, so a
+        lost answer is retried like a read."""
+        body = {"metadata": dict(metadata)} if metadata else {}
+        return TaskGroup.from_json(await self._request("POST", _GROUPS, json_body=body))
+
+    async def get_group(self, group_id: str) -> TaskGroup:
+        """A group's status counters."""
+        return TaskGroup.from_json(await self._request("GET", f"{_GROUPS}/{group_id}"))
+
+    async def add_runs(
+        self,
+        group_id: str,
+        inputs: Sequence[Mapping[str, Any]],
+        *,
+        default_task_spec: Mapping[str, Any] | None = None,
+        refresh_status: bool = False,
+    ) -> AddRunsResponse:
+        """Add up to 1,000 runs to a group in one request; `run_ids` come back in input order.
+
+        Each input is a TaskRunInput (`input`, `processor`, optional `metadata`, `task_spec`, ...).
+        Spends `len(inputs)` from the limiter's runs budget. A lost answer raises `OutcomeUnknownError`.
+        """
+        if not inputs:
+            raise UsageError("add_runs needs at least one input")
+        if len(inputs) > MAX_RUNS_PER_ADD:
+            raise UsageError(f"add_runs takes at most {MAX_RUNS_PER_ADD} inputs per call, got {len(inputs)}")
+        body: dict[str, Any] = {"inputs": [dict(i) for i in inputs]}
+        if default_task_spec is not None:
+            body["default_task_spec"] = dict(default_task_spec)
+        data = await self._request(
+            "POST",
+            f"{_GROUPS}/{group_id}/runs",
+            json_body=body,
+            params={"refresh_status": refresh_status},
+            runs=len(inputs),
+            creates=True,
+        )
+        return AddRunsResponse.from_json(data)
+
+    async def get_group_run(self, group_id: str, run_id: str) -> TaskRun:
+        return TaskRun.from_json(await self._request("GET", f"{_GROUPS}/{group_id}/runs/{run_id}"))
+
+    def stream_group_runs(
+        self,
+        group_id: str,
+        *,
+        last_event_id: str | None = None,
+        status: str | None = None,
+        include_input: bool = False,
+        include_output: bool = False,
+    ) -> AsyncIterator[StreamEvent]:
+        """The group's runs as a snapshot stream of `RunStateEvent`s, in creation order; it ends when the
+        snapshot is sent. A stream cut mid-way is resumed from the last event received."""
+        params = {
+            "last_event_id": last_event_id,
+            "status": status,
+            "include_input": include_input,
+            "include_output": include_output,
+        }
+        return self._stream(f"{_GROUPS}/{group_id}/runs", params)
+
+    def stream_group_events(
+        self, group_id: str, *, last_event_id: str | None = None, timeout: float | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """The group's events: `GroupStatusEvent`s and a `RunStateEvent` (no output) each time a run
+        ends. It stays open while runs are active, up to `timeout` seconds (server default: an hour)."""
+        return self._stream(
+            f"{_GROUPS}/{group_id}/events", {"last_event_id": last_event_id, "timeout": timeout}, long=True
+        )
+
+    async def _stream(
+        self, path: str, params: dict[str, Any], *, long: bool = False
+    ) -> AsyncIterator[StreamEvent]:
+        last_id = params.get("last_event_id")
+        failures = 0
+        while True:
+            query = {**params, "last_event_id": last_id}
+            info = RequestInfo("GET", self.base_url + path + _query(query))
+            if self.limiter is not None:
+                await self.limiter.acquire(0)
+            self.requests_sent += 1
+            server_wait: float | None = None
+            try:
+                async with self._http.stream(
+                    "GET",
+                    path,
+                    params=_wire_params(query),
+                    headers={"accept": "text/event-stream"},
+                    # A long stream may be quiet for minutes between events; a dead one is resumed.
+                    timeout=httpx.Timeout(max(self.timeout, 300.0), connect=10.0)
+                    if long
+                    else httpx.USE_CLIENT_DEFAULT,
+                ) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        error = _error_from_response(response, info)
+                        if isinstance(error, RateLimitError):
+                            self.rate_limited_count += 1
+                            if self.limiter is not None:
+                                self.limiter.rate_limited(error.retry_after)
+                                continue
+                        elif self.limiter is not None:
+                            self.limiter.succeeded()
+                        if not _is_retryable_status(error.status or 0):
+                            raise error
+                        raise _RetryStream(error, _parse_retry_after(response.headers))
+                    if self.limiter is not None:
+                        self.limiter.succeeded()
+                    decoder = SSEDecoder()
+                    async for chunk in response.aiter_bytes():
+                        for sse in decoder.feed(chunk):
+                            try:
+                                data = json.loads(sse.data)
+                            except ValueError:
+                                raise _RetryStream(
+                                    TransportError("malformed JSON in a stream event", request=info), None
+                                ) from None
+                            if not isinstance(data, dict):
+                                raise _RetryStream(
+                                    TransportError("a stream event is not a JSON object", request=info), None
+                                )
+                            event = parse_event(data)
+                            if event.event_id is not None:
+                                last_id = event.event_id
+                            failures = 0
+                            yield event
+                    return
+            except _RetryStream as retry:
+                error_: APIError = retry.error
+                server_wait = retry.server_wait
+            except httpx.TransportError as exc:
+                error_ = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
+            failures += 1
+            if failures >= self.retry.max_attempts:
+                raise error_
+            await self.retry.sleep(self.retry.delay(failures - 1, server_wait))
+
+
+class _RetryStream(Exception):
+    def __init__(self, error: APIError, server_wait: float | None) -> None:
+        self.error = error
+        self.server_wait = server_wait
+
+
+def _run_input(
+    input: str | Mapping[str, Any],
+    processor: str,
+    task_spec: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"input": input if isinstance(input, str) else dict(input), "processor": processor}
+    if task_spec is not None:
+        body["task_spec"] = dict(task_spec)
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    body.update(extra)
+    return body
+
+
+def _wire_params(params: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """Query parameters as the API expects them: booleans as true/false, None left out."""
+    if not params:
+        return None
+    out = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        out[key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
+
+
+def _query(params: Mapping[str, Any] | None) -> str:
+    wire = _wire_params(params)
+    return "?" + str(httpx.QueryParams(wire)) if wire else ""
