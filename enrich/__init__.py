@@ -1,1 +1,82 @@
-"""enrich: enrich dataframes through Parallel's Task API."""
+"""enrich: enrich dataframes through Parallel's Task API.
+
+The public surface is what `__all__` lists; everything else lives in private modules, one concept each:
+`_client` (the async Task API client), `_limiter` (the shared rate limiter), `_emulator` (the local
+Task API), `_exceptions` (the error tree), `_models` (typed API values).
+"""
+
+from enrich._client import TaskClient
+from enrich._emulator import Emulator, EmulatorConfig, create_app
+from enrich._exceptions import (
+    APIError,
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    CheckpointError,
+    CheckpointMismatchError,
+    ConflictError,
+    EnrichError,
+    NotFoundError,
+    OutcomeUnknownError,
+    PaymentRequiredError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    StillRunningError,
+    TransportError,
+    UsageError,
+    ValidationError,
+)
+from enrich._limiter import RateLimiter
+from enrich._models import (
+    AddRunsResponse,
+    Citation,
+    ErrorObject,
+    FieldBasis,
+    GroupStatus,
+    TaskGroup,
+    TaskOutput,
+    TaskRun,
+    TaskRunResult,
+)
+from enrich._processors import PROCESSORS
+from enrich._retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROCESSORS",
+    "APIError",
+    "APIStatusError",
+    "AddRunsResponse",
+    "AuthenticationError",
+    "BadRequestError",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "Citation",
+    "ConflictError",
+    "Emulator",
+    "EmulatorConfig",
+    "EnrichError",
+    "ErrorObject",
+    "FieldBasis",
+    "GroupStatus",
+    "NotFoundError",
+    "OutcomeUnknownError",
+    "PaymentRequiredError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "RateLimiter",
+    "RetryPolicy",
+    "ServerError",
+    "StillRunningError",
+    "TaskClient",
+    "TaskGroup",
+    "TaskOutput",
+    "TaskRun",
+    "TaskRunResult",
+    "TransportError",
+    "UsageError",
+    "ValidationError",
+    "create_app",
+]
