@@ -256,6 +256,16 @@ class RateLimiter:
         return self._n_waiting
 
     @property
+    def runs_budget(self) -> float:
+        """The nominal runs budget per `period` (the most runs one request may ask for)."""
+        return self._runs_budget
+
+    @property
+    def requests_budget(self) -> float:
+        """The nominal requests budget per `period`."""
+        return self._requests_budget
+
+    @property
     def pace(self) -> float:
         """The current share of the nominal budgets in force, from 0.05 to 1.0."""
         return self._pace
