@@ -1,0 +1,1207 @@
+"""The checkpoint store: a job's durable record of what it has paid for.
+
+A job turns each distinct input row, named by its `row_key` (32 hex digits), into one Task API run. Runs cost
+money and take minutes to hours, so when the process dies (SIGKILL, a laptop going to sleep, Ctrl-C) the next
+run of the same command must know which rows already have a run and never create a second one for them. This
+module is that memory; the engine decides what to do with it.
+
+On disk a checkpoint is one directory:
+
+    manifest.json                  {"format": 1, "job_id", "fingerprint", "created_at", "enrich_version"}
+    groups-000000001.parquet       task groups created: group_id
+    intents-000000002.parquet      rows about to be sent in one add-runs request: batch_id, group_id, row_key
+    receipts-000000003.parquet     runs created: row_key, run_id, group_id, batch_id, created_at
+    outcomes-000000004.parquet     runs finished: row_key, run_id, status, output, basis, error, finished_at
+    resolutions-000000005.parquet  in-doubt intent batches that reconciliation settled: batch_id
+
+Every segment row also holds `_order`, its place in the history (see below).
+
+Invariants, each chosen for "what if the process dies right here?":
+
+* Whole files or nothing. Every file (the manifest and each segment) is written under `<name>.tmp`,
+  fsynced, renamed into place, and the directory fsynced, before the call that wrote it returns. A reader
+  therefore sees a file complete or not at all. `*.tmp` files are debris of a write that died; opening for
+  writing deletes them.
+* Append-only. A segment is never modified after its rename. The number in its name (`seq`) is unique and
+  grows across kinds; a failed write may leave a gap. Nothing is deleted except by compaction (below).
+* Order. `_order` is `seq * 2**32 + i` for the i-th row of the write that first recorded it. "Latest" always
+  means the greatest `_order`, never the file a row sits in, so compaction may move rows freely.
+* Identity. The manifest holds the job's fingerprint and `job_id`, a hash of it. Every segment holds the same
+  `job_id` (and its kind, seq, tier and, for a merged segment, the seqs it replaces) in its Parquet key-value
+  metadata. A segment of another job, or one that cannot be read (a torn write, a disk fault), is skipped and
+  reported in `Checkpoint.warnings`; every other segment is still read, so nothing else is lost.
+* One writer. `Checkpoint.open` holds an exclusive `flock` on the directory until `close()` (the kernel drops
+  it when the process dies); `Checkpoint.read` takes no lock and changes nothing on disk.
+
+What a record means:
+
+* A receipt is a run that exists and was paid for: `Checkpoint.runs` (distinct run ids) is what was spent.
+  A row's run is its latest receipt; a newer receipt for the same row (a retry) supersedes the older run.
+* An outcome counts only when its `run_id` is the run of its row's latest receipt.
+* A row is in doubt when its latest intent has no receipt with the same `batch_id` and that batch was not
+  resolved: the add-runs request may or may not have created its runs. A later intent for the same row
+  supersedes an earlier one.
+
+Compaction keeps the segment count bounded without ever rewriting the whole history on a flush. Each
+segment has a tier: 0 when written by a record method, t + 1 when merged from segments of tier t. When a kind
+has `compact_fanout` segments of one tier, they are merged into one segment of the next tier (keeping the
+latest row per identity key: group_id; batch_id + row_key; batch_id; run_id; run_id), which is written and
+made durable *before* its sources are deleted. A crash in between leaves the sources behind: the next open
+finds their seqs in the merged segment's `enrich.replaces`, reads the merged segment instead, and deletes
+them (if the merged segment proves unreadable, it reads the sources). A row is rewritten at most once per
+tier, so writing n rows in w writes costs O(n log w) in total, and a kind keeps at most `compact_fanout - 1`
+segments per tier, with about log(w) / log(fanout) tiers. Merged segments always hold older rows than
+unmerged ones, and higher tiers older than lower, so reading them in that order yields rows in `_order`.
+
+Memory: the object keeps groups, resolved batches, in-doubt rows, all receipts and the small columns of all
+outcomes (run_id, status, error, finished_at), updated as it writes, so no call re-reads the disk except
+`state(outputs=True)`, which reads the `output` and `basis` columns from the outcome segments on each call.
+Intents are read at open only to find the rows in doubt. For 1,000,000 rows that is about 200 MB kept, and
+opening takes about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Final, Literal
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ._exceptions import CheckpointError, CheckpointMismatchError
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
+
+FORMAT: Final = 1
+MANIFEST: Final = "manifest.json"
+
+_ORDER = "_order"
+_BUFFERED_ORDER = 1 << 62  # outcomes not yet flushed sort after everything on disk
+_TS: Final[pl.Datetime] = pl.Datetime("us", "UTC")
+_SCHEMAS: Final[dict[str, pl.Schema]] = {
+    "groups": pl.Schema({"group_id": pl.String, _ORDER: pl.Int64}),
+    "intents": pl.Schema(
+        {"batch_id": pl.String, "group_id": pl.String, "row_key": pl.String, _ORDER: pl.Int64}
+    ),
+    "resolutions": pl.Schema({"batch_id": pl.String, _ORDER: pl.Int64}),
+    "receipts": pl.Schema(
+        {
+            "row_key": pl.String(),
+            "run_id": pl.String(),
+            "group_id": pl.String(),
+            "batch_id": pl.String(),
+            "created_at": _TS,
+            _ORDER: pl.Int64(),
+        }
+    ),
+    "outcomes": pl.Schema(
+        {
+            "row_key": pl.String(),
+            "run_id": pl.String(),
+            "status": pl.String(),
+            "output": pl.String(),
+            "basis": pl.String(),
+            "error": pl.String(),
+            "finished_at": _TS,
+            _ORDER: pl.Int64(),
+        }
+    ),
+}
+# The identity of a record: compaction keeps the latest row per key.
+_KEYS: Final[dict[str, list[str]]] = {
+    "groups": ["group_id"],
+    "intents": ["batch_id", "row_key"],
+    "resolutions": ["batch_id"],
+    "receipts": ["run_id"],
+    "outcomes": ["run_id"],
+}
+# Outcome columns that can be large: read from disk only by `state(outputs=True)`, never kept in memory.
+_HEAVY: Final = ("output", "basis")
+# What stays in memory of the two kinds that grow with the job (the others are reduced to sets at open).
+_MEMORY: Final[dict[str, list[str]]] = {
+    "receipts": ["row_key", "run_id", "group_id", "created_at", _ORDER],
+    "outcomes": ["run_id", "status", "error", "finished_at", _ORDER],
+}
+_KINDS: Final = tuple(_SCHEMAS)
+_SEGMENT_RE: Final = re.compile(rf"({'|'.join(_KINDS)})-(\d{{9,}})\.parquet")
+_ROW_KEY_RE: Final = r"^[0-9a-fA-F]{32}$"
+_STATUSES: Final = ("completed", "failed")
+_PENDING_SLICE: Final = 100_000  # intents compared with receipts at a time, on open
+_LIGHT_STATE: Final = ("row_key", "run_id", "group_id", "status", "error", "created_at", "finished_at")
+_STATE_COLUMNS: Final = (
+    "row_key",
+    "run_id",
+    "group_id",
+    "status",
+    "output",
+    "basis",
+    "error",
+    "created_at",
+    "finished_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """An add-runs request about to be sent (or, from `Checkpoint.in_doubt`, one whose answer is unknown).
+
+    `group_id` is None for runs created outside a task group. From `in_doubt()`, `row_keys` holds only the
+    keys still in doubt, in the order they were recorded.
+    """
+
+    batch_id: str
+    group_id: str | None
+    row_keys: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """A run the API created for a row. `created_at` is the API's timestamp (a naive one is taken as UTC)."""
+
+    row_key: str
+    run_id: str
+    group_id: str | None
+    batch_id: str
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished run. `output` and `basis` are JSON text, stored verbatim; `error` says why it failed."""
+
+    row_key: str
+    run_id: str
+    status: Literal["completed", "failed"]
+    output: str | None = None
+    basis: str | None = None
+    error: str | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """How far a job got. Row counts are by `row_key`; `runs` is the number of runs created (paid for)."""
+
+    rows: int
+    """Rows with at least one run: submitted + completed + failed."""
+    submitted: int
+    """Rows whose latest run has no outcome yet."""
+    completed: int
+    failed: int
+    in_doubt: int
+    """Rows whose latest add-runs request may or may not have created a run (see `Checkpoint.in_doubt`)."""
+    runs: int
+    """Distinct runs created, retries included: what the job has spent, in runs."""
+
+
+@dataclass(slots=True)
+class _Segment:
+    kind: str
+    seq: int
+    tier: int
+    replaces: tuple[int, ...] = ()  # for a merged segment: the seqs of its sources
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.seq:09d}.parquet"
+
+
+class _Chunks:
+    """A table that grows by appends, kept as a few frames; appends must keep it sorted by `_order`."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self._parts = [frame]
+
+    def append(self, frame: pl.DataFrame) -> None:
+        self._parts.append(frame)
+        if len(self._parts) > 64:  # amortised: copy everything once per 64 appends
+            self._parts = [pl.concat(self._parts)]
+
+    def frame(self) -> pl.DataFrame:
+        return pl.concat(self._parts, rechunk=False) if len(self._parts) > 1 else self._parts[0]
+
+
+class _Vanished(Exception):
+    """A segment disappeared while a read-only reader listed the directory (a writer compacted it)."""
+
+
+class _Reload(Exception):
+    """A merged segment proved unreadable while its sources are still on disk: read again, using them."""
+
+
+class Checkpoint:
+    """The durable record of one job, in one directory (see the module docstring for the layout).
+
+    Open it with `Checkpoint.open` to run a job (one process at a time) or `Checkpoint.read` to look at one.
+    Methods that record (`record_group`, `record_intents`, `record_receipts`, `resolve_intents`, `flush`)
+    return only once the record is durable; if they raise `CheckpointError` nothing they were given is in
+    memory, and the caller must stop creating runs. `add_outcomes` buffers. All methods are thread-safe.
+
+    Example:
+
+        with Checkpoint.open("companies.enrich", {"processor": "base", "output_schema": schema}) as cp:
+            for intent in cp.in_doubt():
+                ...  # reconcile: record_receipts(found) or resolve_intents(intent.batch_id)
+            done = cp.state(outputs=False)
+            cp.record_intents("b-0001", group_id, keys)
+            cp.record_receipts(receipts)
+            cp.add_outcomes(outcomes)
+    """
+
+    warnings: list[str]
+    """Problems met while reading or compacting: skipped segments, postponed compactions. One line each."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        *,
+        readonly: bool,
+        dir_fd: int | None,
+        compact_fanout: int = 16,
+        flush_rows: int = 1000,
+        flush_seconds: float = 5.0,
+    ) -> None:
+        """Use `Checkpoint.open` or `Checkpoint.read`."""
+        if compact_fanout < 2:
+            raise ValueError("compact_fanout must be at least 2")
+        self._path = path
+        self._manifest = manifest
+        self._job_id: str = manifest["job_id"]
+        self._readonly = readonly
+        self._dir_fd = dir_fd
+        self._closed = False
+        self._lock = threading.RLock()
+        self._fanout = compact_fanout
+        self._flush_rows = flush_rows
+        self._flush_seconds = flush_seconds
+        self.warnings = []
+        self._next_seq = 1
+        self._segments: dict[str, list[_Segment]] = {kind: [] for kind in _KINDS}
+        self._compact_backoff: dict[str, int] = dict.fromkeys(_KINDS, 0)
+        self._groups: list[str] = []
+        self._resolved: set[str] = set()
+        # row_key -> (batch_id, group_id, _order) of its latest intent, while that intent is in doubt.
+        self._pending: dict[str, tuple[str, str | None, int]] = {}
+        # Receipts and outcomes in memory (columns of _MEMORY), each sorted by _order.
+        self._receipts = _Chunks(_empty("receipts").select(_MEMORY["receipts"]))
+        self._outcomes = _Chunks(_empty("outcomes").select(_MEMORY["outcomes"]))
+        self._runs = 0  # distinct run ids among the receipts
+        self._buffer: list[pl.DataFrame] = []  # outcomes not yet flushed, all columns, no _order
+        self._buffered = 0
+        self._buffer_since: float | None = None
+        self._light: pl.DataFrame | None = None  # cached state without the heavy columns
+        self._unreadable: dict[int, str] = {}  # seq -> warning, for segments whose rows failed to read
+        self._load()
+
+    # -- opening -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        fingerprint: Mapping[str, Any],
+        *,
+        create: bool = True,
+        compact_fanout: int = 16,
+        flush_rows: int = 1000,
+        flush_seconds: float = 5.0,
+    ) -> Checkpoint:
+        """Open the checkpoint at `path` for writing, creating it (and missing parents) when `create` is true.
+
+        `fingerprint` is a JSON-able mapping that names the job (output schema, input mapping, processor,
+        mode, ...). A checkpoint made with a different fingerprint raises `CheckpointMismatchError`, whose one
+        line names the keys that differ. Outcomes given to `add_outcomes` are flushed once `flush_rows` are
+        buffered or the oldest has waited `flush_seconds` (checked when outcomes are added), and by
+        `flush()`/`close()`. `compact_fanout` is how many segments of one tier are merged into one.
+
+        Raises `CheckpointError` when the directory cannot be read or written, is locked by another process,
+        holds other files, or its manifest is damaged (it is never overwritten).
+
+        Example: `cp = Checkpoint.open("out.enrich", {"processor": "core", "schema": schema})`
+        """
+        root = Path(path)
+        canonical_fp = _normalise(fingerprint)
+        job_id = _job_id(canonical_fp)
+        try:
+            if not root.exists():
+                if not create:
+                    raise CheckpointError(f"no checkpoint at {root}")
+                root.mkdir(parents=True, exist_ok=True)
+                _sync_dir_path(root.parent)
+            elif not root.is_dir():
+                raise CheckpointError(f"checkpoint path {root} is not a directory")
+            dir_fd = _open_dir(root)
+        except OSError as exc:
+            raise CheckpointError(f"cannot open checkpoint {root}: {_reason(exc)}") from exc
+        try:
+            _lock_dir(dir_fd, root)
+            manifest = _read_manifest(root)
+            if manifest is None:
+                _check_empty(root)
+                manifest = {
+                    "format": FORMAT,
+                    "job_id": job_id,
+                    "fingerprint": canonical_fp,
+                    "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "enrich_version": _version(),
+                }
+                text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+                _write_atomic(root, dir_fd, MANIFEST, lambda f: f.write(text.encode()))
+            elif manifest["job_id"] != job_id:
+                raise CheckpointMismatchError(_mismatch_message(root, manifest["fingerprint"], canonical_fp))
+            return cls(
+                root,
+                manifest,
+                readonly=False,
+                dir_fd=dir_fd,
+                compact_fanout=compact_fanout,
+                flush_rows=flush_rows,
+                flush_seconds=flush_seconds,
+            )
+        except BaseException:
+            _close_fd(dir_fd)
+            raise
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """Open the checkpoint at `path` read-only, whatever its fingerprint (for `enrich status`).
+
+        Takes no lock and changes nothing on disk, so it may look at a checkpoint a running job is writing.
+        Record methods raise `CheckpointError`.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise CheckpointError(f"no checkpoint at {root}")
+        manifest = _read_manifest(root)
+        if manifest is None:
+            raise CheckpointError(f"no checkpoint at {root}: it has no {MANIFEST}")
+        return cls(root, manifest, readonly=True, dir_fd=None)
+
+    # -- what it is --------------------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The fingerprint the checkpoint was created with (a copy)."""
+        return json.loads(json.dumps(self._manifest["fingerprint"]))  # type: ignore[no-any-return]
+
+    @property
+    def job_id(self) -> str:
+        """The hash of the fingerprint, stamped on every segment."""
+        return self._job_id
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    @property
+    def buffered(self) -> int:
+        """Outcomes added but not yet flushed (lost if the process dies now)."""
+        return self._buffered
+
+    @property
+    def groups(self) -> list[str]:
+        """Task group ids recorded, oldest first."""
+        with self._lock:
+            return list(self._groups)
+
+    def __repr__(self) -> str:
+        mode = "closed" if self._closed else "read-only" if self._readonly else "open"
+        segments = sum(len(s) for s in self._segments.values())
+        return (
+            f"<Checkpoint {str(self._path)!r} {mode} segments={segments} in_doubt={len(self._pending)} "
+            f"buffered={self._buffered}>"
+        )
+
+    # -- recording ---------------------------------------------------------------------------------
+
+    def record_group(self, group_id: str) -> None:
+        """Record a task group; durable on return. Call it before any run is added to the group.
+
+        Recording a group already recorded does nothing.
+        """
+        _check_id(group_id, "group_id")
+        with self._lock:
+            self._check_writable()
+            if group_id in self._groups:
+                return
+            self._append("groups", pl.DataFrame({"group_id": [group_id]}))
+            self._groups.append(group_id)
+
+    def record_intents(self, batch_id: str, group_id: str | None, row_keys: Iterable[str]) -> Intent:
+        """Record that an add-runs request for `row_keys` is about to be sent; durable on return.
+
+        Until receipts with this `batch_id` are recorded for them (or the batch is resolved), the keys are
+        in doubt. Duplicate keys are recorded once. Returns the intent as recorded.
+        """
+        _check_id(batch_id, "batch_id")
+        if group_id is not None:
+            _check_id(group_id, "group_id")
+        keys = list(dict.fromkeys(row_keys))
+        if not keys:
+            raise ValueError("record_intents needs at least one row key")
+        frame = pl.DataFrame(
+            {"batch_id": [batch_id] * len(keys), "group_id": [group_id] * len(keys), "row_key": keys},
+            schema={"batch_id": pl.String, "group_id": pl.String, "row_key": pl.String},
+        )
+        _check_row_keys(frame["row_key"])
+        with self._lock:
+            self._check_writable()
+            written = self._append("intents", frame)
+            first = int(written[_ORDER][0])
+            resolved = batch_id in self._resolved
+            for i, key in enumerate(keys):  # this intent is now the row's latest: it decides the doubt
+                if resolved:
+                    self._pending.pop(key, None)
+                else:
+                    self._pending[key] = (batch_id, group_id, first + i)
+        return Intent(batch_id, group_id, tuple(keys))
+
+    def record_receipts(self, receipts: Iterable[Receipt] | pl.DataFrame) -> None:
+        """Record runs the API created; durable on return. Call it before sending the next add-runs request.
+
+        Takes `Receipt`s or a DataFrame with their columns (`group_id` and `created_at` may be missing). A
+        receipt settles its row's intent when their `batch_id`s match: record the runs that reconciliation
+        finds under the in-doubt intent's `batch_id`. Recording a run again is harmless.
+        """
+        frame = _receipts_frame(receipts)
+        if frame.is_empty():
+            return
+        with self._lock:
+            self._check_writable()
+            new_runs = frame["run_id"].unique()
+            known = self._receipts.frame()["run_id"]
+            seen = known.filter(known.is_in(new_runs.to_list())).n_unique()
+            written = self._append("receipts", frame)
+            self._receipts.append(written.select(_MEMORY["receipts"]))
+            self._runs += new_runs.len() - seen
+            self._light = None
+            for key, batch in zip(frame["row_key"].to_list(), frame["batch_id"].to_list(), strict=True):
+                pending = self._pending.get(key)
+                if pending is not None and pending[0] == batch:
+                    del self._pending[key]
+
+    def resolve_intents(self, batch_id: str) -> None:
+        """Settle an in-doubt batch: its rows without a receipt are no longer in doubt; durable on return.
+
+        Call it once reconciliation has recorded every run the batch created; the rest may be sent again.
+        """
+        _check_id(batch_id, "batch_id")
+        with self._lock:
+            self._check_writable()
+            if batch_id in self._resolved:
+                return
+            self._append("resolutions", pl.DataFrame({"batch_id": [batch_id]}))
+            self._resolved.add(batch_id)
+            self._pending = {k: v for k, v in self._pending.items() if v[0] != batch_id}
+
+    def add_outcomes(self, outcomes: Iterable[Outcome] | pl.DataFrame) -> None:
+        """Buffer finished runs; they are written by the next flush (see `open` for when that happens).
+
+        Takes `Outcome`s or a DataFrame with their columns. Buffered outcomes show in `state()` at once, but
+        are lost if the process dies before a flush (the engine collects them again). If a flush started
+        here fails, `CheckpointError` is raised and the outcomes stay buffered.
+        """
+        frame = _outcomes_frame(outcomes)
+        if frame.is_empty():
+            return
+        with self._lock:
+            self._check_writable()
+            self._buffer.append(frame)
+            self._buffered += frame.height
+            now = time.monotonic()
+            if self._buffer_since is None:
+                self._buffer_since = now
+            self._light = None
+            if self._buffered >= self._flush_rows or now - self._buffer_since >= self._flush_seconds:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered outcomes as one segment; durable on return. On failure they stay buffered."""
+        with self._lock:
+            if not self._buffer:
+                return
+            self._check_writable()
+            written = self._append("outcomes", pl.concat(self._buffer))
+            self._buffer.clear()
+            self._buffered = 0
+            self._buffer_since = None
+            self._outcomes.append(written.select(_MEMORY["outcomes"]))
+            self._light = None
+
+    def close(self) -> None:
+        """Flush buffered outcomes and release the directory. Reading methods still work afterwards."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self._readonly:
+                    self.flush()
+            finally:
+                self._closed = True
+                _close_fd(self._dir_fd)
+                self._dir_fd = None
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Flush even on KeyboardInterrupt: Ctrl-C must keep every outcome collected so far.
+        self.close()
+
+    def _abandon(self) -> None:
+        """Drop unflushed outcomes and release the directory without writing, as SIGKILL would (tests)."""
+        with self._lock:
+            self._buffer.clear()
+            self._buffered = 0
+            self._closed = True
+            _close_fd(self._dir_fd)
+            self._dir_fd = None
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def state(self, *, outputs: bool = True) -> pl.DataFrame:
+        """One row per row_key that has a run, in the order their latest runs were recorded.
+
+        Columns: row_key, run_id, group_id (of the latest receipt), status ("completed" or "failed" from the
+        outcome of that run, else "submitted"), output, basis, error, created_at, finished_at. Buffered
+        outcomes are included. With `outputs=False` the `output` and `basis` columns are left out and
+        nothing is read from disk; with `outputs=True` they are read from the outcome segments.
+        """
+        with self._lock:
+            light = self._light_state()
+            if not outputs:
+                return light.select(_LIGHT_STATE)
+            heavy = self._heavy(light)
+            joined = light.join(heavy, on="run_id", how="left", maintain_order="left")
+            return joined.select(_STATE_COLUMNS)
+
+    def in_doubt(self) -> list[Intent]:
+        """Intent batches some of whose rows may or may not have a run, oldest first.
+
+        Each holds only the rows still in doubt. Reconcile each one by reading its group's runs, then
+        `record_receipts` for the runs found (with this `batch_id`) and `resolve_intents(batch_id)`.
+        """
+        with self._lock:
+            batches: dict[str, tuple[str | None, list[tuple[int, str]]]] = {}
+            for key, (batch, group, order) in self._pending.items():
+                batches.setdefault(batch, (group, []))[1].append((order, key))
+            ordered = sorted(batches.items(), key=lambda item: min(item[1][1]))
+            return [Intent(b, g, tuple(k for _, k in sorted(keys))) for b, (g, keys) in ordered]
+
+    @property
+    def runs(self) -> int:
+        """Runs created (distinct run ids of all receipts, retries included): what the job has paid for.
+
+        Kept up to date as receipts are recorded, so it is cheap to ask before every add-runs request.
+        """
+        return self._runs
+
+    def counts(self) -> Counts:
+        """Rows by status, rows in doubt and runs created.
+
+        Computed from memory like `state(outputs=False)` and cached until the next record; after a record it
+        costs about half a second per million rows, so ask `runs` for a cost check before each request.
+        """
+        with self._lock:
+            light = self._light_state()
+            by_status = dict(light.group_by("status").len().iter_rows())
+            return Counts(
+                rows=light.height,
+                submitted=by_status.get("submitted", 0),
+                completed=by_status.get("completed", 0),
+                failed=by_status.get("failed", 0),
+                in_doubt=len(self._pending),
+                runs=self._runs,
+            )
+
+    # -- internals: state --------------------------------------------------------------------------
+
+    def _buffered_frame(self) -> pl.DataFrame:
+        frame = pl.concat(self._buffer)
+        return frame.with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + _BUFFERED_ORDER).alias(_ORDER))
+
+    def _light_state(self) -> pl.DataFrame:
+        if self._light is None:
+            # Both tables are sorted by _order, so a key's last occurrence is its latest record.
+            receipts = self._receipts.frame()
+            latest = receipts.filter(pl.col("row_key").is_last_distinct())
+            outcomes = self._outcomes.frame()
+            if self._buffer:
+                outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
+            finished = outcomes.filter(pl.col("run_id").is_last_distinct()).rename({_ORDER: "_outcome_order"})
+            self._light = (
+                latest.drop(_ORDER)
+                .join(finished, on="run_id", how="left", maintain_order="left")
+                .with_columns(pl.col("status").fill_null("submitted"))
+                .select(*_LIGHT_STATE, "_outcome_order")
+            )
+        return self._light
+
+    def _heavy(self, light: pl.DataFrame) -> pl.DataFrame:
+        """output and basis of the outcomes `light` uses, read from the outcome segments and the buffer."""
+        columns = ["run_id", *_HEAVY, _ORDER]
+        frames = []
+        for segment in list(self._segments["outcomes"]):
+            try:
+                with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
+                    table = parquet.read(columns=columns)
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                self._warn(f"outputs in {segment.name} could not be read ({_reason(exc)}); they show as null")
+                continue
+            frames.append(_conform(pl.from_arrow(table), columns, "outcomes"))
+        if self._buffer:
+            frames.append(self._buffered_frame().select(columns))
+        wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
+        heavy = pl.concat(frames) if frames else _empty("outcomes").select(columns)
+        return (
+            heavy.join(wanted, on=["run_id", _ORDER], how="semi")
+            .unique("run_id", keep="any")
+            .select("run_id", *_HEAVY)
+        )
+
+    # -- internals: writing ------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise CheckpointError(f"checkpoint {self._path} was opened read-only")
+        if self._closed:
+            raise CheckpointError(f"checkpoint {self._path} is closed")
+
+    def _warn(self, message: str) -> None:
+        if message not in self.warnings:  # a damaged segment is met again by each state(outputs=True)
+            self.warnings.append(message)
+
+    def _append(self, kind: str, frame: pl.DataFrame) -> pl.DataFrame:
+        """Write `frame` as a new tier-0 segment; return it with `_order`. Durable when this returns."""
+        seq = self._next_seq
+        self._next_seq += 1  # consumed even if the write fails: a gap is harmless, a reused name is not
+        frame = frame.with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + (seq << 32)).alias(_ORDER))
+        frame = frame.select(pl.col(name).cast(dtype) for name, dtype in _SCHEMAS[kind].items())
+        segment = _Segment(kind, seq, 0)
+        self._write_segment(segment, frame, replaces=[])
+        self._segments[kind].append(segment)
+        self._compact(kind)
+        return frame
+
+    def _write_segment(self, segment: _Segment, frame: pl.DataFrame, *, replaces: list[int]) -> None:
+        metadata = {
+            "enrich.format": str(FORMAT),
+            "enrich.job_id": self._job_id,
+            "enrich.kind": segment.kind,
+            "enrich.seq": str(segment.seq),
+            "enrich.tier": str(segment.tier),
+            "enrich.replaces": json.dumps(replaces),
+        }
+        table = frame.to_arrow().replace_schema_metadata(metadata)
+
+        def write(f: BinaryIO) -> None:
+            pq.write_table(table, f, compression="zstd", write_page_checksum=True)
+
+        _write_atomic(self._path, self._dir_fd, segment.name, write)
+
+    def _compact(self, kind: str) -> None:
+        """Merge every tier whose segment count reached the fanout, lowest tier first."""
+        if self._compact_backoff[kind] > 0:
+            self._compact_backoff[kind] -= 1
+            return
+        tier = 0
+        while True:
+            group = [s for s in self._segments[kind] if s.tier == tier]
+            if len(group) < self._fanout:
+                return
+            if not self._merge(kind, group, tier + 1):
+                self._compact_backoff[kind] = self._fanout
+                return
+            tier += 1
+
+    def _merge(self, kind: str, group: list[_Segment], tier: int) -> bool:
+        frames = []
+        columns = list(_SCHEMAS[kind])
+        for segment in group:
+            try:
+                with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
+                    frames.append(_conform(pl.from_arrow(parquet.read()), columns, kind))
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                # Leave it where it is, out of future merges: the next open reports it.
+                self._segments[kind].remove(segment)
+                self._warn(f"compaction skipped {segment.name}: it cannot be read ({_reason(exc)})")
+                return False
+        merged = pl.concat(frames).sort(_ORDER).unique(_KEYS[kind], keep="last").sort(_ORDER)
+        seq = self._next_seq
+        self._next_seq += 1
+        target = _Segment(kind, seq, tier, tuple(s.seq for s in group))
+        try:
+            self._write_segment(target, merged, replaces=list(target.replaces))
+        except CheckpointError as exc:
+            self._warn(f"compaction of {kind} postponed: {exc}")
+            return False
+        # The merged segment is durable: only now may its sources go. If the process dies before they are all
+        # gone, the next open finds their seqs in the merged segment's `enrich.replaces` and deletes them.
+        live = self._segments[kind]
+        for segment in group:
+            live.remove(segment)
+        live.append(target)
+        for segment in group:
+            try:
+                os.unlink(self._path / segment.name)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._warn(
+                    f"could not delete merged segment {segment.name} ({_reason(exc)}); the next open will"
+                )
+        with suppress(OSError):
+            _sync_dir(self._dir_fd)
+        return True
+
+    # -- internals: loading ------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        for _ in range(10):
+            try:
+                self._load_once()
+                return
+            except (_Vanished, _Reload):
+                continue  # a writer compacted while we listed, or a merged segment is bad: list again
+        raise CheckpointError(f"checkpoint {self._path} kept changing while it was read; try again")
+
+    def _load_once(self) -> None:
+        try:
+            names = os.listdir(self._path)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {self._path}: {_reason(exc)}") from exc
+        found: list[tuple[int, str, str]] = []
+        debris = False
+        for name in names:
+            if name.endswith(".tmp"):
+                if not self._readonly:  # half-written by a process that died; never renamed, so never counted
+                    with suppress(OSError):
+                        os.unlink(self._path / name)
+                        debris = True
+                continue
+            match = _SEGMENT_RE.fullmatch(name)
+            if match:
+                found.append((int(match[2]), match[1], name))
+        found.sort()
+        self._next_seq = found[-1][0] + 1 if found else 1
+        self.warnings = []
+
+        inspected: list[_Segment] = []
+        for seq, kind, name in found:
+            if seq in self._unreadable:
+                self._warn(self._unreadable[seq])
+            elif (segment := self._inspect(kind, seq, name)) is not None:
+                inspected.append(segment)
+        # The sources of a merge that was made durable: every row of theirs is in the merged segment.
+        on_disk = {segment.seq for segment in inspected}
+        replaced = {seq for segment in inspected for seq in segment.replaces}
+        self._segments = {kind: [] for kind in _KINDS}
+        for segment in inspected:
+            if segment.seq not in replaced:
+                self._segments[segment.kind].append(segment)
+
+        groups = self._read_kind("groups", on_disk).unique("group_id", keep="first", maintain_order=True)
+        self._groups = groups["group_id"].to_list()
+        self._resolved = set(self._read_kind("resolutions", on_disk)["batch_id"].to_list())
+        receipts = self._read_kind("receipts", on_disk)
+        self._pending = self._find_pending(self._read_kind("intents", on_disk), receipts)
+        self._receipts = _Chunks(receipts.select(_MEMORY["receipts"]))
+        self._runs = receipts["run_id"].n_unique()
+        self._outcomes = _Chunks(self._read_kind("outcomes", on_disk))
+        self._light = None
+        pa.default_memory_pool().release_unused()  # give back what reading borrowed
+
+        # Only now that every merged segment has been read whole may the sources of its merge go.
+        if not self._readonly:
+            for seq, _, name in found:
+                if seq in replaced and seq in on_disk:
+                    with suppress(OSError):
+                        os.unlink(self._path / name)
+                        debris = True
+            if debris:
+                with suppress(OSError):
+                    _sync_dir(self._dir_fd)
+
+    def _find_pending(
+        self, intents: pl.DataFrame, receipts: pl.DataFrame
+    ) -> dict[str, tuple[str, str | None, int]]:
+        """Rows whose latest intent has no receipt of its batch, and whose batch was not resolved."""
+        resolved = list(self._resolved)
+        parts = []
+        # A slice at a time, against the receipts of its batches only: hash tables stay small.
+        for chunk in intents.iter_slices(_PENDING_SLICE):
+            batches = chunk["batch_id"].unique().to_list()
+            settled = receipts.filter(pl.col("batch_id").is_in(batches)).select("batch_id", "row_key")
+            unsettled = chunk.join(settled, on=["batch_id", "row_key"], how="anti")
+            parts.append(unsettled.filter(~pl.col("batch_id").is_in(resolved)))
+        unsettled = pl.concat(parts) if parts else intents
+        if unsettled.is_empty():  # the usual case: no need to find every row's latest intent
+            return {}
+        latest = (
+            intents.join(unsettled.select("row_key"), on="row_key", how="semi")
+            .filter(pl.col("row_key").is_last_distinct())
+            .select("row_key", _ORDER)
+        )
+        pending = unsettled.join(latest, on=["row_key", _ORDER], how="semi").sort(_ORDER)
+        rows = pending.select("row_key", "batch_id", "group_id", _ORDER).iter_rows()
+        return {key: (batch, group, order) for key, batch, group, order in rows}
+
+    def _inspect(self, kind: str, seq: int, name: str) -> _Segment | None:
+        """Check a segment's footer: its job, kind and columns."""
+        try:
+            footer = pq.read_metadata(self._path / name)
+            meta = {k.decode(): v.decode() for k, v in (footer.metadata or {}).items()}
+            job = meta.get("enrich.job_id")
+            if job != self._job_id:
+                self._warn(
+                    f"skipped {name}: segment from another job "
+                    f"(job {job or 'unknown'}, this checkpoint is job {self._job_id})"
+                )
+                return None
+            if meta.get("enrich.kind") != kind or int(meta.get("enrich.format", "0")) > FORMAT:
+                self._warn(
+                    f"skipped {name}: its metadata says kind {meta.get('enrich.kind')!r}, "
+                    f"format {meta.get('enrich.format')!r}"
+                )
+                return None
+            missing = set(_SCHEMAS[kind]) - set(footer.schema.names)
+            if missing:
+                self._warn(f"skipped {name}: it lacks the columns {sorted(missing)}")
+                return None
+            tier = int(meta.get("enrich.tier", "0"))
+            replaces = [int(s) for s in json.loads(meta.get("enrich.replaces", "[]"))]
+        except FileNotFoundError:
+            if self._readonly:
+                raise _Vanished from None
+            self._warn(f"skipped {name}: it vanished while being read")
+            return None
+        except (OSError, pa.ArrowException, ValueError, TypeError) as exc:
+            self._warn(f"skipped {name}: it cannot be read, its records are lost ({_reason(exc)})")
+            return None
+        return _Segment(kind, seq, tier, tuple(replaces))
+
+    def _read_kind(self, kind: str, on_disk: set[int]) -> pl.DataFrame:
+        """The rows of every live segment of `kind` (without heavy columns), sorted by `_order`.
+
+        A segment whose rows cannot be read is reported and dropped from the live list; if it is a merged
+        segment whose sources are still on disk (`on_disk`), the load starts again and uses them instead.
+        """
+        columns = _MEMORY["outcomes"] if kind == "outcomes" else list(_SCHEMAS[kind])
+        # Merged segments hold older rows than unmerged ones, and a higher tier older rows than a lower.
+        self._segments[kind].sort(key=lambda s: (-s.tier, s.seq))
+        frames = []
+        for segment in list(self._segments[kind]):
+            try:
+                with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
+                    table = parquet.read(columns=columns)
+            except FileNotFoundError:
+                if self._readonly:
+                    raise _Vanished from None
+                table = None
+                reason = "it vanished while being read"
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                table = None
+                reason = _reason(exc)
+            if table is None:
+                message = f"skipped {segment.name}: it cannot be read, its records are lost ({reason})"
+                if on_disk.intersection(segment.replaces):
+                    self._unreadable[segment.seq] = message
+                    raise _Reload
+                self._segments[kind].remove(segment)
+                self._warn(message)
+                continue
+            frames.append(_conform(pl.from_arrow(table), columns, kind))
+        frame = pl.concat(frames, rechunk=False) if frames else _empty(kind).select(columns)
+        if not frame[_ORDER].is_sorted():
+            frame = frame.sort(_ORDER)
+        return frame
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _empty(kind: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=_SCHEMAS[kind])
+
+
+def _conform(frame: pl.DataFrame | pl.Series, columns: list[str], kind: str) -> pl.DataFrame:
+    assert isinstance(frame, pl.DataFrame)
+    schema = _SCHEMAS[kind]
+    return frame.select(pl.col(c).cast(schema[c]) for c in columns)
+
+
+def _check_id(value: object, name: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_row_keys(keys: pl.Series) -> None:
+    bad = keys.filter(keys.is_null() | ~keys.str.contains(_ROW_KEY_RE))
+    if bad.len():
+        raise ValueError(f"row_key must be 32 hex digits, got {bad[0]!r}")
+
+
+def _check_ids(frame: pl.DataFrame, *names: str) -> None:
+    for name in names:
+        column = frame[name]
+        if column.null_count() or (column.str.len_bytes() == 0).any():
+            raise ValueError(f"{name} must be a non-empty string in every row")
+
+
+def _records_frame(
+    records: Iterable[Any] | pl.DataFrame, record_type: type, kind: str, optional: tuple[str, ...]
+) -> pl.DataFrame:
+    schema = {name: dtype for name, dtype in _SCHEMAS[kind].items() if name != _ORDER}
+    if isinstance(records, pl.DataFrame):
+        missing = [c for c in schema if c not in records.columns and c not in optional]
+        if missing:
+            raise ValueError(f"{kind} frame lacks the columns {missing}")
+        exprs = []
+        for name, dtype in schema.items():
+            if name not in records.columns:
+                exprs.append(pl.lit(None, dtype).alias(name))
+            elif dtype == _TS and isinstance(records.schema[name], pl.Datetime):
+                column = pl.col(name).cast(pl.Datetime("us", records.schema[name].time_zone))  # type: ignore[attr-defined]
+                if records.schema[name].time_zone is None:  # type: ignore[attr-defined]
+                    exprs.append(column.dt.replace_time_zone("UTC").alias(name))
+                else:
+                    exprs.append(column.dt.convert_time_zone("UTC").alias(name))
+            else:
+                exprs.append(pl.col(name).cast(dtype))
+        return records.select(exprs)
+    rows = list(records)
+    for row in rows:
+        if not isinstance(row, record_type):
+            raise TypeError(f"expected {record_type.__name__}, got {type(row).__name__}")
+    return pl.DataFrame({name: [getattr(r, name) for r in rows] for name in schema}, schema=schema)
+
+
+def _receipts_frame(receipts: Iterable[Receipt] | pl.DataFrame) -> pl.DataFrame:
+    frame = _records_frame(receipts, Receipt, "receipts", optional=("group_id", "created_at"))
+    _check_row_keys(frame["row_key"])
+    _check_ids(frame, "run_id", "batch_id")
+    return frame
+
+
+def _outcomes_frame(outcomes: Iterable[Outcome] | pl.DataFrame) -> pl.DataFrame:
+    frame = _records_frame(
+        outcomes, Outcome, "outcomes", optional=("output", "basis", "error", "finished_at")
+    )
+    _check_row_keys(frame["row_key"])
+    _check_ids(frame, "run_id")
+    bad = frame["status"].filter(frame["status"].is_null() | ~frame["status"].is_in(_STATUSES))
+    if bad.len():
+        raise ValueError(f"outcome status must be 'completed' or 'failed', got {bad[0]!r}")
+    return frame
+
+
+def _normalise(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """The fingerprint as JSON would give it back: tuples become lists, keys strings."""
+    try:
+        value = json.loads(_canonical(dict(fingerprint)))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the checkpoint fingerprint must be JSON-able: {exc}") from exc
+    assert isinstance(value, dict)
+    return value
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _job_id(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(_canonical(fingerprint).encode()).hexdigest()[:32]
+
+
+_ABSENT: Final = object()
+
+
+def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new)):
+            where = f"{path}.{key}" if path else key
+            found.extend(_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), where))
+        return found
+    if old is not _ABSENT and new is not _ABSENT and _canonical(old) == _canonical(new):
+        return []
+    return [(path or "fingerprint", old, new)]
+
+
+def _shorten(value: Any, width: int = 40) -> str:
+    if value is _ABSENT:
+        return "(none)"
+    text = _canonical(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _mismatch_message(root: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    found = _differences(old, new)
+    shown = "; ".join(f"{where}: {_shorten(a)} → {_shorten(b)}" for where, a, b in found[:5])
+    if len(found) > 5:
+        shown += f"; and {len(found) - 5} more"
+    return (
+        f"checkpoint {root} was made for a different job ({shown}); to start over, use another checkpoint "
+        f"path or delete {root} (the results it holds are then lost)"
+    )
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint manifest {path}: {_reason(exc)}") from exc
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("it is not a JSON object")
+        for field, kind in (("format", int), ("job_id", str), ("fingerprint", dict)):
+            if not isinstance(data.get(field), kind):
+                raise ValueError(f"its {field!r} is missing or not a {kind.__name__}")
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(
+            f"checkpoint manifest {path} is damaged ({_reason(exc)}); it was left as it is: "
+            "restore it, or use another checkpoint path"
+        ) from exc
+    if data["format"] > FORMAT:
+        raise CheckpointError(
+            f"checkpoint {root} was written by a newer enrich (format {data['format']}); "
+            "upgrade enrich to use it"
+        )
+    if data["job_id"] != _job_id(data["fingerprint"]):
+        raise CheckpointError(
+            f"checkpoint manifest {path} is damaged (its job_id does not match its fingerprint); "
+            "it was left as it is: restore it, or use another checkpoint path"
+        )
+    return data
+
+
+def _check_empty(root: Path) -> None:
+    """Refuse to make a checkpoint where one was lost, or in a directory that holds other things."""
+    for name in os.listdir(root):
+        if name.endswith(".tmp") or name.startswith("."):
+            continue
+        if _SEGMENT_RE.fullmatch(name):
+            raise CheckpointError(
+                f"checkpoint {root} has segments but no {MANIFEST}; it was left as it is: "
+                "restore the manifest, or use another checkpoint path"
+            )
+        raise CheckpointError(
+            f"{root} is not a checkpoint and not empty (it holds {name!r}); choose another path"
+        )
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("enrich")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:199] + "…"
+
+
+# -- helpers: files --------------------------------------------------------------------------------
+
+
+def _write_atomic(root: Path, dir_fd: int | None, name: str, write: Callable[[BinaryIO], object]) -> None:
+    """Write `root/name` whole or not at all: tmp file, fsync, rename, directory fsync."""
+    final = root / name
+    tmp = root / (name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            _fsync(f.fileno())
+        os.replace(tmp, final)
+        _sync_dir(dir_fd)
+    except (OSError, pa.ArrowException) as exc:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise CheckpointError(f"cannot write checkpoint {root}: {_reason(exc)}") from exc
+
+
+def _fsync(fd: int) -> None:
+    # On macOS fsync() leaves data in the drive's cache; F_FULLFSYNC flushes it (a laptop may sleep next).
+    full = getattr(fcntl, "F_FULLFSYNC", None) if sys.platform != "win32" else None
+    if full is not None:
+        try:
+            fcntl.fcntl(fd, full)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def _open_dir(root: Path) -> int | None:
+    if sys.platform == "win32":  # no directory handles, no directory fsync
+        return None
+    return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _sync_dir(dir_fd: int | None) -> None:
+    if dir_fd is not None:
+        _fsync(dir_fd)
+
+
+def _sync_dir_path(path: Path) -> None:
+    with suppress(OSError):
+        fd = _open_dir(path)
+        try:
+            _sync_dir(fd)
+        finally:
+            _close_fd(fd)
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        with suppress(OSError):
+            os.close(fd)
+
+
+def _lock_dir(dir_fd: int | None, root: Path) -> None:
+    if sys.platform == "win32" or dir_fd is None:
+        return
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CheckpointError(
+            f"checkpoint {root} is in use by another enrich process; wait for it to end or stop it"
+        ) from None
+    except OSError:
+        pass  # a file system without locks (some network mounts): go on unlocked
