@@ -7,6 +7,7 @@ Task API), `_exceptions` (the error tree), `_models` (typed API values).
 
 from enrich._client import TaskClient
 from enrich._emulator import Emulator, EmulatorConfig, create_app
+from enrich._engine import JobStats, aenrich, enrich
 from enrich._exceptions import (
     APIError,
     APIStatusError,
@@ -40,6 +41,7 @@ from enrich._models import (
     TaskRunResult,
 )
 from enrich._processors import PROCESSORS
+from enrich._progress import Progress
 from enrich._retry import RetryPolicy
 
 __version__ = "0.1.0"
@@ -61,10 +63,12 @@ __all__ = [
     "ErrorObject",
     "FieldBasis",
     "GroupStatus",
+    "JobStats",
     "NotFoundError",
     "OutcomeUnknownError",
     "PaymentRequiredError",
     "PermissionDeniedError",
+    "Progress",
     "RateLimitError",
     "RateLimiter",
     "RetryPolicy",
@@ -78,5 +82,7 @@ __all__ = [
     "TransportError",
     "UsageError",
     "ValidationError",
+    "aenrich",
     "create_app",
+    "enrich",
 ]

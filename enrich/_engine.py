@@ -1,0 +1,1039 @@
+"""The batch engine: frame → content-keyed run inputs → checkpoint filter → runs → checkpoint → join.
+
+`aenrich()` is the implementation; `enrich()` is its one sync bridge. A job is:
+
+1. *Prepare* (no network): read the frame, parse the output description, build each row's input, key it
+   by content (input + task spec + processor), deduplicate, check everything the API would refuse.
+   Every bad input is a one-line `UsageError` here, before anything is sent or spent.
+2. *Filter* against the checkpoint: keys with an outcome are done; keys with a receipt are collected,
+   never resubmitted; keys whose add-runs was sent but not recorded are reconciled by reading the
+   group's runs (their metadata carries the key) before anything new is sent.
+3. *Run*: submission (add-runs of ≤1,000, or one create per key in `mode="runs"`) pipelined with
+   collection, everything under one shared rate limiter.
+4. *Join*: the answers, typed, onto every row in its original order, with `_status`, `_error`, `_run_id`.
+
+What survives a crash at each step is the checkpoint's business (`enrich._checkpoint`): the group id is
+durable before any run is added to it, the intent of an add before it is sent, its receipts before the
+next add is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+
+from enrich._checkpoint import Checkpoint, Outcome, Receipt
+from enrich._client import MAX_RUNS_PER_ADD, TaskClient
+from enrich._exceptions import (
+    APIStatusError,
+    AuthenticationError,
+    OutcomeUnknownError,
+    PaymentRequiredError,
+    PermissionDeniedError,
+    UsageError,
+    ValidationError,
+)
+from enrich._inputs import (
+    build_inputs,
+    check_input_size,
+    dedupe,
+    from_polars,
+    row_keys,
+    to_polars,
+    validate_inputs,
+)
+from enrich._limiter import RateLimiter
+from enrich._models import RunStateEvent, TaskOutput, TaskRun
+from enrich._processors import PROCESSORS
+from enrich._progress import Progress, ProgressSink, TqdmSink
+from enrich._retry import RetryPolicy
+from enrich._schema import OutputSpec, check_collisions, parse_output
+
+__all__ = ["JobStats", "aenrich", "enrich"]
+
+#: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
+KEY_FIELD = "enrich_key"
+_META_KEY_MAX = 16
+_META_VALUE_MAX = 512
+_INPUT_LIMIT = 25_000  # task spec + input, in characters
+_MODES = ("group", "runs")
+# Collection: re-reading an answer already collected is waste; past this many per poll, the run holding
+# the stream cursor back is waited for on its own (one blocking result call) so the cursor moves on.
+_STRAGGLER_WASTE = 200
+
+
+@dataclass
+class JobStats:
+    """What a job did, for benchmarks and the CLI summary (not part of the frame)."""
+
+    rows: int = 0
+    distinct: int = 0
+    already_done: int = 0
+    submitted: int = 0
+    reconciled: int = 0
+    resubmitted_unknown: int = 0
+    requests: int = 0
+    rate_limited: int = 0
+    polls: int = 0
+    stragglers: int = 0
+    checkpoint: str = ""
+    elapsed: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- preparation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    df: pl.DataFrame
+    kind: str
+    original: Any
+    spec: OutputSpec
+    task_spec: dict[str, Any]
+    processor: str
+    mode: str
+    metadata: dict[str, Any]
+    keys: list[str]  # distinct keys, first-seen order
+    index: list[int]  # row -> distinct key index
+    inputs: list[Any]  # distinct inputs
+    local_errors: dict[str, str]  # key -> why it is not sent
+    fingerprint: dict[str, Any]
+
+
+def _allowed_processors() -> set[str]:
+    extra = os.environ.get("ENRICH_EXTRA_PROCESSORS", "")
+    return set(PROCESSORS) | {p.strip() for p in extra.split(",") if p.strip()}
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise UsageError(
+            f"metadata must be a dict of short keys to scalar values, got {type(metadata).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"metadata key {key!r} must be a non-empty string")
+        if key == KEY_FIELD:
+            raise UsageError(f"metadata key {KEY_FIELD!r} is reserved for enrich's row key: rename it")
+        if len(key) > _META_KEY_MAX:
+            raise UsageError(f"metadata key {key!r} is {len(key)} characters; the API allows {_META_KEY_MAX}")
+        if not isinstance(value, (str, int, float, bool)):
+            raise UsageError(
+                f"metadata value of {key!r} must be a string, number or boolean, got {type(value).__name__}"
+            )
+        if isinstance(value, str) and len(value) > _META_VALUE_MAX:
+            raise UsageError(
+                f"metadata value of {key!r} is {len(value)} characters; the API allows {_META_VALUE_MAX}"
+            )
+        out[key] = value
+    return out
+
+
+def _prepare(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | None,
+    prompt: str | None,
+    input_schema: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    processor: str,
+    mode: str,
+) -> _Plan:
+    if mode not in _MODES:
+        raise UsageError(f"mode must be 'group' or 'runs', got {mode!r}")
+    if not isinstance(processor, str) or processor not in _allowed_processors():
+        known = ", ".join(sorted(PROCESSORS, key=lambda p: (PROCESSORS[p].price_per_1k, p)))
+        raise UsageError(
+            f"unknown processor {processor!r}; known: {known} "
+            "(a newer one can be allowed with ENRICH_EXTRA_PROCESSORS=name)"
+        )
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    df, kind = to_polars(data)
+    spec = parse_output(output)
+    check_collisions(spec, df.columns)
+    if input_schema is not None and (
+        not isinstance(input_schema, Mapping) or input_schema.get("type") != "object"
+    ):
+        raise UsageError('input_schema must be a JSON Schema object: {"type": "object", "properties": {...}}')
+    meta = _check_metadata(metadata)
+    task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
+    inputs = build_inputs(df, columns=list(columns) if columns is not None else None, prompt=prompt)
+    all_keys = row_keys(inputs, task_spec, processor)
+    keys, index = dedupe(all_keys)
+    first: dict[str, int] = {}
+    for row, key in enumerate(all_keys):
+        first.setdefault(key, row)
+    distinct_inputs = [inputs[first[k]] for k in keys]
+    local_errors: dict[str, str] = {}
+    for key, problem in zip(
+        keys, check_input_size(distinct_inputs, task_spec, limit=_INPUT_LIMIT), strict=True
+    ):
+        if problem:
+            local_errors[key] = problem
+    if input_schema is not None:
+        problems = validate_inputs(distinct_inputs, dict(input_schema))
+        for key, problem in zip(keys, problems, strict=True):
+            if problem and key not in local_errors:
+                local_errors[key] = f"input does not match input_schema: {problem}"
+    fingerprint = {
+        "task_spec": task_spec,
+        "processor": processor,
+        "mode": mode,
+        "columns": list(columns) if columns is not None else None,
+        "prompt": prompt,
+        "metadata": meta,
+    }
+    return _Plan(
+        df=df,
+        kind=kind,
+        original=data,
+        spec=spec,
+        task_spec=task_spec,
+        processor=processor,
+        mode=mode,
+        metadata=meta,
+        keys=keys,
+        index=index,
+        inputs=distinct_inputs,
+        local_errors=local_errors,
+        fingerprint=fingerprint,
+    )
+
+
+# -- the running job ---------------------------------------------------------------------------------
+
+
+class _Fatal(Exception):
+    """Wraps an API answer that ends the job (bad key, no credit, refused spec)."""
+
+    def __init__(self, error: APIStatusError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_FATAL = (AuthenticationError, PaymentRequiredError, PermissionDeniedError, ValidationError)
+
+
+class _Job:
+    def __init__(
+        self,
+        plan: _Plan,
+        cp: Checkpoint,
+        client: TaskClient,
+        limiter: RateLimiter,
+        *,
+        retry_failed: bool,
+        sink: ProgressSink | None,
+        stats: JobStats,
+        concurrency: int,
+    ) -> None:
+        self.plan = plan
+        self.cp = cp
+        self.client = client
+        self.limiter = limiter
+        self.sink = sink
+        self.stats = stats
+        self.concurrency = concurrency
+        self.retry_failed = retry_failed
+        # An add-runs call spends its size from the runs budget, so it can be no larger than the budget.
+        self.batch_size = max(1, min(MAX_RUNS_PER_ADD, int(limiter.runs_budget)))
+        # Per distinct key: the run that answers it, and its outcome once known.
+        self.run_of: dict[str, str] = {}
+        self.key_of_run: dict[str, str] = {}
+        self.group_of: dict[str, str | None] = {}
+        self.done: dict[str, tuple[str, Any, Any, str | None]] = {}  # key -> (status, content, basis, error)
+        self.failed_count = 0
+        self.todo: list[str] = []
+        # Run ids submitted and not collected yet, by group (None: runs created one by one).
+        self.pending: dict[str | None, set[str]] = {}
+        # Runs that answered a key before (superseded by retry_failed): never adopted again.
+        self.superseded: set[str] = set()
+        self._last_report = 0.0
+        self.collect_wakeup = asyncio.Event()
+        self.submission_done = asyncio.Event()
+
+    # ---- state from the checkpoint
+
+    def load(self) -> None:
+        wanted = set(self.plan.keys)
+        state = self.cp.state()
+        if state.height:
+            state = state.filter(pl.col("row_key").is_in(list(wanted)))
+        for row in state.iter_rows(named=True):
+            key = row["row_key"]
+            status = row["status"]
+            if status in ("completed", "failed"):
+                if status == "failed" and self.retry_failed:
+                    self.superseded.add(row["run_id"])
+                    continue
+                content = json.loads(row["output"]) if row["output"] is not None else None
+                basis = json.loads(row["basis"]) if row["basis"] is not None else None
+                self.done[key] = (status, content, basis, row["error"])
+                self.run_of[key] = row["run_id"]
+                self.key_of_run[row["run_id"]] = key
+                self.group_of[key] = row["group_id"]
+            elif row["run_id"]:
+                self._adopt(key, row["run_id"], row["group_id"])
+        self.stats.already_done = len(self.done)
+        for key in self.plan.keys:
+            if key in self.plan.local_errors:
+                self.done[key] = ("failed", None, None, self.plan.local_errors[key])
+                self.failed_count += 1
+            elif key not in self.done and key not in self.run_of:
+                self.todo.append(key)
+        self.failed_count = sum(1 for v in self.done.values() if v[0] == "failed")
+
+    def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
+        old = self.run_of.get(key)
+        if old is not None:
+            self.key_of_run.pop(old, None)
+            self.pending.get(self.group_of.get(key), set()).discard(old)
+        self.run_of[key] = run_id
+        self.key_of_run[run_id] = key
+        self.group_of[key] = group_id
+        if key not in self.done:
+            self.pending.setdefault(group_id, set()).add(run_id)
+
+    @property
+    def outstanding(self) -> int:
+        return sum(len(p) for p in self.pending.values())
+
+    def report(self, message: str | None = None, *, force: bool = False) -> None:
+        if self.sink is None:
+            return
+        now = time.monotonic()
+        if not force and message is None and now - self._last_report < 0.2:
+            return
+        self._last_report = now
+        failed = self.failed_count
+        completed = len(self.done) - failed
+        self.sink(
+            Progress(
+                total=len(self.plan.keys),
+                completed=completed,
+                failed=failed,
+                running=self.outstanding,
+                waiting=len(self.todo),
+                rate_limited=self.limiter.waiting,
+                message=message,
+            )
+        )
+
+    # ---- outcomes
+
+    def finish(self, key: str, run: TaskRun, output: TaskOutput | None) -> None:
+        """Record the end of the run that answers `key` (ignored for superseded runs)."""
+        if self.run_of.get(key) != run.run_id or key in self.done:
+            return
+        self.pending.get(self.group_of.get(key), set()).discard(run.run_id)
+        if run.status == "completed" and output is not None:
+            content = output.content
+            basis = [b.to_json() for b in output.basis]
+            self.done[key] = ("completed", content, basis, None)
+            self.cp.add_outcomes(
+                [
+                    Outcome(
+                        row_key=key,
+                        run_id=run.run_id,
+                        status="completed",
+                        output=json.dumps(content, ensure_ascii=False),
+                        basis=json.dumps(basis, ensure_ascii=False),
+                        error=None,
+                    )
+                ]
+            )
+        else:
+            if run.error is not None:
+                error = run.error.message
+            elif run.status == "completed":
+                error = "the run completed without an output"
+            else:
+                error = f"the run ended with status {run.status!r}"
+            self.done[key] = ("failed", None, None, error)
+            self.failed_count += 1
+            self.cp.add_outcomes(
+                [
+                    Outcome(
+                        row_key=key, run_id=run.run_id, status="failed", output=None, basis=None, error=error
+                    )
+                ]
+            )
+        self.report()
+
+    def metadata_for(self, key: str) -> dict[str, Any]:
+        return {**self.plan.metadata, KEY_FIELD: key}
+
+    def run_input(self, key: str, i: int) -> dict[str, Any]:
+        return {
+            "input": self.plan.inputs[i],
+            "processor": self.plan.processor,
+            "metadata": self.metadata_for(key),
+        }
+
+    # ---- group mode
+
+    async def run_group_mode(self) -> None:
+        position = {k: i for i, k in enumerate(self.plan.keys)}
+        group_id = self.cp.groups[-1] if self.cp.groups else None
+        await self.reconcile_in_doubt()
+        collectors: dict[str, _GroupCollector] = {}
+        for gid, runs in self.pending.items():
+            if gid is not None and runs:
+                collectors[gid] = _GroupCollector(self, gid)
+        async with asyncio.TaskGroup() as tg:
+            for c in collectors.values():
+                tg.create_task(c.run())
+            if self.todo:
+                if group_id is None:
+                    group = await self.client.create_group(metadata={"enrich": "enrich"})
+                    group_id = group.group_id
+                    self.cp.record_group(group_id)  # durable before any run is added to it
+                if group_id not in collectors:
+                    collectors[group_id] = _GroupCollector(self, group_id)
+                    tg.create_task(collectors[group_id].run())
+                collector = collectors[group_id]
+                while self.todo:
+                    batch = self.todo[: self.batch_size]
+                    await self.add_batch(group_id, batch, position, collector)
+                    del self.todo[: len(batch)]
+            self.submission_done.set()
+            for c in collectors.values():
+                c.wake()
+                c.new_runs.set()
+
+    async def add_batch(
+        self, group_id: str, batch: list[str], position: dict[str, int], collector: _GroupCollector
+    ) -> None:
+        batch_id = uuid.uuid4().hex
+        self.cp.record_intents(batch_id, group_id, batch)  # durable before the request is sent
+        inputs = [self.run_input(k, position[k]) for k in batch]
+        try:
+            answer = await self.client.add_runs(group_id, inputs, default_task_spec=self.plan.task_spec)
+        except OutcomeUnknownError:
+            found = await self.reconcile(group_id, dict.fromkeys(batch, batch_id))
+            self.cp.resolve_intents(batch_id)
+            missing = [k for k in batch if k not in found]
+            self.stats.reconciled += len(found)
+            if missing:
+                self.stats.resubmitted_unknown += len(missing)
+                self.todo.extend(missing)  # the loop deletes this batch's slice; these go again later
+            collector.wake()
+            collector.new_runs.set()
+            return
+        except _FATAL as exc:
+            self.cp.resolve_intents(batch_id)
+            raise _Fatal(exc) from exc
+        if len(answer.run_ids) != len(batch):
+            raise _Fatal(
+                APIStatusError(
+                    f"add-runs answered {len(answer.run_ids)} run ids for {len(batch)} inputs", status=200
+                )
+            )
+        now = datetime.now(UTC)
+        receipts = [
+            Receipt(row_key=k, run_id=r, group_id=group_id, batch_id=batch_id, created_at=now)
+            for k, r in zip(batch, answer.run_ids, strict=True)
+        ]
+        self.cp.record_receipts(receipts)  # durable before the next add is sent
+        for k, r in zip(batch, answer.run_ids, strict=True):
+            self._adopt(k, r, group_id)
+        self.stats.submitted += len(batch)
+        collector.wake()
+        collector.new_runs.set()
+        self.report()
+
+    async def reconcile_in_doubt(self) -> None:
+        """Settle add-runs whose answers were never recorded: find their runs by the key in metadata."""
+        doubts = self.cp.in_doubt()
+        if not doubts:
+            return
+        self.report(
+            f"reconciling {sum(len(d.row_keys) for d in doubts)} runs whose submission was interrupted"
+        )
+        by_group: dict[str | None, dict[str, str]] = {}
+        for intent in doubts:
+            by_group.setdefault(intent.group_id, {}).update(dict.fromkeys(intent.row_keys, intent.batch_id))
+        for gid, keys in by_group.items():
+            if gid is None:
+                # Runs created one by one cannot be listed: the API has no such endpoint. Those keys
+                # are submitted again (counted, and said in the closing stats).
+                pending = {k for k in keys if k not in self.run_of and k not in self.done}
+                self.stats.resubmitted_unknown += len(pending)
+                continue
+            found = await self.reconcile(gid, keys)
+            self.stats.reconciled += len(found)
+        for intent in doubts:
+            self.cp.resolve_intents(intent.batch_id)
+        # Keys found are no longer to do; keys not found stay (they were never created).
+        self.todo = [k for k in self.todo if k not in self.run_of]
+
+    async def reconcile(self, group_id: str, keys: Mapping[str, str]) -> dict[str, str]:
+        """Read the group's runs; adopt (and record receipts for) runs that carry one of `keys`.
+
+        `keys` maps each row key in doubt to the batch of its intent; a receipt recorded with that batch id
+        settles the intent by itself. The stream is in creation order, so the newest run of a key wins:
+        older ones answered it before (`retry_failed`) and are never adopted again.
+        """
+        found: dict[str, str] = {}
+        async for event in self.client.stream_group_runs(group_id):
+            if not isinstance(event, RunStateEvent):
+                continue
+            run = event.run
+            key = (run.metadata or {}).get(KEY_FIELD)
+            if key in keys and run.run_id != self.run_of.get(key) and run.run_id not in self.superseded:
+                found[key] = run.run_id
+        if found:
+            now = datetime.now(UTC)
+            self.cp.record_receipts(
+                [
+                    Receipt(row_key=k, run_id=r, group_id=group_id, batch_id=keys[k], created_at=now)
+                    for k, r in found.items()
+                ]
+            )
+            for k, r in found.items():
+                self._adopt(k, r, group_id)
+        return found
+
+    # ---- runs mode
+
+    async def run_runs_mode(self) -> None:
+        position = {k: i for i, k in enumerate(self.plan.keys)}
+        await self.reconcile_in_doubt()
+        queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        for key, run_id in list(self.run_of.items()):
+            if key not in self.done:
+                queue.put_nowait((key, run_id))
+        for key in self.todo:
+            queue.put_nowait((key, None))
+        self.todo = []
+
+        async def worker() -> None:
+            while True:
+                try:
+                    key, run_id = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                if run_id is None:
+                    run_id = await self.create_one(key, position[key])
+                    if run_id is None:
+                        queue.put_nowait((key, None))
+                        continue
+                run, output = await self.client.wait_for_result(run_id, poll_timeout=600)
+                self.finish(key, run, output)
+
+        async with asyncio.TaskGroup() as tg:
+            for _ in range(min(self.concurrency, queue.qsize()) or 0):
+                tg.create_task(worker())
+
+    async def create_one(self, key: str, i: int) -> str | None:
+        batch_id = uuid.uuid4().hex
+        self.cp.record_intents(batch_id, None, [key])
+        try:
+            run = await self.client.create_run(
+                self.plan.inputs[i],
+                self.plan.processor,
+                task_spec=self.plan.task_spec,
+                metadata=self.metadata_for(key),
+            )
+        except OutcomeUnknownError:
+            # No endpoint lists ungrouped runs, so the lost one cannot be found: send it again.
+            self.cp.resolve_intents(batch_id)
+            self.stats.resubmitted_unknown += 1
+            return None
+        except _FATAL as exc:
+            self.cp.resolve_intents(batch_id)
+            raise _Fatal(exc) from exc
+        self.cp.record_receipts(
+            [
+                Receipt(
+                    row_key=key,
+                    run_id=run.run_id,
+                    group_id=None,
+                    batch_id=batch_id,
+                    created_at=datetime.now(UTC),
+                )
+            ]
+        )
+        self._adopt(key, run.run_id, None)
+        self.stats.submitted += 1
+        self.report()
+        return run.run_id
+
+
+class _GroupCollector:
+    """Collects the answers of one group's runs with few requests.
+
+    The runs stream is a snapshot in creation order, resumable from an event id. The collector keeps a
+    cursor below which every run is collected, and reads from it with outputs: runs still active cost a
+    few bytes, finished ones are collected. A run still active while many already-collected answers pile
+    up after it (each poll would download them again) is waited for on its own with the blocking result
+    call, and the cursor moves past it. Polls are triggered by the group's events stream (a run ended),
+    batched so that a poll collects many answers, with a timer as a fallback.
+    """
+
+    def __init__(self, job: _Job, group_id: str) -> None:
+        self.job = job
+        self.group_id = group_id
+        self.cursor: str | None = None
+        self.ended: set[str] = set()  # run ids the events stream says have ended, not collected yet
+        self.stragglers: set[str] = set()
+        self._wake = asyncio.Event()
+        self.new_runs = asyncio.Event()
+        self._events_cursor: str | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def outstanding(self) -> set[str]:
+        return self.job.pending.setdefault(self.group_id, set())
+
+    def finished(self) -> bool:
+        return self.job.submission_done.is_set() and not self.outstanding
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            events = tg.create_task(self.follow_events())
+            stragglers: set[asyncio.Task[None]] = set()
+            try:
+                while not self.finished():
+                    await self.wait_for_work()
+                    if self.finished():
+                        break
+                    blocker = await self.poll()
+                    if blocker is not None and blocker not in self.stragglers:
+                        self.stragglers.add(blocker)
+                        self.job.stats.stragglers += 1
+                        t = tg.create_task(self.wait_straggler(blocker))
+                        stragglers.add(t)
+                        t.add_done_callback(stragglers.discard)
+            finally:
+                events.cancel()
+                for t in stragglers:
+                    t.cancel()
+
+    async def wait_for_work(self) -> None:
+        """Sleep until a poll is worth a request: enough runs ended, all of ours ended, or a timer."""
+        start = time.monotonic()
+        while True:
+            pending = self.outstanding
+            outstanding = len(pending)
+            ended = len(self.ended & pending)
+            if outstanding == 0:
+                return
+            if ended and (ended >= outstanding or ended >= max(50, outstanding // 4)):
+                return
+            # Fallback: a few seconds after the first end, and at most every 30 s regardless.
+            waited = time.monotonic() - start
+            limit = 3.0 if ended else 30.0
+            if waited >= limit:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit - waited):
+                    await self._wake.wait()
+
+    async def follow_events(self) -> None:
+        """Follow the group's events stream; each run that ends wakes the collector when it matters."""
+        failures = 0
+        while not self.finished():
+            self.new_runs.clear()
+            try:
+                async for event in self.job.client.stream_group_events(
+                    self.group_id, last_event_id=self._events_cursor
+                ):
+                    if event.event_id is not None:
+                        self._events_cursor = event.event_id
+                    if isinstance(event, RunStateEvent) and not event.run.is_active:
+                        self.ended.add(event.run.run_id)
+                        if event.run.run_id in self.outstanding:
+                            self._wake.set()
+                failures = 0
+            except _FATAL:
+                raise
+            except Exception:  # the timer fallback keeps the job going while the stream is down
+                failures += 1
+                await asyncio.sleep(min(60.0, 2.0**failures))
+                continue
+            # The stream closed: no run of the group was active. Reopen once runs are added.
+            self._wake.set()
+            if not self.finished():
+                await self.new_runs.wait()
+
+    async def poll(self) -> str | None:
+        """Read the runs stream from the cursor; collect what ended. Returns a run to wait for alone."""
+        job = self.job
+        job.stats.polls += 1
+        prefix = True
+        waste = 0
+        blocker: str | None = None
+        async for event in job.client.stream_group_runs(
+            self.group_id, last_event_id=self.cursor, include_output=True
+        ):
+            if not isinstance(event, RunStateEvent):
+                continue
+            run = event.run
+            key = job.key_of_run.get(run.run_id)
+            if run.is_active:
+                if prefix and run.run_id not in self.stragglers and key is not None and key not in job.done:
+                    prefix = False
+                    blocker = run.run_id
+                elif prefix:
+                    self.cursor = event.event_id
+                continue
+            if key is not None and key not in job.done:
+                job.finish(key, run, event.output)
+            elif not prefix:
+                waste += 1
+            self.ended.discard(run.run_id)
+            if prefix:
+                self.cursor = event.event_id
+        self.ended &= self.outstanding
+        if blocker is not None and waste >= _STRAGGLER_WASTE:
+            return blocker
+        return None
+
+    async def wait_straggler(self, run_id: str) -> None:
+        run, output = await self.job.client.wait_for_result(run_id, poll_timeout=600)
+        key = self.job.key_of_run.get(run_id)
+        if key is not None:
+            self.job.finish(key, run, output)
+        self.wake()
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first error that is not a cancellation, unwrapping nested task groups."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, asyncio.CancelledError):
+            return leaf
+    return leaves[0]
+
+
+# -- the join ------------------------------------------------------------------------------------------
+
+_CITATION = pl.Struct({"url": pl.Utf8, "title": pl.Utf8, "excerpts": pl.List(pl.Utf8)})
+_BASIS = pl.List(
+    pl.Struct(
+        {"field": pl.Utf8, "reasoning": pl.Utf8, "confidence": pl.Utf8, "citations": pl.List(_CITATION)}
+    )
+)
+
+
+def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
+    done = job.done if job is not None else {}
+    run_of = job.run_of if job is not None else {}
+    statuses: list[str] = []
+    errors: list[str | None] = []
+    run_ids: list[str | None] = []
+    contents: list[Any] = []
+    bases: list[Any] = []
+    for key in plan.keys:
+        outcome = done.get(key)
+        run_ids.append(run_of.get(key))
+        if outcome is None:
+            statuses.append("pending")
+            errors.append(
+                "not finished yet: run the same call again to collect it"
+                if key in run_of
+                else "not submitted yet: run the same call again"
+            )
+            contents.append(None)
+            bases.append(None)
+        else:
+            status, content, basis_, error = outcome
+            statuses.append(status)
+            errors.append(error)
+            contents.append(content)
+            bases.append(basis_)
+    values, problems = plan.spec.to_frame(contents)
+    for i, problem in enumerate(problems):
+        if problem and statuses[i] == "completed":
+            errors[i] = problem
+    extra = {
+        "_status": pl.Series("_status", statuses, dtype=pl.Utf8),
+        "_error": pl.Series("_error", errors, dtype=pl.Utf8),
+        "_run_id": pl.Series("_run_id", run_ids, dtype=pl.Utf8),
+    }
+    if basis:
+        extra["_basis"] = pl.Series("_basis", [_basis_rows(b) for b in bases], dtype=_BASIS)
+    distinct = values.with_columns(**extra)
+    index = pl.Series("i", plan.index, dtype=pl.UInt32)
+    return pl.concat([plan.df, distinct[index]], how="horizontal")
+
+
+def _basis_rows(basis: Any) -> list[dict[str, Any]] | None:
+    if not isinstance(basis, list):
+        return None
+    rows = []
+    for b in basis:
+        if not isinstance(b, dict):
+            continue
+        rows.append(
+            {
+                "field": str(b.get("field", "")),
+                "reasoning": b.get("reasoning"),
+                "confidence": b.get("confidence"),
+                "citations": [
+                    {"url": c.get("url"), "title": c.get("title"), "excerpts": list(c.get("excerpts") or [])}
+                    for c in b.get("citations") or []
+                    if isinstance(c, dict)
+                ],
+            }
+        )
+    return rows
+
+
+# -- the public entry points ------------------------------------------------------------------------
+
+
+async def aenrich(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None = None,
+    prompt: str | None = None,
+    input_schema: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    processor: str = "core",
+    checkpoint: str | os.PathLike[str] | None = None,
+    mode: str = "group",
+    basis: bool = False,
+    retry_failed: bool = False,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    rate_limit: int = 2000,
+    run_rate: int = 2000,
+    rate_window: float = 60.0,
+    timeout: float | None = None,
+    progress: bool | ProgressSink = True,
+    concurrency: int = 100,
+    transport: httpx.AsyncBaseTransport | None = None,
+    stats: JobStats | None = None,
+) -> Any:
+    """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
+
+    Example (in a notebook cell)::
+
+        df = await aenrich(df, {"ceo": "Name of the current CEO"}, checkpoint="ceo.enrich")
+    """
+    started = time.monotonic()
+    stats = stats if stats is not None else JobStats()
+    plan = _prepare(
+        data,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+    )
+    if rate_limit <= 0 or run_rate <= 0:
+        raise UsageError("rate_limit and run_rate must be positive numbers of requests/runs per minute")
+    if rate_window <= 0:
+        raise UsageError("rate_window must be a positive number of seconds")
+    if timeout is not None and timeout <= 0:
+        raise UsageError("timeout must be a positive number of seconds (or None for no limit)")
+    sink: ProgressSink | None
+    owned_bar: TqdmSink | None = None
+    if progress is True:
+        sink = owned_bar = TqdmSink()
+    elif progress is False or progress is None:
+        sink = None
+    else:
+        sink = progress
+    temp_note = None
+    if checkpoint is None:
+        path = Path(tempfile.mkdtemp(prefix="enrich-"))
+        temp_note = (
+            f"no checkpoint= given: keeping state in {path} (pass checkpoint= to resume after a crash)"
+        )
+    else:
+        path = Path(checkpoint)
+    stats.rows = plan.df.height
+    stats.distinct = len(plan.keys)
+    stats.checkpoint = str(path)
+    # Everything above is local; an API key is needed only now, and only if there is work to send.
+    cp = Checkpoint.open(path, plan.fingerprint)
+    job: _Job | None = None
+    client: TaskClient | None = None
+    try:
+        limiter = RateLimiter(requests_per_minute=rate_limit, runs_per_minute=run_rate, period=rate_window)
+        client = TaskClient(
+            api_key, base_url=base_url, transport=transport, limiter=limiter, retry=RetryPolicy()
+        )
+        job = _Job(
+            plan,
+            cp,
+            client,
+            limiter,
+            retry_failed=retry_failed,
+            sink=sink,
+            stats=stats,
+            concurrency=concurrency,
+        )
+        job.load()
+        if temp_note:
+            job.report(temp_note)
+        job.report(force=True)
+        work = job.run_group_mode if plan.mode == "group" else job.run_runs_mode
+        if job.todo or job.outstanding or cp.in_doubt():
+            try:
+                async with asyncio.timeout(timeout):
+                    await work()
+            except TimeoutError:
+                job.report(f"timeout after {timeout:g} s: unfinished rows come back as pending")
+            except BaseExceptionGroup as group:
+                leaf = _first_leaf(group)
+                raise (leaf.error if isinstance(leaf, _Fatal) else leaf) from None
+            except _Fatal as fatal:
+                raise fatal.error from None
+        job.report(force=True)
+    finally:
+        if client is not None:
+            stats.requests = client.requests_sent
+            stats.rate_limited = client.rate_limited_count
+            await client.aclose()
+        with contextlib.suppress(Exception):
+            cp.close()
+        stats.warnings.extend(cp.warnings)
+        stats.elapsed = time.monotonic() - started
+        if owned_bar is not None:
+            owned_bar.close()
+    return from_polars(_join(plan, job, basis=basis), plan.kind, plan.original)
+
+
+def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
+    """Enrich `data` with the columns described by `output`, one Task API run per distinct row.
+
+    The result has the caller's type (polars in, polars out; pandas in, pandas out): every input column
+    and row in the original order, then one typed column per output field, then `_status`
+    ("completed", "failed" or "pending"), `_error` (why, null when completed) and `_run_id`, and with
+    `basis=True` a `_basis` column (per-field reasoning, citations and confidence).
+
+    Args:
+        data: a polars DataFrame or LazyFrame, or a pandas DataFrame.
+        output: what to find. A dict of field specs, e.g. `{"ceo": "Name of the CEO", "founded":
+            ("integer", "Year founded"), "products": ("array", "Main products")}` (types: string,
+            integer, number, boolean, enum, array, array[T], object; a trailing `?` makes one nullable);
+            a JSON Schema object; the path of a .json file holding one; or a plain string for one text
+            column named `output`.
+        columns: the input columns (a list, or "a,b"); default: all.
+        prompt: a template such as `"Find the CEO of {company} ({website})"`; each input is then that
+            string instead of a JSON object of the columns.
+        input_schema: a JSON Schema for the input object, sent with the task and checked locally first:
+            rows that do not satisfy it are not sent and come back failed with the reason.
+        metadata: a dict stored with every run (keys of at most 16 characters, scalar values of at most
+            512); `enrich_key` is reserved for the row key.
+        processor: "lite", "base", "core" (default), "core2x", "pro", "ultra"..., or a `-fast` variant.
+            A newer processor can be allowed with env `ENRICH_EXTRA_PROCESSORS=name`.
+        checkpoint: a directory that records the job; calling again with the same arguments resumes it.
+            Default: a temporary directory (said in the progress output): pass one for long jobs.
+        mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
+            create and one blocking result call per row).
+        basis: add the `_basis` column.
+        retry_failed: submit again the rows whose run failed (only those).
+        api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else
+            `https://api.parallel.ai`.
+        rate_limit: requests per `rate_window` (default 2,000 per 60 s). run_rate: runs created per
+            `rate_window` (default 2,000). Both budgets are enforced; 429s slow the job down.
+        timeout: seconds for the whole job (None: no limit); unfinished rows come back "pending" with
+            their run ids kept, and the next call collects them.
+        progress: True for a tqdm bar, False for none, or a callable taking `Progress` counts.
+        concurrency: runs mode only: how many rows are in flight at once (default 100).
+        transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`).
+        stats: a `JobStats` to fill with what the job did (requests, reconciliations, ...).
+
+    Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
+    `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused
+    the task), `CheckpointMismatchError` (the checkpoint belongs to another job). Nothing recorded is lost.
+
+    Works in scripts and inside a running event loop (Jupyter) alike; in async code prefer `aenrich`.
+
+    Example::
+
+        from enrich import enrich
+        out = enrich(
+            companies,
+            {"ceo": "Name of the current CEO", "founded": ("integer", "Year the company was founded")},
+            processor="base",
+            checkpoint="companies.enrich",
+        )
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(aenrich(data, output, **kwargs))
+    return _run_in_thread(lambda: aenrich(data, output, **kwargs))
+
+
+def _run_in_thread(make: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion on a worker thread with its own loop (the caller's loop is busy).
+
+    A KeyboardInterrupt in the calling thread cancels the job, waits for its checkpoint to be flushed,
+    then propagates.
+    """
+    result: dict[str, Any] = {}
+    loop_ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+        try:
+            task = loop.create_task(make())
+            state["task"] = task
+            loop_ready.set()
+            result["value"] = loop.run_until_complete(task)
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            loop_ready.set()
+            loop.close()
+
+    thread = threading.Thread(target=target, name="enrich", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except KeyboardInterrupt:
+        loop_ready.wait()
+        loop, task = state.get("loop"), state.get("task")
+        if loop is not None and task is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(task.cancel)
+        thread.join()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["value"]

@@ -1,0 +1,76 @@
+"""Progress reporting: the engine reports counts to a sink; tqdm plugs in here, at the edge.
+
+The engine never imports tqdm. A sink is any callable taking a `Progress`; `TqdmSink` draws a
+bar with tqdm.auto (a widget in notebooks, a line on a terminal's stderr), and tests pass a list's
+`append` to assert on the events.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Progress", "ProgressSink", "TqdmSink"]
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Counts of distinct inputs (runs) in a job at one moment.
+
+    `total` distinct inputs; `completed` and `failed` are finished; `running` are submitted and not
+    finished; `waiting` are not submitted yet; `rate_limited` is the number of requests waiting for the
+    rate limiter. `message` carries a one-off notice (a temporary checkpoint, a reconciliation) or None.
+    """
+
+    total: int
+    completed: int
+    failed: int
+    running: int
+    waiting: int
+    rate_limited: int = 0
+    message: str | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.completed + self.failed
+
+
+ProgressSink = Callable[[Progress], None]
+
+
+class TqdmSink:
+    """A tqdm.auto bar: finished of total, with failed, running and rate-limited counts and an ETA."""
+
+    def __init__(self, desc: str = "enrich", file: Any = None) -> None:
+        self._desc = desc
+        self._file = file if file is not None else sys.stderr
+        self._bar: Any = None
+
+    def __call__(self, progress: Progress) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=progress.total, desc=self._desc, unit="run", file=self._file, dynamic_ncols=True
+            )
+        bar = self._bar
+        if progress.message:
+            bar.write(f"enrich: {progress.message}", file=self._file)
+        if bar.total != progress.total:
+            bar.total = progress.total
+        bar.n = progress.finished
+        bar.set_postfix(
+            failed=progress.failed,
+            running=progress.running,
+            waiting=progress.waiting,
+            limited=progress.rate_limited,
+            refresh=False,
+        )
+        bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
