@@ -406,6 +406,17 @@ class Checkpoint:
         """The fingerprint the checkpoint was created with (a copy)."""
         return json.loads(json.dumps(self._manifest["fingerprint"]))  # type: ignore[no-any-return]
 
+    def check_fingerprint(self, fingerprint: Mapping[str, Any]) -> None:
+        """Raise `CheckpointMismatchError` (naming what differs) unless `fingerprint` is this checkpoint's.
+
+        `open` checks this itself; a read-only checkpoint (a dry run) asks here.
+        """
+        canonical_fp = _normalise(fingerprint)
+        if _job_id(canonical_fp) != self._job_id:
+            raise CheckpointMismatchError(
+                _mismatch_message(self._path, self._manifest["fingerprint"], canonical_fp)
+            )
+
     @property
     def job_id(self) -> str:
         """The hash of the fingerprint, stamped on every segment."""

@@ -1,27 +1,257 @@
 """The `enrich` command: thin glue over the library.
 
 Expected failures print one line, `enrich: error: ...`, and exit with a documented code; `-v` shows
-the traceback as well.
+the traceback as well. Progress goes to stderr, so stdout stays clean for `--dry-run` plans and
+`status --json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-from enrich._exceptions import EnrichError
+from enrich._exceptions import APIError, EnrichError, UsageError
 
 __all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3
+EXIT_API = 4
+CONFIRM_ABOVE = 10.0  # dollars: a bigger job asks first
 
 _EPILOG = """\
 exit codes:
-  0  success
-  2  a usage or input error (nothing was sent)
+  0  every row finished (completed or failed; the summary line counts both)
+  2  a usage or input error: nothing was sent
+  3  incomplete (timeout, interrupt, or --max-cost reached): run the same command again to resume
+  4  a fatal API answer (bad key, no credit, forbidden, refused task); the checkpoint is kept
 """
+
+_TYPES = ("string", "integer", "number", "boolean", "array", "object")
+
+
+def _say(message: str) -> None:
+    print(f"enrich: {message}", file=sys.stderr)
+
+
+def _parse_field(spec: str) -> tuple[str, Any]:
+    """`NAME=DESCRIPTION` (a string field) or `NAME:TYPE=DESCRIPTION`."""
+    name, sep, description = spec.partition("=")
+    if not sep or not name.strip() or not description.strip():
+        raise UsageError(f"--field {spec!r}: write NAME=DESCRIPTION or NAME:TYPE=DESCRIPTION")
+    name, _, kind = name.partition(":")
+    name, kind = name.strip(), kind.strip().lower()
+    if not kind:
+        return name, description.strip()
+    base = kind.rstrip("?")
+    if base not in _TYPES and not base.startswith("array["):
+        raise UsageError(f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}")
+    return name, (kind, description.strip())
+
+
+def _output_arg(args: argparse.Namespace) -> Any:
+    if args.schema and args.field:
+        raise UsageError("give either --schema or --field, not both")
+    if args.schema:
+        path = Path(args.schema)
+        if not path.is_file():
+            raise UsageError(f"--schema {path}: no such file")
+        return path
+    if not args.field:
+        raise UsageError("say what to find: --field NAME=DESCRIPTION (repeatable) or --schema FILE.json")
+    fields: dict[str, Any] = {}
+    for spec in args.field:
+        name, value = _parse_field(spec)
+        if name in fields:
+            raise UsageError(f"--field {name!r} is given twice")
+        fields[name] = value
+    return fields
+
+
+@contextlib.contextmanager
+def _service(args: argparse.Namespace) -> Iterator[tuple[str | None, str | None]]:
+    """(api_key, base_url) for the job: an in-process emulator with --emulator, else the environment."""
+    if args.emulator:
+        if args.base_url:
+            raise UsageError("--emulator and --base-url cannot be used together")
+        from enrich._emulator import Emulator
+
+        with Emulator(seed=0) as emu:
+            yield emu.api_key, emu.url
+        return
+    key = os.environ.get("PARALLEL_API_KEY")
+    if not key and not args.dry_run:
+        raise UsageError(
+            "no API key: export PARALLEL_API_KEY=... (never pass it as a flag), or try --emulator"
+        )
+    yield key, args.base_url or os.environ.get("PARALLEL_BASE_URL")
+
+
+def _confirm(cost: float) -> None:
+    if not sys.stdin.isatty():
+        raise UsageError(
+            f"this job would cost about ${cost:,.2f}; pass --yes to confirm it without a terminal"
+        )
+    print(
+        f"enrich: this job will cost about ${cost:,.2f}. Submit it? [y/N] ",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in ("y", "yes"):
+        raise UsageError("not confirmed: nothing was sent")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from enrich._engine import JobStats, enrich, plan
+    from enrich._io import check_output_path, read_table, write_table
+
+    output_path = check_output_path(args.output, input_path=args.input)
+    output = _output_arg(args)
+    df = read_table(args.input)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(str(output_path) + ".enrich")
+    job: dict[str, Any] = {
+        "columns": args.columns,
+        "prompt": args.prompt,
+        "processor": args.processor,
+        "checkpoint": checkpoint,
+        "mode": args.mode,
+        "retry_failed": args.retry_failed,
+        "rate_limit": args.rate_limit,
+        "run_rate": args.run_rate,
+    }
+    the_plan = plan(df, output, **job)
+    if args.dry_run:
+        print("\n".join(["dry run: nothing was sent", *the_plan.lines()]))
+        if args.max_cost is not None and the_plan.cost is not None and the_plan.spent is not None:
+            room = max(0.0, args.max_cost - the_plan.spent)
+            print(f"max cost:           ${args.max_cost:,.2f} (room for ${room:,.2f} more)")
+        return EXIT_OK
+    if args.emulator and the_plan.running:
+        raise UsageError(
+            f"{checkpoint} holds {the_plan.running:,} unfinished runs of an earlier --emulator session, "
+            f"whose emulator ended with it; delete {checkpoint} to start over, or use `enrich emulate` with "
+            "--base-url for jobs you want to interrupt and resume"
+        )
+    if args.emulator:
+        _say(
+            "--emulator: the answers are SYNTHETIC, made up by a local emulator of the Task API; "
+            "nothing is billed"
+        )
+    elif the_plan.cost and the_plan.cost > CONFIRM_ABOVE and not args.yes:
+        cap = args.max_cost if args.max_cost is not None else the_plan.cost
+        _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
+    stats = JobStats()
+    interrupted = False
+    with _service(args) as (api_key, base_url):
+        try:
+            result = enrich(
+                df,
+                output,
+                basis=args.basis,
+                timeout=args.timeout,
+                max_cost=args.max_cost,
+                api_key=api_key,
+                base_url=base_url,
+                progress=not args.no_progress,
+                stats=stats,
+                **job,
+            )
+        except KeyboardInterrupt:
+            interrupted = True
+            result = None
+    for warning in stats.warnings:
+        _say(f"warning: {warning}")
+    if interrupted or result is None:
+        _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
+        return EXIT_INCOMPLETE
+    write_table(result, output_path)
+    counts = result["_status"].value_counts()
+    by = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+    done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
+    _say(
+        f"{done:,} completed, {failed:,} failed, {pending:,} pending of {result.height:,} rows "
+        f"({stats.submitted:,} runs submitted now, {stats.requests:,} requests); wrote {output_path}"
+    )
+    if pending:
+        why = "--max-cost reached" if stats.capped else "not finished"
+        _say(f"incomplete ({why}): run the same command again to resume from {checkpoint}")
+        return EXIT_INCOMPLETE
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from enrich._checkpoint import Checkpoint
+    from enrich._processors import PROCESSORS
+
+    path = Path(args.path)
+    if path.is_file() or not (path / "manifest.json").exists():
+        candidate = Path(str(path) + ".enrich")
+        if (candidate / "manifest.json").exists():
+            path = candidate
+    cp = Checkpoint.read(path)
+    fingerprint = cp.fingerprint
+    counts = cp.counts()
+    processor = str(fingerprint.get("processor", "?"))
+    price = PROCESSORS[processor].price_per_run if processor in PROCESSORS else None
+    state = cp.state(outputs=False)
+    errors = (
+        state.filter(pl.col("status") == "failed")
+        .sort("finished_at", descending=True, nulls_last=True)["error"]
+        .drop_nulls()
+        .unique(maintain_order=True)
+        .head(5)
+        .to_list()
+    )
+    first = state["created_at"].min() if state.height else None
+    last = state["finished_at"].max() if state.height else None
+    report = {
+        "checkpoint": str(path),
+        "processor": processor,
+        "mode": fingerprint.get("mode"),
+        "rows": {
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "submitted": counts.submitted,
+            "in_doubt": counts.in_doubt,
+        },
+        "runs_created": counts.runs,
+        "spent_usd": round(counts.runs * price, 4) if price is not None else None,
+        "still_running_usd": round(counts.submitted * price, 4) if price is not None else None,
+        "groups": cp.groups,
+        "first_submitted": first.isoformat() if first is not None else None,
+        "last_finished": last.isoformat() if last is not None else None,
+        "last_errors": errors,
+        "warnings": cp.warnings,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    spent = "unknown" if price is None else f"${counts.runs * price:,.2f}"
+    lines = [
+        f"checkpoint:  {path}",
+        f"processor:   {processor} ({report['mode']} mode)",
+        f"rows:        {counts.completed:,} completed, {counts.failed:,} failed, "
+        f"{counts.submitted:,} submitted and not collected, {counts.in_doubt:,} in doubt",
+        f"runs:        {counts.runs:,} created; spent {spent} at list prices",
+        f"groups:      {', '.join(cp.groups) or '-'}",
+        f"times:       first submitted {report['first_submitted'] or '-'}, "
+        f"last finished {report['last_finished'] or '-'}",
+    ]
+    lines += [f"last error:  {e}" for e in errors]
+    lines += [f"warning:     {w}" for w in cp.warnings]
+    print("\n".join(lines))
+    return EXIT_OK
 
 
 def _emulate(args: argparse.Namespace) -> int:
@@ -43,33 +273,93 @@ def _emulate(args: argparse.Namespace) -> int:
     try:
         config = EmulatorConfig(**fields)  # type: ignore[arg-type]
     except ValueError as exc:
-        raise EnrichError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     key = args.api_key or "any non-empty key"
-    print(
-        f"enrich: Task API emulator on http://{args.host}:{args.port} (key: {key}); answers are synthetic.\n"
-        f"enrich: export PARALLEL_BASE_URL=http://{args.host}:{args.port}   Ctrl-C stops it.",
-        file=sys.stderr,
-    )
+    _say(f"Task API emulator on http://{args.host}:{args.port} (key: {key}); its answers are synthetic.")
+    _say(f"export PARALLEL_BASE_URL=http://{args.host}:{args.port}   (Ctrl-C stops it)")
     serve(config, host=args.host, port=args.port)
     return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
+    common: dict[str, Any] = {"epilog": _EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
-        prog="enrich",
-        description="Enrich tables through Parallel's Task API.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="enrich", description="Enrich tables through Parallel's Task API.", **common
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="enrich a CSV/Parquet/JSONL file",
+        description="Enrich INPUT row by row through the Task API and write OUTPUT with the result columns. "
+        "Running the same command again resumes from the checkpoint without paying twice.",
+        **common,
+    )
+    run.add_argument("input", help="input table: .csv, .parquet, .jsonl or .ndjson")
+    run.add_argument("-o", "--output", required=True, help="output table (same formats); written atomically")
+    run.add_argument("--schema", help="output JSON Schema file (an object with properties)")
+    run.add_argument(
+        "--field",
+        action="append",
+        metavar="SPEC",
+        help="an output column: NAME=DESCRIPTION, or NAME:TYPE=DESCRIPTION with TYPE one of "
+        "string, integer, number, boolean, array, object (a trailing ? makes it nullable); repeatable",
+    )
+    run.add_argument("--columns", help="input columns to send, comma-separated (default: all)")
+    run.add_argument(
+        "--prompt", help='a template making each input a string, e.g. "Find the CEO of {company}"'
+    )
+    run.add_argument("--processor", default="core", help="processor (default: core)")
+    run.add_argument("--checkpoint", help="checkpoint directory (default: OUTPUT.enrich beside the output)")
+    run.add_argument(
+        "--mode", choices=("group", "runs"), default="group", help="task groups (default) or one run per row"
+    )
+    run.add_argument(
+        "--basis", action="store_true", help="add a _basis column: reasoning, citations, confidence"
+    )
+    run.add_argument("--retry-failed", action="store_true", help="submit again the rows whose run failed")
+    run.add_argument(
+        "--timeout", type=float, help="stop after SECONDS; unfinished rows come back pending (exit 3)"
+    )
+    run.add_argument("--rate-limit", type=int, default=2000, help="requests per minute (default 2000)")
+    run.add_argument("--run-rate", type=int, default=2000, help="runs created per minute (default 2000)")
+    run.add_argument(
+        "--base-url", help="Task API URL (default: env PARALLEL_BASE_URL, else https://api.parallel.ai)"
+    )
+    run.add_argument(
+        "--emulator", action="store_true", help="run against a local emulator: no key, synthetic answers"
+    )
+    run.add_argument(
+        "--dry-run", action="store_true", help="send nothing; print the plan: rows, runs, cost, time"
+    )
+    run.add_argument(
+        "--max-cost", type=float, metavar="DOLLARS", help="never spend more than this, across resumes"
+    )
+    run.add_argument(
+        "--yes", action="store_true", help=f"confirm jobs over ${CONFIRM_ABOVE:.0f} without asking"
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser(
+        "status",
+        help="show what a checkpoint holds",
+        description="Counts by status, runs created and cost so far, groups, times and the last errors of a "
+        "checkpoint (give the checkpoint directory or the output file beside it).",
+        **common,
+    )
+    status.add_argument("path", help="checkpoint directory, or the OUTPUT whose OUTPUT.enrich it is")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
+    status.set_defaults(func=_status)
 
     emu = sub.add_parser(
         "emulate",
         help="serve a local emulator of the Task API (no key, no network)",
         description="Serve a local emulator of the Task API on 127.0.0.1. Its answers are synthetic.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **common,
     )
     emu.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     emu.add_argument("--port", type=int, default=8787, help="port (default: 8787)")
@@ -88,6 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     emu.add_argument("--run-rate-limit", type=int, default=0, help="runs created per minute, 0 for none")
     emu.add_argument("--credit", type=float, help="dollars of credit; runs beyond it get 402")
     emu.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    emu.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     emu.set_defaults(func=_emulate)
     return parser
 
@@ -101,8 +392,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return EXIT_INCOMPLETE
+    except UsageError as exc:
+        if args.verbose:
+            raise
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    except APIError as exc:
+        if args.verbose:
+            raise
+        _say(f"error: {exc}")
+        _say("the checkpoint is kept: fix the cause, then run the same command again")
+        return EXIT_API
     except EnrichError as exc:
         if args.verbose:
             raise
-        print(f"enrich: error: {exc}", file=sys.stderr)
+        _say(f"error: {exc}")
         return EXIT_USAGE

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -63,7 +64,7 @@ from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
 from enrich._schema import OutputSpec, check_collisions, parse_output
 
-__all__ = ["JobStats", "aenrich", "enrich"]
+__all__ = ["JobPlan", "JobStats", "aenrich", "enrich", "plan"]
 
 #: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
 KEY_FIELD = "enrich_key"
@@ -74,6 +75,8 @@ _MODES = ("group", "runs")
 # Collection: re-reading an answer already collected is waste; past this many per poll, the run holding
 # the stream cursor back is waited for on its own (one blocking result call) so the cursor moves on.
 _STRAGGLER_WASTE = 200
+# A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
+_IDLE_POLL_GAP = 2.0
 
 
 @dataclass
@@ -90,6 +93,7 @@ class JobStats:
     rate_limited: int = 0
     polls: int = 0
     stragglers: int = 0
+    capped: bool = False
     checkpoint: str = ""
     elapsed: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -246,6 +250,7 @@ class _Job:
         sink: ProgressSink | None,
         stats: JobStats,
         concurrency: int,
+        max_cost: float | None = None,
     ) -> None:
         self.plan = plan
         self.cp = cp
@@ -255,6 +260,11 @@ class _Job:
         self.stats = stats
         self.concurrency = concurrency
         self.retry_failed = retry_failed
+        self.max_cost = max_cost
+        processor_ = PROCESSORS.get(plan.processor)
+        self.price = processor_.price_per_run if processor_ is not None else None
+        self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
+        self.capped = False  # submission stopped at max_cost
         # An add-runs call spends its size from the runs budget, so it can be no larger than the budget.
         self.batch_size = max(1, min(MAX_RUNS_PER_ADD, int(limiter.runs_budget)))
         # Per distinct key: the run that answers it, and its outcome once known.
@@ -264,6 +274,7 @@ class _Job:
         self.done: dict[str, tuple[str, Any, Any, str | None]] = {}  # key -> (status, content, basis, error)
         self.failed_count = 0
         self.todo: list[str] = []
+        self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
         self.pending: dict[str | None, set[str]] = {}
         # Runs that answered a key before (superseded by retry_failed): never adopted again.
@@ -314,6 +325,17 @@ class _Job:
         if key not in self.done:
             self.pending.setdefault(group_id, set()).add(run_id)
 
+    def affordable(self, n: int) -> int:
+        """How many of `n` more runs fit under `max_cost`, counting every run the checkpoint says was
+        created (across resumes) and those being created now."""
+        if self.max_cost is None or self.price is None:
+            return n
+        spent = (self.cp.runs + self.reserved) * self.price
+        room = int((self.max_cost - spent) / self.price + 1e-9)
+        if room < n:
+            self.capped = True
+        return max(0, min(n, room))
+
     @property
     def outstanding(self) -> int:
         return sum(len(p) for p in self.pending.values())
@@ -359,6 +381,7 @@ class _Job:
                         output=json.dumps(content, ensure_ascii=False),
                         basis=json.dumps(basis, ensure_ascii=False),
                         error=None,
+                        finished_at=datetime.now(UTC),
                     )
                 ]
             )
@@ -374,7 +397,11 @@ class _Job:
             self.cp.add_outcomes(
                 [
                     Outcome(
-                        row_key=key, run_id=run.run_id, status="failed", output=None, basis=None, error=error
+                        row_key=key,
+                        run_id=run.run_id,
+                        status="failed",
+                        error=error,
+                        finished_at=datetime.now(UTC),
                     )
                 ]
             )
@@ -413,7 +440,12 @@ class _Job:
                     tg.create_task(collectors[group_id].run())
                 collector = collectors[group_id]
                 while self.todo:
-                    batch = self.todo[: self.batch_size]
+                    batch = self.todo[: self.affordable(min(self.batch_size, len(self.todo)))]
+                    if not batch:
+                        self.report(
+                            f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted"
+                        )
+                        break
                     await self.add_batch(group_id, batch, position, collector)
                     del self.todo[: len(batch)]
             self.submission_done.set()
@@ -534,7 +566,14 @@ class _Job:
                 except asyncio.QueueEmpty:
                     return
                 if run_id is None:
-                    run_id = await self.create_one(key, position[key])
+                    if not self.affordable(1):
+                        self.todo.append(key)
+                        continue
+                    self.reserved += 1
+                    try:
+                        run_id = await self.create_one(key, position[key])
+                    finally:
+                        self.reserved -= 1
                     if run_id is None:
                         queue.put_nowait((key, None))
                         continue
@@ -600,6 +639,8 @@ class _GroupCollector:
         self._wake = asyncio.Event()
         self.new_runs = asyncio.Event()
         self._events_cursor: str | None = None
+        self._last_poll = -math.inf
+        self._last_poll_useful = True
 
     def wake(self) -> None:
         self._wake.set()
@@ -633,24 +674,29 @@ class _GroupCollector:
                     t.cancel()
 
     async def wait_for_work(self) -> None:
-        """Sleep until a poll is worth a request: enough runs ended, all of ours ended, or a timer."""
+        """Sleep until a poll is worth a request: enough runs ended, all of ours ended, or a timer.
+
+        A poll that collected nothing is not repeated within `_IDLE_POLL_GAP` seconds, whatever wakes us.
+        """
         start = time.monotonic()
         while True:
             pending = self.outstanding
             outstanding = len(pending)
             ended = len(self.ended & pending)
-            if outstanding == 0:
+            now = time.monotonic()
+            gap = 0.0 if self._last_poll_useful else self._last_poll + _IDLE_POLL_GAP - now
+            if outstanding == 0 and self.job.submission_done.is_set():
                 return
-            if ended and (ended >= outstanding or ended >= max(50, outstanding // 4)):
-                return
-            # Fallback: a few seconds after the first end, and at most every 30 s regardless.
-            waited = time.monotonic() - start
-            limit = 3.0 if ended else 30.0
-            if waited >= limit:
-                return
+            if gap <= 0 and outstanding:
+                if ended and (ended >= outstanding or ended >= max(50, outstanding // 4)):
+                    return
+                # Fallback: a few seconds after the first end, and at most every 30 s regardless.
+                if now - start >= (3.0 if ended else 30.0):
+                    return
+            limit = max(gap, (3.0 if ended else 30.0) - (now - start), 0.05)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(limit - waited):
+                async with asyncio.timeout(limit):
                     await self._wake.wait()
 
     async def follow_events(self) -> None:
@@ -681,11 +727,17 @@ class _GroupCollector:
                 await self.new_runs.wait()
 
     async def poll(self) -> str | None:
-        """Read the runs stream from the cursor; collect what ended. Returns a run to wait for alone."""
+        """Read the runs stream from the cursor; collect what ended. Returns a run to wait for alone.
+
+        The cursor only moves past runs that are settled for this job: collected, or not ours. A run whose
+        metadata names one of our keys but whose receipt is not recorded yet (its add-runs answer is on its
+        way) holds the cursor back like an active run, so it is seen again once it is ours.
+        """
         job = self.job
         job.stats.polls += 1
         prefix = True
         waste = 0
+        collected = 0
         blocker: str | None = None
         async for event in job.client.stream_group_runs(
             self.group_id, last_event_id=self.cursor, include_output=True
@@ -694,21 +746,37 @@ class _GroupCollector:
                 continue
             run = event.run
             key = job.key_of_run.get(run.run_id)
-            if run.is_active:
-                if prefix and run.run_id not in self.stragglers and key is not None and key not in job.done:
-                    prefix = False
-                    blocker = run.run_id
+            if key is None:
+                claimed = (run.metadata or {}).get(KEY_FIELD)
+                if (
+                    isinstance(claimed, str)
+                    and claimed in job.wanted
+                    and claimed not in job.done
+                    and run.run_id not in job.superseded
+                ):
+                    prefix = False  # ours in a moment: keep it ahead of the cursor
                 elif prefix:
                     self.cursor = event.event_id
                 continue
-            if key is not None and key not in job.done:
+            if run.is_active:
+                if key in job.done or run.run_id in self.stragglers:  # settled, or waited for alone
+                    if prefix:
+                        self.cursor = event.event_id
+                elif prefix:
+                    prefix = False
+                    blocker = run.run_id
+                continue
+            if key not in job.done:
                 job.finish(key, run, event.output)
+                collected += 1
             elif not prefix:
                 waste += 1
             self.ended.discard(run.run_id)
             if prefix:
                 self.cursor = event.event_id
         self.ended &= self.outstanding
+        self._last_poll = time.monotonic()
+        self._last_poll_useful = collected > 0
         if blocker is not None and waste >= _STRAGGLER_WASTE:
             return blocker
         return None
@@ -762,11 +830,12 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
         run_ids.append(run_of.get(key))
         if outcome is None:
             statuses.append("pending")
-            errors.append(
-                "not finished yet: run the same call again to collect it"
-                if key in run_of
-                else "not submitted yet: run the same call again"
-            )
+            if key in run_of:
+                errors.append("not finished yet: run the same call again to collect it")
+            elif job is not None and job.capped:
+                errors.append(f"not submitted: the max cost of ${job.max_cost:,.2f} was reached")
+            else:
+                errors.append("not submitted yet: run the same call again")
             contents.append(None)
             bases.append(None)
         else:
@@ -837,6 +906,7 @@ async def aenrich(
     timeout: float | None = None,
     progress: bool | ProgressSink = True,
     concurrency: int = 100,
+    max_cost: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     stats: JobStats | None = None,
 ) -> Any:
@@ -860,6 +930,11 @@ async def aenrich(
     )
     if rate_limit <= 0 or run_rate <= 0:
         raise UsageError("rate_limit and run_rate must be positive numbers of requests/runs per minute")
+    if max_cost is not None:
+        if max_cost < 0:
+            raise UsageError("max_cost must be a dollar amount of zero or more")
+        if plan.processor not in PROCESSORS:
+            raise UsageError(f"max_cost needs a known price, and processor {plan.processor!r} has none")
     if rate_window <= 0:
         raise UsageError("rate_window must be a positive number of seconds")
     if timeout is not None and timeout <= 0:
@@ -901,6 +976,7 @@ async def aenrich(
             sink=sink,
             stats=stats,
             concurrency=concurrency,
+            max_cost=max_cost,
         )
         job.load()
         if temp_note:
@@ -920,6 +996,8 @@ async def aenrich(
                 raise fatal.error from None
         job.report(force=True)
     finally:
+        if job is not None:
+            stats.capped = job.capped
         if client is not None:
             stats.requests = client.requests_sent
             stats.rate_limited = client.rate_limited_count
@@ -931,6 +1009,135 @@ async def aenrich(
         if owned_bar is not None:
             owned_bar.close()
     return from_polars(_join(plan, job, basis=basis), plan.kind, plan.original)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a job would do, worked out without sending anything (`plan()`, `enrich run --dry-run`).
+
+    Counts are of distinct inputs (runs), except `rows`. Money is in US dollars at list prices;
+    `None` when the processor has no known price. `seconds` is a rough wall-time estimate under the
+    rate budgets: the processor's typical latency plus the time the budgets need to submit everything.
+    """
+
+    rows: int
+    distinct: int
+    done: int
+    running: int
+    to_submit: int
+    refused: int
+    processor: str
+    mode: str
+    price_per_run: float | None
+    spent: float | None
+    cost: float | None
+    seconds: float
+    checkpoint: str | None
+
+    def lines(self) -> list[str]:
+        """The plan as short lines for a terminal."""
+
+        def money(x: float | None) -> str:
+            return "unknown (no list price)" if x is None else f"${x:,.2f}"
+
+        return [
+            f"rows:               {self.rows:,}",
+            f"distinct inputs:    {self.distinct:,}",
+            f"already done:       {self.done:,} (in the checkpoint)",
+            f"submitted, running: {self.running:,} (collected, not paid again)",
+            f"refused locally:    {self.refused:,} (not sent: too large or failing input_schema)",
+            f"runs to submit:     {self.to_submit:,}",
+            f"processor:          {self.processor} ({money(self.price_per_run and self.price_per_run * 1000)}"
+            " per 1,000 runs)",
+            f"estimated cost:     {money(self.cost)} (spent so far: {money(self.spent)})",
+            f"estimated time:     {_duration(self.seconds)} in {self.mode} mode",
+            f"checkpoint:         {self.checkpoint or '(temporary)'}",
+        ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def plan(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None = None,
+    prompt: str | None = None,
+    input_schema: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    processor: str = "core",
+    checkpoint: str | os.PathLike[str] | None = None,
+    mode: str = "group",
+    retry_failed: bool = False,
+    rate_limit: int = 2000,
+    run_rate: int = 2000,
+    rate_window: float = 60.0,
+) -> JobPlan:
+    """Work out what `enrich()` with the same arguments would submit and cost, sending nothing.
+
+    The checkpoint, when it exists, is read (never written or created) and must belong to this job.
+
+    Example::
+
+        p = plan(df, {"ceo": "CEO name"}, processor="base", checkpoint="ceo.enrich")
+        print("\n".join(p.lines()))
+    """
+    job = _prepare(
+        data,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+    )
+    done = running = 0
+    runs_created = 0
+    wanted = set(job.keys) - set(job.local_errors)
+    if checkpoint is not None and (Path(checkpoint) / "manifest.json").exists():
+        cp = Checkpoint.read(checkpoint)
+        cp.check_fingerprint(job.fingerprint)
+        runs_created = cp.runs
+        state = cp.state(outputs=False)
+        state = state.filter(pl.col("row_key").is_in(list(wanted)))
+        finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
+        if retry_failed:
+            finished = finished.filter(pl.col("status") == "completed")
+        done = finished.height
+        running = state.filter(pl.col("status") == "submitted").height
+    to_submit = len(wanted) - done - running
+    proc = PROCESSORS.get(processor)
+    price = proc.price_per_run if proc is not None else None
+    window = rate_window / 60.0
+    if mode == "group":
+        # Adds of up to 1,000; the first window's budget goes at once, the rest at the budget's pace.
+        submit_seconds = max(0.0, (to_submit - run_rate) / run_rate) * 60.0 * window
+    else:
+        # One create and about one result call per run share the request budget.
+        submit_seconds = max(to_submit / run_rate, 2 * to_submit / rate_limit) * 60.0 * window
+    latency = (sum(proc.latency) / 2) if proc is not None else 300.0
+    return JobPlan(
+        rows=job.df.height,
+        distinct=len(job.keys),
+        done=done,
+        running=running,
+        to_submit=to_submit,
+        refused=len(job.local_errors),
+        processor=processor,
+        mode=mode,
+        price_per_run=price,
+        spent=runs_created * price if price is not None else None,
+        cost=to_submit * price if price is not None else None,
+        seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
+        checkpoint=str(checkpoint) if checkpoint is not None else None,
+    )
 
 
 def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
@@ -971,6 +1178,9 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             their run ids kept, and the next call collects them.
         progress: True for a tqdm bar, False for none, or a callable taking `Progress` counts.
         concurrency: runs mode only: how many rows are in flight at once (default 100).
+        max_cost: a hard cap in dollars on what the job ever spends, across resumes: no run is submitted
+            that would take the cost of all runs created so far over it (rows left out come back
+            "pending"). Prices are the per-processor list prices.
         transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`).
         stats: a `JobStats` to fill with what the job did (requests, reconciliations, ...).
 
