@@ -66,6 +66,7 @@ from urllib.parse import parse_qs
 import httpx
 import uvicorn
 
+from enrich._jsonschema import UNSUPPORTED_KEYWORDS
 from enrich._processors import PROCESSORS, Processor
 from enrich._synth import PREMIUM_TIERS, build_output
 
@@ -109,29 +110,7 @@ _MAX_RESULT_TIMEOUT = 3_600  # seconds; docs use 3600, the default is 600
 _DEFAULT_RESULT_TIMEOUT = 600
 _MAX_GROUP_EVENTS_SECONDS = 3_600.0
 _RUN_EVENTS_SECONDS = 570.0
-_UNSUPPORTED_KEYWORDS = frozenset(
-    {
-        "contains",
-        "format",
-        "maxContains",
-        "maxItems",
-        "maxLength",
-        "maxProperties",
-        "maximum",
-        "minContains",
-        "minItems",
-        "minLength",
-        "minimum",
-        "minProperties",
-        "multipleOf",
-        "pattern",
-        "patternProperties",
-        "propertyNames",
-        "uniqueItems",
-        "unevaluatedItems",
-        "unevaluatedProperties",
-    }
-)
+_UNSUPPORTED_KEYWORDS = UNSUPPORTED_KEYWORDS  # the one list, shared with the client-side check
 _JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 _RESERVED_FIELDS = frozenset(
     {"citations", "confidence", "evidence", "reasoning", "source", "sources", "source_urls"}
