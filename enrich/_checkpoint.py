@@ -431,6 +431,12 @@ class Checkpoint:
         """Outcomes added but not yet flushed (lost if the process dies now)."""
         return self._buffered
 
+    def run_ids(self, row_keys: Iterable[str]) -> set[str]:
+        """Every run recorded for `row_keys`: all their receipts, not only the latest (from memory)."""
+        with self._lock:
+            receipts = self._receipts.frame()
+            return set(receipts.filter(pl.col("row_key").is_in(list(row_keys)))["run_id"].to_list())
+
     @property
     def groups(self) -> list[str]:
         """Task group ids recorded, oldest first."""

@@ -313,6 +313,10 @@ class _Job:
             elif key not in self.done and key not in self.run_of:
                 self.todo.append(key)
         self.failed_count = sum(1 for v in self.done.values() if v[0] == "failed")
+        # Runs recorded for keys about to be (re)submitted answered them before: never adopt one again,
+        # never let one hold the runs-stream cursor.
+        if self.todo:
+            self.superseded.update(self.cp.run_ids(self.todo))
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
         old = self.run_of.get(key)
@@ -684,16 +688,20 @@ class _GroupCollector:
             outstanding = len(pending)
             ended = len(self.ended & pending)
             now = time.monotonic()
+            if outstanding == 0:
+                if self.job.submission_done.is_set():
+                    return
+                self._wake.clear()
+                await self._wake.wait()  # the next add-runs, or the end of submission, wakes us
+                start = time.monotonic()
+                continue
             gap = 0.0 if self._last_poll_useful else self._last_poll + _IDLE_POLL_GAP - now
-            if outstanding == 0 and self.job.submission_done.is_set():
+            # Fallback: a few seconds after the first end, and at most every 30 s regardless.
+            fallback = (3.0 if ended else 30.0) - (now - start)
+            ready = ended and (ended >= outstanding or ended >= max(50, outstanding // 4))
+            if gap <= 0 and (ready or fallback <= 0):
                 return
-            if gap <= 0 and outstanding:
-                if ended and (ended >= outstanding or ended >= max(50, outstanding // 4)):
-                    return
-                # Fallback: a few seconds after the first end, and at most every 30 s regardless.
-                if now - start >= (3.0 if ended else 30.0):
-                    return
-            limit = max(gap, (3.0 if ended else 30.0) - (now - start), 0.05)
+            limit = max(gap if ready else max(gap, fallback), 0.05)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(limit):
@@ -1203,8 +1211,11 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(aenrich(data, output, **kwargs))
-    return _run_in_thread(lambda: aenrich(data, output, **kwargs))
+        pass  # no loop in this thread: a script (asyncio.run is called outside the except, so errors
+        # raised by the job are not chained to "no running event loop")
+    else:
+        return _run_in_thread(lambda: aenrich(data, output, **kwargs))
+    return asyncio.run(aenrich(data, output, **kwargs))
 
 
 def _run_in_thread(make: Callable[[], Any]) -> Any:
