@@ -423,9 +423,16 @@ class _Job:
 
     # ---- group mode
 
+    async def ensure_group(self) -> str:
+        """The job's task group: the checkpoint's latest, or a new one recorded before any run is added."""
+        if self.cp.groups:
+            return self.cp.groups[-1]
+        group = await self.client.create_group(metadata={"enrich": "enrich"})
+        self.cp.record_group(group.group_id)  # durable before any run is added to it
+        return group.group_id
+
     async def run_group_mode(self) -> None:
         position = {k: i for i, k in enumerate(self.plan.keys)}
-        group_id = self.cp.groups[-1] if self.cp.groups else None
         await self.reconcile_in_doubt()
         collectors: dict[str, _GroupCollector] = {}
         for gid, runs in self.pending.items():
@@ -435,10 +442,7 @@ class _Job:
             for c in collectors.values():
                 tg.create_task(c.run())
             if self.todo:
-                if group_id is None:
-                    group = await self.client.create_group(metadata={"enrich": "enrich"})
-                    group_id = group.group_id
-                    self.cp.record_group(group_id)  # durable before any run is added to it
+                group_id = await self.ensure_group()
                 if group_id not in collectors:
                     collectors[group_id] = _GroupCollector(self, group_id)
                     tg.create_task(collectors[group_id].run())
@@ -553,8 +557,16 @@ class _Job:
     # ---- runs mode
 
     async def run_runs_mode(self) -> None:
+        """One run per row, each created on its own and waited for with the blocking result call.
+
+        Each run is created by an add-runs call of one input into the job's task group rather than by
+        `POST /v1/tasks/runs`: the cost and the pacing are the same, but a create whose answer is lost
+        can then be found again (the API cannot list runs outside a group), so no row is paid twice.
+        """
         position = {k: i for i, k in enumerate(self.plan.keys)}
         await self.reconcile_in_doubt()
+        group_id = await self.ensure_group() if self.todo else None
+        reconciler = _Reconciler(self)
         queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         for key, run_id in list(self.run_of.items()):
             if key not in self.done:
@@ -575,7 +587,8 @@ class _Job:
                         continue
                     self.reserved += 1
                     try:
-                        run_id = await self.create_one(key, position[key])
+                        assert group_id is not None
+                        run_id = await self.create_one(key, position[key], group_id, reconciler)
                     finally:
                         self.reserved -= 1
                     if run_id is None:
@@ -588,39 +601,78 @@ class _Job:
             for _ in range(min(self.concurrency, queue.qsize()) or 0):
                 tg.create_task(worker())
 
-    async def create_one(self, key: str, i: int) -> str | None:
+    async def create_one(self, key: str, i: int, group_id: str, reconciler: _Reconciler) -> str | None:
+        """Create the run of one row; returns its id, or None when it must be sent again."""
         batch_id = uuid.uuid4().hex
-        self.cp.record_intents(batch_id, None, [key])
+        self.cp.record_intents(batch_id, group_id, [key])  # durable before the request is sent
         try:
-            run = await self.client.create_run(
-                self.plan.inputs[i],
-                self.plan.processor,
-                task_spec=self.plan.task_spec,
-                metadata=self.metadata_for(key),
+            answer = await self.client.add_runs(
+                group_id, [self.run_input(key, i)], default_task_spec=self.plan.task_spec
             )
         except OutcomeUnknownError:
-            # No endpoint lists ungrouped runs, so the lost one cannot be found: send it again.
+            found = await reconciler.check(group_id, key, batch_id)
             self.cp.resolve_intents(batch_id)
+            if found is not None:
+                self.stats.reconciled += 1
+                return found
             self.stats.resubmitted_unknown += 1
             return None
         except _FATAL as exc:
             self.cp.resolve_intents(batch_id)
             raise _Fatal(exc) from exc
+        (run_id,) = answer.run_ids
         self.cp.record_receipts(
             [
                 Receipt(
                     row_key=key,
-                    run_id=run.run_id,
-                    group_id=None,
+                    run_id=run_id,
+                    group_id=group_id,
                     batch_id=batch_id,
                     created_at=datetime.now(UTC),
                 )
             ]
         )
-        self._adopt(key, run.run_id, None)
+        self._adopt(key, run_id, group_id)
         self.stats.submitted += 1
         self.report()
-        return run.run_id
+        return run_id
+
+
+class _Reconciler:
+    """Finds the runs of creates whose answers were lost, many at a time.
+
+    Each lost answer would otherwise cost a read of the whole group; instead the keys in doubt are
+    gathered for a moment and one read of the group's runs settles all of them.
+    """
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.waiting: dict[str, tuple[str, asyncio.Future[str | None]]] = {}
+        self.round: asyncio.Task[None] | None = None
+
+    async def check(self, group_id: str, key: str, batch_id: str) -> str | None:
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.waiting[key] = (batch_id, future)
+        if self.round is None or self.round.done():
+            self.round = asyncio.create_task(self.settle(group_id))
+        return await future
+
+    async def settle(self, group_id: str) -> None:
+        while self.waiting:
+            await asyncio.sleep(0.2)  # let the other lost answers of this moment join
+            waiting, self.waiting = self.waiting, {}
+            try:
+                found = await self.job.reconcile(group_id, {k: b for k, (b, _) in waiting.items()})
+            except BaseException as exc:
+                for _, future in waiting.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, Exception):
+                    continue
+                raise
+            for key, (_, future) in waiting.items():
+                if not future.done():
+                    future.set_result(found.get(key))
 
 
 class _GroupCollector:

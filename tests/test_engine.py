@@ -273,7 +273,27 @@ def test_runs_mode(tmp_path: Path) -> None:
         for r, w in zip(df.iter_rows(named=True), expected(df, {"ceo": "CEO"}), strict=True)
     }
     assert all(want[r["company"]] == r["ceo"] for r in done.iter_rows(named=True))
-    assert app.stats()["runs_created"] == 25 and "POST /v1/tasks/groups" not in app.stats()["requests"]
+    requests = app.stats()["requests"]
+    assert app.stats()["runs_created"] == 25
+    # one create per row (an add-runs of one input, so a lost answer can be found again), one group
+    assert (
+        requests["POST /v1/tasks/groups/{taskgroup_id}/runs"] == 25 and requests["POST /v1/tasks/groups"] == 1
+    )
+    assert requests["GET /v1/tasks/runs/{run_id}/result"] >= 25
+
+
+def test_runs_mode_lost_creates_are_found_not_resent(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.05, fault_rate=0.3, faults=frozenset({"lost_create"}), seed=3))
+    df = companies(60)
+    stats = JobStats()
+    out = run_job(app, df, {"ceo": "CEO"}, mode="runs", checkpoint=tmp_path / "cp", stats=stats)
+    assert set(out["_status"]) == {"completed"}
+    assert (
+        app.stats()["faults"]["lost_create"] >= 5 and stats.reconciled == app.stats()["faults"]["lost_create"]
+    )
+    assert app.stats()["runs_created"] == 60 and app.stats()["duplicate_runs"] == 0
+    # the lost answers of one moment are settled by one read of the group, not one read each
+    assert app.stats()["requests"]["GET /v1/tasks/groups/{taskgroup_id}/runs"] < stats.reconciled
 
 
 def test_sync_enrich_inside_a_running_loop(tmp_path: Path) -> None:
