@@ -304,6 +304,9 @@ class Checkpoint:
         self._receipts = _Chunks(_empty("receipts").select(_MEMORY["receipts"]))
         self._outcomes = _Chunks(_empty("outcomes").select(_MEMORY["outcomes"]))
         self._runs = 0  # distinct run ids among the receipts
+        # hash() of every run id among the receipts: a new receipt's run is looked up here, not in a scan
+        # of every receipt (which made recording receipts O(history)). ~64 MB per million runs.
+        self._run_hashes: set[int] = set()
         self._buffer: list[pl.DataFrame] = []  # outcomes not yet flushed, all columns, no _order
         self._buffered = 0
         self._buffer_since: float | None = None
@@ -507,12 +510,17 @@ class Checkpoint:
             return
         with self._lock:
             self._check_writable()
-            new_runs = frame["run_id"].unique()
-            known = self._receipts.frame()["run_id"]
-            seen = known.filter(known.is_in(new_runs.to_list())).n_unique()
+            new_runs = frame["run_id"].unique().to_list()
+            hashes = [hash(r) for r in new_runs]
+            maybe = [r for r, h in zip(new_runs, hashes, strict=True) if h in self._run_hashes]
+            seen = 0
+            if maybe:  # rare: a run recorded again, or a hash collision; settle it exactly
+                known = self._receipts.frame()["run_id"]
+                seen = known.filter(known.is_in(pl.Series(maybe, dtype=pl.String).implode())).n_unique()
             written = self._append("receipts", frame)
             self._receipts.append(written.select(_MEMORY["receipts"]))
-            self._runs += new_runs.len() - seen
+            self._runs += len(new_runs) - seen
+            self._run_hashes.update(hashes)
             self._light = None
             for key, batch in zip(frame["row_key"].to_list(), frame["batch_id"].to_list(), strict=True):
                 pending = self._pending.get(key)
@@ -684,6 +692,9 @@ class Checkpoint:
     def _heavy(self, light: pl.DataFrame) -> pl.DataFrame:
         """output and basis of the outcomes `light` uses, read from the outcome segments and the buffer."""
         columns = ["run_id", *_HEAVY, _ORDER]
+        # Only the outcomes `light` points at, filtered segment by segment as they are read, so that no
+        # more than one segment's superseded or unwanted outputs are in memory at a time.
+        wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
         frames = []
         for segment in list(self._segments["outcomes"]):
             try:
@@ -692,16 +703,12 @@ class Checkpoint:
             except (OSError, pa.ArrowException, ValueError) as exc:
                 self._warn(f"outputs in {segment.name} could not be read ({_reason(exc)}); they show as null")
                 continue
-            frames.append(_conform(pl.from_arrow(table), columns, "outcomes"))
+            frames.append(_wanted(_conform(pl.from_arrow(table), columns, "outcomes"), wanted))
+            del table
         if self._buffer:
-            frames.append(self._buffered_frame().select(columns))
-        wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
+            frames.append(_wanted(self._buffered_frame().select(columns), wanted))
         heavy = pl.concat(frames) if frames else _empty("outcomes").select(columns)
-        return (
-            heavy.join(wanted, on=["run_id", _ORDER], how="semi")
-            .unique("run_id", keep="any")
-            .select("run_id", *_HEAVY)
-        )
+        return heavy.unique("run_id", keep="any").select("run_id", *_HEAVY)
 
     # -- internals: writing ------------------------------------------------------------------------
 
@@ -770,7 +777,10 @@ class Checkpoint:
                 self._segments[kind].remove(segment)
                 self._warn(f"compaction skipped {segment.name}: it cannot be read ({_reason(exc)})")
                 return False
-        merged = pl.concat(frames).sort(_ORDER).unique(_KEYS[kind], keep="last").sort(_ORDER)
+        merged = pl.concat(frames)
+        if not merged[_ORDER].is_sorted():  # sources of one tier are in order already: skip the sort
+            merged = merged.sort(_ORDER)
+        merged = merged.unique(_KEYS[kind], keep="last", maintain_order=True)
         seq = self._next_seq
         self._next_seq += 1
         target = _Segment(kind, seq, tier, tuple(s.seq for s in group))
@@ -851,6 +861,7 @@ class Checkpoint:
         self._pending = self._find_pending(self._read_kind("intents", on_disk), receipts)
         self._receipts = _Chunks(receipts.select(_MEMORY["receipts"]))
         self._runs = receipts["run_id"].n_unique()
+        self._run_hashes = {hash(r) for r in receipts["run_id"].unique().to_list()}
         self._outcomes = _Chunks(self._read_kind("outcomes", on_disk))
         self._light = None
         pa.default_memory_pool().release_unused()  # give back what reading borrowed
@@ -972,6 +983,15 @@ def _conform(frame: pl.DataFrame | pl.Series, columns: list[str], kind: str) -> 
     assert isinstance(frame, pl.DataFrame)
     schema = _SCHEMAS[kind]
     return frame.select(pl.col(c).cast(schema[c]) for c in columns)
+
+
+def _wanted(outcomes: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
+    """The rows of `outcomes` whose `_order` is in `wanted` (an `_order` names one outcome record)."""
+    if outcomes.is_empty():
+        return outcomes
+    orders = outcomes[_ORDER]
+    near = wanted.filter(pl.col(_ORDER).is_between(orders.min(), orders.max()))
+    return outcomes.join(near.select(_ORDER), on=_ORDER, how="semi")
 
 
 def _check_id(value: object, name: str) -> None:

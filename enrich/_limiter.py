@@ -189,12 +189,13 @@ class RateLimiter:
 
     # -- the public surface ---------------------------------------------------------------------------
 
-    async def acquire(self, runs: int = 0) -> None:
+    async def acquire(self, runs: int = 0) -> tuple[float, int]:
         """Wait until one request and `runs` runs fit both budgets, then spend them.
 
         `runs` is the number of runs the request creates (0 for a GET, 1 for a create-run, the number of
         inputs for an add-runs call). Returns at once when nobody is waiting and both fit; otherwise joins
-        the queue. Cancelling the wait spends nothing and lets the next waiter move up.
+        the queue. Cancelling the wait spends nothing and lets the next waiter move up. Returns the grant,
+        to hand to `settle()` once the request is answered.
 
         Raises:
             UsageError: `runs` is negative or more than the runs budget (split the request).
@@ -209,10 +210,30 @@ class RateLimiter:
             while log and log[0][0] <= now:
                 self._runs_used -= log.popleft()[1]
             if len(log) + 1 <= self._requests_cap and self._runs_used + runs <= max(self._runs_cap, runs):
-                log.append((now + self._period, runs))
+                grant = (now + self._period, runs)
+                log.append(grant)
                 self._runs_used += runs
-                return
-        await self._wait(runs)
+                return grant
+        return await self._wait(runs)
+
+    def settle(self, grant: tuple[float, int]) -> None:
+        """The request of `grant` was answered: count its runs in the window from now, not from the grant.
+
+        The server counts a request when it handles it, some time between the grant and the answer (the
+        body is encoded and sent, the server parses it, maybe after other work). Counted from the grant,
+        a request that reached the server late would still be in the server's window when the limiter
+        lets the next one through, and earn a 429. The answer is the latest the server can have counted
+        it. Only grants that spend runs are moved (they are answered at once); a long poll's GET would
+        hold its request slot for minutes.
+        """
+        if grant[1] == 0:
+            return
+        try:
+            self._log.remove(grant)  # O(window), once per run-creating request
+        except ValueError:
+            return  # expired already
+        # Every entry was granted at or before now, so the log stays sorted by expiry.
+        self._log.append((self._now() + self._period, grant[1]))
 
     def rate_limited(self, retry_after: float | None = None) -> None:
         """Report a 429: pause every sender and, once per congestion event, halve the pace.
@@ -333,7 +354,7 @@ class RateLimiter:
                 return expires
         raise AssertionError("unreachable: an empty window fits any request")  # pragma: no cover
 
-    async def _wait(self, runs: int) -> None:
+    async def _wait(self, runs: int) -> tuple[float, int]:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError(f"{self!r} is bound to a different event loop")
@@ -344,7 +365,7 @@ class RateLimiter:
         try:
             if len(self._waiters) == 1:
                 self._dispatch(self._now())
-            await future
+            return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 # Granted, then cancelled before this task resumed: the request was never sent.

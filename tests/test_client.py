@@ -58,6 +58,9 @@ class FakeLimiter:
     async def acquire(self, runs: int = 0) -> None:
         self.acquired.append(runs)
 
+    def settle(self, grant: object) -> None:
+        pass
+
     def rate_limited(self, retry_after: float | None = None) -> None:
         self.limited.append(retry_after)
 
