@@ -16,7 +16,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from enrich._exceptions import APIError, EnrichError, UsageError
+from enrich._exceptions import (
+    APIError,
+    CheckpointError,
+    EnrichError,
+    RateLimitError,
+    ServerError,
+    TransportError,
+    UsageError,
+)
 
 __all__ = ["main"]
 
@@ -30,7 +38,9 @@ _EPILOG = """\
 exit codes:
   0  every row finished (completed or failed; the summary line counts both)
   2  a usage or input error: nothing was sent
-  3  incomplete (timeout, interrupt, or --max-cost reached): run the same command again to resume
+  3  incomplete (timeout, interrupt, --max-cost reached, the service unreachable for a long while, or
+     the checkpoint or the output could not be written once the job had started): run the same
+     command again to resume
   4  a fatal API answer (bad key, no credit, forbidden, refused task); the checkpoint is kept
 """
 
@@ -151,6 +161,7 @@ def _run(args: argparse.Namespace) -> int:
         _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
     stats = JobStats()
     interrupted = False
+    stopped: CheckpointError | None = None
     with _service(args) as (api_key, base_url):
         try:
             result = enrich(
@@ -168,12 +179,31 @@ def _run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             interrupted = True
             result = None
+        except CheckpointError as exc:
+            if args.verbose or not stats.requests:
+                raise  # nothing was sent: a checkpoint that cannot be used is a usage error (exit 2)
+            stopped, result = exc, None  # a write failed mid-job (a full disk): submission stopped
     for warning in stats.warnings:
         _say(f"warning: {warning}")
+    if stopped is not None:
+        _say(
+            f"error: {stopped}; submission stopped and every run recorded before is kept: "
+            "fix this, then run the same command again"
+        )
+        return EXIT_INCOMPLETE
     if interrupted or result is None:
         _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
         return EXIT_INCOMPLETE
-    write_table(result, output_path)
+    try:
+        write_table(result, output_path)
+    except OSError as exc:
+        if args.verbose:
+            raise
+        _say(
+            f"error: cannot write {output_path}: {exc.strerror or exc}; every answer is kept in "
+            f"{checkpoint}: fix this, then run the same command again (nothing is paid twice)"
+        )
+        return EXIT_INCOMPLETE
     counts = result["_status"].value_counts()
     by = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
     done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
@@ -404,6 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         _say(f"error: {exc}")
+        if isinstance(exc, (TransportError, ServerError, RateLimitError)):
+            # The service stayed unreachable or overloaded: nothing is wrong with the job itself.
+            _say(
+                "the service did not answer for a long while; the checkpoint is kept: "
+                "run the same command again"
+            )
+            return EXIT_INCOMPLETE
         _say("the checkpoint is kept: fix the cause, then run the same command again")
         return EXIT_API
     except EnrichError as exc:

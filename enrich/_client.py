@@ -67,7 +67,8 @@ _USER_AGENT = "enrich/0.1 (+https://github.com/parallel-web)"
 class Limiter(Protocol):
     """What the client needs of a rate limiter (`enrich.RateLimiter` is one)."""
 
-    async def acquire(self, runs: int = 0) -> None: ...
+    async def acquire(self, runs: int = 0) -> Any: ...
+    def settle(self, grant: Any) -> None: ...
     def rate_limited(self, retry_after: float | None = None) -> None: ...
     def succeeded(self) -> None: ...
 
@@ -221,14 +222,17 @@ class TaskClient:
         creates: bool = False,
         retry_408: bool = True,
         timeout: float | None = None,
+        retry_429: bool = True,
     ) -> Any:
-        """Send one request, retrying what is safe to retry; returns the decoded JSON body."""
+        """Send one request, retrying what is safe to retry; returns the decoded JSON body.
+
+        With `retry_429=False` a 429 is reported to the limiter, then raised at once (nothing was done).
+        """
         info = RequestInfo(method, self.base_url + path + _query(params))
         failures = 0
         rate_limited = 0
         while True:
-            if self.limiter is not None:
-                await self.limiter.acquire(runs)
+            grant = await self.limiter.acquire(runs) if self.limiter is not None else None
             self.requests_sent += 1
             try:
                 response = await self._http.request(
@@ -241,6 +245,8 @@ class TaskClient:
                     else httpx.USE_CLIENT_DEFAULT,
                 )
             except httpx.TransportError as exc:
+                if self.limiter is not None:
+                    self.limiter.settle(grant)  # it may have been counted: keep it in the window
                 error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
                 if creates and not isinstance(exc, _NOT_SENT):
                     raise OutcomeUnknownError(
@@ -251,6 +257,8 @@ class TaskClient:
                     raise error from exc
                 await self.retry.sleep(self.retry.delay(failures - 1))
                 continue
+            if self.limiter is not None:
+                self.limiter.settle(grant)
             if response.status_code < 400:
                 if self.limiter is not None:
                     self.limiter.succeeded()
@@ -277,7 +285,9 @@ class TaskClient:
                     raise error_
                 if self.limiter is not None:
                     self.limiter.rate_limited(error_.retry_after)
-                else:
+                if not retry_429:
+                    raise error_
+                if self.limiter is None:
                     await self.retry.sleep(self.retry.delay(min(rate_limited - 1, 10), error_.retry_after))
                 continue
             if self.limiter is not None:
@@ -374,11 +384,15 @@ class TaskClient:
         *,
         default_task_spec: Mapping[str, Any] | None = None,
         refresh_status: bool = False,
+        retry_rate_limited: bool = True,
     ) -> AddRunsResponse:
         """Add up to 1,000 runs to a group in one request; `run_ids` come back in input order.
 
         Each input is a TaskRunInput (`input`, `processor`, optional `metadata`, `task_spec`, ...).
         Spends `len(inputs)` from the limiter's runs budget. A lost answer raises `OutcomeUnknownError`.
+        With `retry_rate_limited=False` a 429 is reported to the limiter and raised as `RateLimitError`
+        instead of retried: nothing was created, and the caller may send the inputs again in smaller calls
+        (a quota that counts runs may never fit this many in one call).
         """
         if not inputs:
             raise UsageError("add_runs needs at least one input")
@@ -394,6 +408,7 @@ class TaskClient:
             params={"refresh_status": refresh_status},
             runs=len(inputs),
             creates=True,
+            retry_429=retry_rate_limited,
         )
         return AddRunsResponse.from_json(data)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -28,11 +29,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import polars as pl
@@ -45,6 +46,9 @@ from enrich._exceptions import (
     OutcomeUnknownError,
     PaymentRequiredError,
     PermissionDeniedError,
+    RateLimitError,
+    ServerError,
+    TransportError,
     UsageError,
     ValidationError,
 )
@@ -66,6 +70,8 @@ from enrich._schema import OutputSpec, check_collisions, parse_output
 
 __all__ = ["JobPlan", "JobStats", "aenrich", "enrich", "plan"]
 
+_T = TypeVar("_T")
+
 #: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
 KEY_FIELD = "enrich_key"
 _META_KEY_MAX = 16
@@ -75,6 +81,14 @@ _MODES = ("group", "runs")
 # Collection: re-reading an answer already collected is waste; past this many per poll, the run holding
 # the stream cursor back is waited for on its own (one blocking result call) so the cursor moves on.
 _STRAGGLER_WASTE = 200
+# The limiter's window is this much longer than the service's (a share of it), to absorb network jitter.
+_WINDOW_MARGIN = 0.02
+# How long reads ride out a service that keeps failing (transport errors, 5xx) before the job gives up.
+_OUTAGE_SECONDS = 1800.0
+# Outcomes are handed to the checkpoint this many at a time (or after a second, or at the end of a poll).
+_OUTCOME_BATCH = 1000
+# ... and only once it has held the cursor back for this many polls in a row.
+_STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
 _IDLE_POLL_GAP = 2.0
 
@@ -267,12 +281,15 @@ class _Job:
         self.capped = False  # submission stopped at max_cost
         # An add-runs call spends its size from the runs budget, so it can be no larger than the budget.
         self.batch_size = max(1, min(MAX_RUNS_PER_ADD, int(limiter.runs_budget)))
+        self.add_cap = self.batch_size  # halved by each add refused with a 429, doubled by each accepted
         # Per distinct key: the run that answers it, and its outcome once known.
         self.run_of: dict[str, str] = {}
         self.key_of_run: dict[str, str] = {}
         self.group_of: dict[str, str | None] = {}
         self.done: dict[str, tuple[str, Any, Any, str | None]] = {}  # key -> (status, content, basis, error)
         self.failed_count = 0
+        self._outcomes: list[Outcome] = []  # finished, not yet handed to the checkpoint
+        self._outcomes_since = 0.0
         self.todo: list[str] = []
         self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
@@ -368,26 +385,28 @@ class _Job:
     # ---- outcomes
 
     def finish(self, key: str, run: TaskRun, output: TaskOutput | None) -> None:
-        """Record the end of the run that answers `key` (ignored for superseded runs)."""
+        """Record the end of the run that answers `key` (ignored for superseded runs).
+
+        Outcomes are handed to the checkpoint in batches (`push_outcomes`): one Parquet frame per answer
+        costs ~25x more CPU than one per thousand. An outcome not yet pushed or flushed is lost on SIGKILL
+        and simply collected again on resume.
+        """
         if self.run_of.get(key) != run.run_id or key in self.done:
             return
         self.pending.get(self.group_of.get(key), set()).discard(run.run_id)
+        now = datetime.now(UTC)
         if run.status == "completed" and output is not None:
             content = output.content
             basis = [b.to_json() for b in output.basis]
             self.done[key] = ("completed", content, basis, None)
-            self.cp.add_outcomes(
-                [
-                    Outcome(
-                        row_key=key,
-                        run_id=run.run_id,
-                        status="completed",
-                        output=json.dumps(content, ensure_ascii=False),
-                        basis=json.dumps(basis, ensure_ascii=False),
-                        error=None,
-                        finished_at=datetime.now(UTC),
-                    )
-                ]
+            outcome = Outcome(
+                row_key=key,
+                run_id=run.run_id,
+                status="completed",
+                output=json.dumps(content, ensure_ascii=False),
+                basis=json.dumps(basis, ensure_ascii=False),
+                error=None,
+                finished_at=now,
             )
         else:
             if run.error is not None:
@@ -398,18 +417,41 @@ class _Job:
                 error = f"the run ended with status {run.status!r}"
             self.done[key] = ("failed", None, None, error)
             self.failed_count += 1
-            self.cp.add_outcomes(
-                [
-                    Outcome(
-                        row_key=key,
-                        run_id=run.run_id,
-                        status="failed",
-                        error=error,
-                        finished_at=datetime.now(UTC),
-                    )
-                ]
-            )
+            outcome = Outcome(row_key=key, run_id=run.run_id, status="failed", error=error, finished_at=now)
+        if not self._outcomes:
+            self._outcomes_since = time.monotonic()
+        self._outcomes.append(outcome)
+        if len(self._outcomes) >= _OUTCOME_BATCH or time.monotonic() - self._outcomes_since > 1.0:
+            self.push_outcomes()
         self.report()
+
+    async def patiently(self, call: Callable[[], Awaitable[_T]], what: str) -> _T:
+        """Run a read-only call, riding out an outage of the service.
+
+        The client already retries a few times over some seconds; an overnight job must also survive a
+        service that is down for minutes. Transport errors, 5xx and exhausted 429 retries are retried with
+        backoff (up to a minute apart) until `_OUTAGE_SECONDS` of failures in a row; other errors end the job.
+        """
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except (TransportError, ServerError, RateLimitError) as exc:
+                now = time.monotonic()
+                first_failure = first_failure if first_failure is not None else now
+                if now - first_failure > _OUTAGE_SECONDS:
+                    raise
+                attempt += 1
+                if attempt == 1:
+                    self.report(f"{what}: {exc}; retrying until the service answers")
+                await asyncio.sleep(min(60.0, 2.0**attempt))
+
+    def push_outcomes(self) -> None:
+        """Hand the outcomes gathered so far to the checkpoint (which flushes them to disk in batches)."""
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            self.cp.add_outcomes(outcomes)
 
     def metadata_for(self, key: str) -> dict[str, Any]:
         return {**self.plan.metadata, KEY_FIELD: key}
@@ -448,14 +490,20 @@ class _Job:
                     tg.create_task(collectors[group_id].run())
                 collector = collectors[group_id]
                 while self.todo:
-                    batch = self.todo[: self.affordable(min(self.batch_size, len(self.todo)))]
+                    # After a 429 the limiter's pace drops, and so does the size of the next add: a quota
+                    # that counts runs may never fit the full batch in one call. `add_cap` halves on each
+                    # refused add, so the size reaches 1 (whose 429s the client retries, boundedly) even at
+                    # the limiter's floor pace.
+                    paced = max(1, int(self.limiter.runs_budget * self.limiter.pace))
+                    size = min(self.batch_size, self.add_cap, paced, len(self.todo))
+                    batch = self.todo[: self.affordable(size)]
                     if not batch:
                         self.report(
                             f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted"
                         )
                         break
-                    await self.add_batch(group_id, batch, position, collector)
-                    del self.todo[: len(batch)]
+                    if await self.add_batch(group_id, batch, position, collector):
+                        del self.todo[: len(batch)]
             self.submission_done.set()
             for c in collectors.values():
                 c.wake()
@@ -463,12 +511,23 @@ class _Job:
 
     async def add_batch(
         self, group_id: str, batch: list[str], position: dict[str, int], collector: _GroupCollector
-    ) -> None:
+    ) -> bool:
+        """Add `batch` to the group; False when it was refused with a 429 (nothing created: send it
+        again, in a smaller call if the pace dropped)."""
         batch_id = uuid.uuid4().hex
         self.cp.record_intents(batch_id, group_id, batch)  # durable before the request is sent
         inputs = [self.run_input(k, position[k]) for k in batch]
         try:
-            answer = await self.client.add_runs(group_id, inputs, default_task_spec=self.plan.task_spec)
+            answer = await self.client.add_runs(
+                group_id,
+                inputs,
+                default_task_spec=self.plan.task_spec,
+                retry_rate_limited=len(batch) == 1,  # a larger call is split by the caller instead
+            )
+        except RateLimitError:
+            self.cp.resolve_intents(batch_id)
+            self.add_cap = max(1, len(batch) // 2)
+            return False
         except OutcomeUnknownError:
             found = await self.reconcile(group_id, dict.fromkeys(batch, batch_id))
             self.cp.resolve_intents(batch_id)
@@ -479,7 +538,7 @@ class _Job:
                 self.todo.extend(missing)  # the loop deletes this batch's slice; these go again later
             collector.wake()
             collector.new_runs.set()
-            return
+            return True
         except _FATAL as exc:
             self.cp.resolve_intents(batch_id)
             raise _Fatal(exc) from exc
@@ -498,9 +557,11 @@ class _Job:
         for k, r in zip(batch, answer.run_ids, strict=True):
             self._adopt(k, r, group_id)
         self.stats.submitted += len(batch)
+        self.add_cap = min(self.batch_size, 2 * self.add_cap)
         collector.wake()
         collector.new_runs.set()
         self.report()
+        return True
 
     async def reconcile_in_doubt(self) -> None:
         """Settle add-runs whose answers were never recorded: find their runs by the key in metadata."""
@@ -594,7 +655,10 @@ class _Job:
                     if run_id is None:
                         queue.put_nowait((key, None))
                         continue
-                run, output = await self.client.wait_for_result(run_id, poll_timeout=600)
+                run, output = await self.patiently(
+                    functools.partial(self.client.wait_for_result, run_id, poll_timeout=600),
+                    "waiting for a run",
+                )
                 self.finish(key, run, output)
 
         async with asyncio.TaskGroup() as tg:
@@ -697,6 +761,10 @@ class _GroupCollector:
         self._events_cursor: str | None = None
         self._last_poll = -math.inf
         self._last_poll_useful = True
+        self._blocked: tuple[str | None, int] = (
+            None,
+            0,
+        )  # the run holding the cursor, and for how many polls
 
     def wake(self) -> None:
         self._wake.set()
@@ -717,7 +785,7 @@ class _GroupCollector:
                     await self.wait_for_work()
                     if self.finished():
                         break
-                    blocker = await self.poll()
+                    blocker = await self.job.patiently(self.poll, "reading the group's runs")
                     if blocker is not None and blocker not in self.stragglers:
                         self.stragglers.add(blocker)
                         self.job.stats.stragglers += 1
@@ -750,7 +818,7 @@ class _GroupCollector:
             gap = 0.0 if self._last_poll_useful else self._last_poll + _IDLE_POLL_GAP - now
             # Fallback: a few seconds after the first end, and at most every 30 s regardless.
             fallback = (3.0 if ended else 30.0) - (now - start)
-            ready = ended and (ended >= outstanding or ended >= max(50, outstanding // 4))
+            ready = ended and (ended >= outstanding or ended >= max(100, outstanding // 2))
             if gap <= 0 and (ready or fallback <= 0):
                 return
             limit = max(gap if ready else max(gap, fallback), 0.05)
@@ -834,15 +902,21 @@ class _GroupCollector:
             self.ended.discard(run.run_id)
             if prefix:
                 self.cursor = event.event_id
+        job.push_outcomes()
         self.ended &= self.outstanding
         self._last_poll = time.monotonic()
         self._last_poll_useful = collected > 0
-        if blocker is not None and waste >= _STRAGGLER_WASTE:
+        # A run that holds the cursor back poll after poll while answers pile up behind it is waited for
+        # alone; one that is merely a little slower than its batch is not worth its own requests.
+        self._blocked = (blocker, self._blocked[1] + 1) if blocker == self._blocked[0] else (blocker, 1)
+        if blocker is not None and waste >= _STRAGGLER_WASTE and self._blocked[1] >= _STRAGGLER_POLLS:
             return blocker
         return None
 
     async def wait_straggler(self, run_id: str) -> None:
-        run, output = await self.job.client.wait_for_result(run_id, poll_timeout=600)
+        run, output = await self.job.patiently(
+            lambda: self.job.client.wait_for_result(run_id, poll_timeout=600), "waiting for a run"
+        )
         key = self.job.key_of_run.get(run_id)
         if key is not None:
             self.job.finish(key, run, output)
@@ -969,6 +1043,7 @@ async def aenrich(
     max_cost: float | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     stats: JobStats | None = None,
+    request_timeout: float = 60.0,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -999,6 +1074,8 @@ async def aenrich(
         raise UsageError("rate_window must be a positive number of seconds")
     if timeout is not None and timeout <= 0:
         raise UsageError("timeout must be a positive number of seconds (or None for no limit)")
+    if not request_timeout > 0:
+        raise UsageError("request_timeout must be a positive number of seconds")
     sink: ProgressSink | None
     owned_bar: TqdmSink | None = None
     if progress is True:
@@ -1023,9 +1100,20 @@ async def aenrich(
     job: _Job | None = None
     client: TaskClient | None = None
     try:
-        limiter = RateLimiter(requests_per_minute=rate_limit, runs_per_minute=run_rate, period=rate_window)
+        # The service counts a request when it arrives, the limiter when it is sent: a window a little
+        # longer than the service's keeps arrival jitter from turning a full budget into a 429.
+        limiter = RateLimiter(
+            requests_per_minute=rate_limit,
+            runs_per_minute=run_rate,
+            period=rate_window * (1 + _WINDOW_MARGIN),
+        )
         client = TaskClient(
-            api_key, base_url=base_url, transport=transport, limiter=limiter, retry=RetryPolicy()
+            api_key,
+            base_url=base_url,
+            transport=transport,
+            limiter=limiter,
+            retry=RetryPolicy(),
+            timeout=request_timeout,
         )
         job = _Job(
             plan,
@@ -1062,8 +1150,15 @@ async def aenrich(
             stats.requests = client.requests_sent
             stats.rate_limited = client.rate_limited_count
             await client.aclose()
-        with contextlib.suppress(Exception):
+        try:
+            if job is not None:
+                job.push_outcomes()
             cp.close()
+        except Exception as exc:  # never mask the job's own error, but never hide this one either
+            stats.warnings.append(
+                f"the answers collected last are not saved in the checkpoint ({exc}); "
+                "the next run collects them again without paying twice"
+            )
         stats.warnings.extend(cp.warnings)
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
@@ -1158,6 +1253,11 @@ def plan(
         processor=processor,
         mode=mode,
     )
+    if rate_limit <= 0 or run_rate <= 0 or rate_window <= 0:  # the estimate below divides by them
+        raise UsageError(
+            "rate_limit and run_rate must be positive numbers of requests/runs per minute, and "
+            "rate_window a positive number of seconds"
+        )
     done = running = 0
     runs_created = 0
     wanted = set(job.keys) - set(job.local_errors)
@@ -1243,6 +1343,9 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             "pending"). Prices are the per-processor list prices.
         transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`).
         stats: a `JobStats` to fill with what the job did (requests, reconciliations, ...).
+        request_timeout: seconds to wait for a connection or for the next bytes of an answer (default
+            60); an answer that takes longer counts as lost (a create is then reconciled, a read
+            retried). The blocking result call adds its server-side wait to it.
 
     Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
     `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused

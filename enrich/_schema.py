@@ -663,6 +663,10 @@ def _from_mapping(output: Mapping[str, Any], *, source: str) -> OutputSpec:
         raise UsageError(
             f'{source}: "type": "{kind}" without a json_schema is not supported; describe the fields'
         )
+    if _schema_not_object(output):
+        # A JSON Schema whose root is not one object: its problems name the fix, where reading it as field
+        # specs would complain about a "field" named type or anyOf.
+        return _from_schema(output, source=source)
     properties = {}
     for name, spec in output.items():
         _check_field_name(name, top=True)
@@ -674,6 +678,21 @@ def _from_mapping(output: Mapping[str, Any], *, source: str) -> OutputSpec:
         "additionalProperties": False,
     }
     return _from_schema(schema, source=source)
+
+
+def _schema_not_object(output: Mapping[str, Any]) -> bool:
+    """True for a JSON Schema with a non-object root: `{"type": "string"}`, `{"anyOf": [{...}, ...]}`.
+
+    Neither can be field specs (a bare type name is refused as a description, a union is no spec).
+    """
+    if output.get("type") in ("string", "number", "integer", "boolean", "array", "null"):
+        return True
+    return any(
+        isinstance(branches := output.get(word), list)
+        and branches
+        and all(isinstance(b, Mapping) for b in branches)
+        for word in ("anyOf", "oneOf", "allOf")
+    )
 
 
 def _from_schema(schema: Mapping[str, Any], *, source: str) -> OutputSpec:

@@ -198,7 +198,12 @@ class _FakeGroup:
         self.release = asyncio.Event()
 
     async def add_runs(
-        self, group_id: str, inputs: list[dict[str, Any]], *, default_task_spec: Any = None
+        self,
+        group_id: str,
+        inputs: list[dict[str, Any]],
+        *,
+        default_task_spec: Any = None,
+        retry_rate_limited: bool = True,
     ) -> AddRunsResponse:
         ids = []
         for item in inputs:
