@@ -593,16 +593,22 @@ class _Job:
 
         `keys` maps each row key in doubt to the batch of its intent; a receipt recorded with that batch id
         settles the intent by itself. The stream is in creation order, so the newest run of a key wins:
-        older ones answered it before (`retry_failed`) and are never adopted again.
+        older ones answered it before (`retry_failed`) and are never adopted again. The read rides out an
+        outage like every other read: a lost create is most likely in the middle of one.
         """
-        found: dict[str, str] = {}
-        async for event in self.client.stream_group_runs(group_id):
-            if not isinstance(event, RunStateEvent):
-                continue
-            run = event.run
-            key = (run.metadata or {}).get(KEY_FIELD)
-            if key in keys and run.run_id != self.run_of.get(key) and run.run_id not in self.superseded:
-                found[key] = run.run_id
+
+        async def read() -> dict[str, str]:
+            found: dict[str, str] = {}
+            async for event in self.client.stream_group_runs(group_id):
+                if not isinstance(event, RunStateEvent):
+                    continue
+                run = event.run
+                key = (run.metadata or {}).get(KEY_FIELD)
+                if key in keys and run.run_id != self.run_of.get(key) and run.run_id not in self.superseded:
+                    found[key] = run.run_id
+            return found
+
+        found = await self.patiently(read, "reading the group's runs to find a lost create")
         if found:
             now = datetime.now(UTC)
             self.cp.record_receipts(
