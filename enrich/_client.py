@@ -248,14 +248,9 @@ class TaskClient:
                 if self.limiter is not None:
                     self.limiter.settle(grant)  # it may have been counted: keep it in the window
                 error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
-                if creates and not isinstance(exc, _NOT_SENT):
-                    raise OutcomeUnknownError(
-                        "the request was sent but its answer was lost", cause=error, request=info
-                    ) from exc
-                failures += 1
-                if failures >= self.retry.max_attempts:
-                    raise error from exc
-                await self.retry.sleep(self.retry.delay(failures - 1))
+                sent = creates and not isinstance(exc, _NOT_SENT)
+                lost = "the request was sent but its answer was lost" if sent else None
+                failures = await self._retry_or_raise(error, exc, failures, lost=lost, info=info)
                 continue
             if self.limiter is not None:
                 self.limiter.settle(grant)
@@ -266,16 +261,10 @@ class TaskClient:
                     return response.json()
                 except ValueError as exc:
                     error = TransportError(f"malformed JSON in a {response.status_code} answer", request=info)
-                    if creates:
-                        raise OutcomeUnknownError(
-                            "the runs may have been created but the answer could not be read",
-                            cause=error,
-                            request=info,
-                        ) from exc
-                    failures += 1
-                    if failures >= self.retry.max_attempts:
-                        raise error from exc
-                    await self.retry.sleep(self.retry.delay(failures - 1))
+                    lost = (
+                        "the runs may have been created but the answer could not be read" if creates else None
+                    )
+                    failures = await self._retry_or_raise(error, exc, failures, lost=lost, info=info)
                     continue
             error_ = _error_from_response(response, info)
             if isinstance(error_, RateLimitError):
@@ -303,6 +292,19 @@ class TaskClient:
             if not retryable or creates or failures >= self.retry.max_attempts:
                 raise error_
             await self.retry.sleep(self.retry.delay(failures - 1, _parse_retry_after(response.headers)))
+
+    async def _retry_or_raise(
+        self, error: TransportError, exc: Exception, failures: int, *, lost: str | None, info: RequestInfo
+    ) -> int:
+        """A request got no usable answer. When it may have created runs (`lost` says why), raise
+        `OutcomeUnknownError`; when retries are spent, raise `error`; else wait, and count the failure."""
+        if lost is not None:
+            raise OutcomeUnknownError(lost, cause=error, request=info) from exc
+        failures += 1
+        if failures >= self.retry.max_attempts:
+            raise error from exc
+        await self.retry.sleep(self.retry.delay(failures - 1))
+        return failures
 
     # -- runs --------------------------------------------------------------------------------------
 
