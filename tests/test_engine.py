@@ -321,3 +321,12 @@ def test_progress_events(tmp_path: Path) -> None:
     run_job(app, companies(10), {"ceo": "CEO"}, progress=events.append)
     assert events[-1].total == 10 and events[-1].completed == 10 and events[-1].running == 0
     assert any("temporary" in (e.message or "") or "no checkpoint" in (e.message or "") for e in events)
+
+
+def test_basis_of_resumed_rows_matches_the_first_call(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(3)
+    first = run_job(app, df, {"ceo": "CEO"}, basis=True, processor="core", checkpoint=tmp_path / "cp")
+    again = run_job(app, df, {"ceo": "CEO"}, basis=True, processor="core", checkpoint=tmp_path / "cp")
+    assert again["_basis"].to_list() == first["_basis"].to_list()
+    assert again["_basis"][0][0]["field"] == "ceo" and app.stats()["runs_created"] == 3
