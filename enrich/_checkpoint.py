@@ -70,7 +70,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -475,14 +475,30 @@ class Checkpoint:
         Until receipts with this `batch_id` are recorded for them (or the batch is resolved), the keys are
         in doubt. Duplicate keys are recorded once. Returns the intent as recorded.
         """
-        _check_id(batch_id, "batch_id")
-        if group_id is not None:
-            _check_id(group_id, "group_id")
         keys = list(dict.fromkeys(row_keys))
         if not keys:
             raise ValueError("record_intents needs at least one row key")
+        self.record_intent_rows([(batch_id, group_id, key) for key in keys])
+        return Intent(batch_id, group_id, tuple(keys))
+
+    def record_intent_rows(self, rows: Sequence[tuple[str, str | None, str]]) -> None:
+        """Record many intents at once, as `(batch_id, group_id, row_key)` rows, in one segment; durable
+        on return. The group commit of runs mode: creates sent at the same moment share one fsync.
+
+        Rows of one batch behave as `record_intents(batch_id, group_id, keys)`; later rows of a key win.
+        """
+        if not rows:
+            return
+        for batch_id, group_id, _ in rows:
+            _check_id(batch_id, "batch_id")
+            if group_id is not None:
+                _check_id(group_id, "group_id")
         frame = pl.DataFrame(
-            {"batch_id": [batch_id] * len(keys), "group_id": [group_id] * len(keys), "row_key": keys},
+            {
+                "batch_id": [r[0] for r in rows],
+                "group_id": [r[1] for r in rows],
+                "row_key": [r[2] for r in rows],
+            },
             schema={"batch_id": pl.String, "group_id": pl.String, "row_key": pl.String},
         )
         _check_row_keys(frame["row_key"])
@@ -490,13 +506,12 @@ class Checkpoint:
             self._check_writable()
             written = self._append("intents", frame)
             first = int(written[_ORDER][0])
-            resolved = batch_id in self._resolved
-            for i, key in enumerate(keys):  # this intent is now the row's latest: it decides the doubt
-                if resolved:
+            for i, (batch_id, group_id, key) in enumerate(rows):
+                # this intent is now the row's latest: it decides the doubt
+                if batch_id in self._resolved:
                     self._pending.pop(key, None)
                 else:
                     self._pending[key] = (batch_id, group_id, first + i)
-        return Intent(batch_id, group_id, tuple(keys))
 
     def record_receipts(self, receipts: Iterable[Receipt] | pl.DataFrame) -> None:
         """Record runs the API created; durable on return. Call it before sending the next add-runs request.

@@ -14,12 +14,14 @@
 
 What survives a crash at each step is the checkpoint's business (`enrich._checkpoint`): the group id is
 durable before any run is added to it, the intent of an add before it is sent, its receipts before the
-next add is sent.
+next add is sent (in runs mode the creates of one moment share one write of their intents, and their
+receipts go with the next write).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -91,6 +93,8 @@ _OUTCOME_BATCH = 1000
 _STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
 _IDLE_POLL_GAP = 2.0
+# Runs mode: how long the first intent of a group commit waits for others (a create's round trip is ~100x).
+_COMMIT_DELAY = 0.005
 
 
 @dataclass
@@ -111,6 +115,11 @@ class JobStats:
     checkpoint: str = ""
     elapsed: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    #: Wall seconds per stage: "key" (inputs built and keyed), "dedupe" (distinct inputs and local
+    #: checks), "load" (checkpoint opened and read), "submit" (until the last run was created),
+    #: "collect" (from then until the last answer), "join" (the result frame). Stages that did not run
+    #: are absent.
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 # -- preparation ---------------------------------------------------------------------------------------
@@ -131,6 +140,7 @@ class _Plan:
     inputs: list[Any]  # distinct inputs
     local_errors: dict[str, str]  # key -> why it is not sent
     fingerprint: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
 
 
 def _allowed_processors() -> set[str]:
@@ -195,8 +205,10 @@ def _prepare(
         raise UsageError('input_schema must be a JSON Schema object: {"type": "object", "properties": {...}}')
     meta = _check_metadata(metadata)
     task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
+    t0 = time.monotonic()
     inputs = build_inputs(df, columns=list(columns) if columns is not None else None, prompt=prompt)
     all_keys = row_keys(inputs, task_spec, processor)
+    t1 = time.monotonic()
     keys, index = dedupe(all_keys)
     first: dict[str, int] = {}
     for row, key in enumerate(all_keys):
@@ -221,6 +233,7 @@ def _prepare(
         "prompt": prompt,
         "metadata": meta,
     }
+    timings = {"key": t1 - t0, "dedupe": time.monotonic() - t1}
     return _Plan(
         df=df,
         kind=kind,
@@ -235,6 +248,7 @@ def _prepare(
         inputs=distinct_inputs,
         local_errors=local_errors,
         fingerprint=fingerprint,
+        timings=timings,
     )
 
 
@@ -299,6 +313,8 @@ class _Job:
         self._last_report = 0.0
         self.collect_wakeup = asyncio.Event()
         self.submission_done = asyncio.Event()
+        self.submitted_at: float | None = None  # perf_counter() when the last run was created
+        self.committer: _Committer | None = None  # runs mode's group commit of intents and receipts
 
     # ---- state from the checkpoint
 
@@ -453,6 +469,8 @@ class _Job:
     def push_outcomes(self) -> None:
         """Hand the outcomes gathered so far to the checkpoint (which flushes them to disk in batches)."""
         if self._outcomes:
+            if self.committer is not None:
+                self.committer.flush_receipts()  # an outcome on disk never precedes its run's receipt
             outcomes, self._outcomes = self._outcomes, []
             self.cp.add_outcomes(outcomes)
 
@@ -508,6 +526,7 @@ class _Job:
                     if await self.add_batch(group_id, batch, position, collector):
                         del self.todo[: len(batch)]
             self.submission_done.set()
+            self.submitted_at = time.monotonic()
             for c in collectors.values():
                 c.wake()
                 c.new_runs.set()
@@ -627,63 +646,85 @@ class _Job:
     # ---- runs mode
 
     async def run_runs_mode(self) -> None:
-        """One run per row, each created on its own and waited for with the blocking result call.
+        """One create per row, collected like group mode.
 
         Each run is created by an add-runs call of one input into the job's task group rather than by
         `POST /v1/tasks/runs`: the cost and the pacing are the same, but a create whose answer is lost
-        can then be found again (the API cannot list runs outside a group), so no row is paid twice.
+        can then be found again (the API cannot list runs outside a group), so no row is paid twice. A
+        row whose input the API refuses fails alone. The answers are collected through the group (its
+        events and runs streams, as in group mode), not with a blocking call per row: that would hold a
+        connection per row in flight, and the request budget, not a connection count, sets the pace.
         """
         position = {k: i for i, k in enumerate(self.plan.keys)}
         await self.reconcile_in_doubt()
         group_id = await self.ensure_group() if self.todo else None
         reconciler = _Reconciler(self)
-        queue: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
-        for key, run_id in list(self.run_of.items()):
-            if key not in self.done:
-                queue.put_nowait((key, run_id))
-        for key in self.todo:
-            queue.put_nowait((key, None))
+        self.committer = committer = _Committer(self.cp)
+        collectors = {
+            gid: _GroupCollector(self, gid) for gid, runs in self.pending.items() if gid is not None and runs
+        }
+        if group_id is not None and group_id not in collectors:
+            collectors[group_id] = _GroupCollector(self, group_id)
+        queue = collections.deque(self.todo)
         self.todo = []
 
-        async def worker() -> None:
-            while True:
+        async def wait(key: str, run_id: str) -> None:
+            # a run recorded without a group (an older checkpoint): only its own result call finds it
+            run, output = await self.patiently(
+                functools.partial(self.client.wait_for_result, run_id, poll_timeout=600),
+                "waiting for a run",
+            )
+            self.finish(key, run, output)
+
+        async def creator() -> None:
+            while queue:
+                key = queue.popleft()
+                if not self.affordable(1):
+                    self.todo.append(key)
+                    continue
+                self.reserved += 1
                 try:
-                    key, run_id = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
+                    assert group_id is not None
+                    run_id = await self.create_one(key, position[key], group_id, reconciler)
+                finally:
+                    self.reserved -= 1
                 if run_id is None:
-                    if not self.affordable(1):
-                        self.todo.append(key)
-                        continue
-                    self.reserved += 1
-                    try:
-                        assert group_id is not None
-                        run_id = await self.create_one(key, position[key], group_id, reconciler)
-                    finally:
-                        self.reserved -= 1
-                    if run_id is None:
-                        queue.put_nowait((key, None))
-                        continue
-                run, output = await self.patiently(
-                    functools.partial(self.client.wait_for_result, run_id, poll_timeout=600),
-                    "waiting for a run",
-                )
-                self.finish(key, run, output)
+                    queue.append(key)
+                    continue
+                collector = collectors[group_id]
+                collector.wake()
+                collector.new_runs.set()
 
         async with asyncio.TaskGroup() as tg:
-            for _ in range(min(self.concurrency, queue.qsize()) or 0):
-                tg.create_task(worker())
+            for c in collectors.values():
+                tg.create_task(c.run())
+            for run_id in list(self.pending.get(None, ())):
+                tg.create_task(wait(self.key_of_run[run_id], run_id))
+            async with asyncio.TaskGroup() as creators:
+                for _ in range(min(self.concurrency, len(queue))):
+                    creators.create_task(creator())
+            committer.flush_receipts()
+            self.submitted_at = time.monotonic()
+            self.submission_done.set()
+            for c in collectors.values():
+                c.wake()
+                c.new_runs.set()
+        if self.todo:
+            self.report(f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted")
 
     async def create_one(self, key: str, i: int, group_id: str, reconciler: _Reconciler) -> str | None:
         """Create the run of one row; returns its id, or None when it must be sent again."""
         batch_id = uuid.uuid4().hex
-        self.cp.record_intents(batch_id, group_id, [key])  # durable before the request is sent
+        committer = self.committer
+        assert committer is not None
+        await committer.intent(batch_id, group_id, key)  # durable before the request is sent
         try:
             answer = await self.client.add_runs(
                 group_id, [self.run_input(key, i)], default_task_spec=self.plan.task_spec
             )
         except OutcomeUnknownError:
             found = await reconciler.check(group_id, key, batch_id)
+            committer.flush_receipts()
             self.cp.resolve_intents(batch_id)
             if found is not None:
                 self.stats.reconciled += 1
@@ -694,21 +735,71 @@ class _Job:
             self.cp.resolve_intents(batch_id)
             raise _Fatal(exc) from exc
         (run_id,) = answer.run_ids
-        self.cp.record_receipts(
-            [
-                Receipt(
-                    row_key=key,
-                    run_id=run_id,
-                    group_id=group_id,
-                    batch_id=batch_id,
-                    created_at=datetime.now(UTC),
-                )
-            ]
+        committer.receipt(
+            Receipt(
+                row_key=key,
+                run_id=run_id,
+                group_id=group_id,
+                batch_id=batch_id,
+                created_at=datetime.now(UTC),
+            )
         )
         self._adopt(key, run_id, group_id)
         self.stats.submitted += 1
         self.report()
         return run_id
+
+
+class _Committer:
+    """Group commit of runs mode's intents and receipts.
+
+    Each create needs its intent durable before it is sent; one fsync'd segment per create caps a job at
+    about a hundred creates a second. Creates that start at the same moment instead share one segment:
+    each awaits the write that carries its intent. Receipts are written with the next intents (so before
+    any later create is sent), before any outcome is handed to the checkpoint, and at the end of
+    submission. A receipt lost to a crash leaves its intent in doubt, and the resume finds the run by
+    reading the group: no row is paid twice.
+    """
+
+    def __init__(self, cp: Checkpoint) -> None:
+        self.cp = cp
+        self._intents: list[tuple[str, str | None, str]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._receipts: list[Receipt] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def intent(self, batch_id: str, group_id: str | None, key: str) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._intents.append((batch_id, group_id, key))
+        self._waiters.append(future)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        await future
+
+    def receipt(self, receipt: Receipt) -> None:
+        self._receipts.append(receipt)
+
+    def flush_receipts(self) -> None:
+        if self._receipts:
+            receipts, self._receipts = self._receipts, []
+            self.cp.record_receipts(receipts)
+
+    async def _write(self) -> None:
+        await asyncio.sleep(_COMMIT_DELAY)  # let the creates of this moment join
+        while self._intents:
+            intents, waiters = self._intents, self._waiters
+            self._intents, self._waiters = [], []
+            try:
+                self.flush_receipts()
+                self.cp.record_intent_rows(intents)
+            except Exception as exc:
+                for future in waiters:
+                    if not future.done():
+                        future.set_exception(exc)
+            else:
+                for future in waiters:
+                    if not future.done():
+                        future.set_result(None)
 
 
 class _Reconciler:
@@ -1087,6 +1178,8 @@ async def aenrich(
         raise UsageError("timeout must be a positive number of seconds (or None for no limit)")
     if not request_timeout > 0:
         raise UsageError("request_timeout must be a positive number of seconds")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise UsageError(f"concurrency must be a whole number of 1 or more, got {concurrency!r}")
     sink: ProgressSink | None
     owned_bar: TqdmSink | None = None
     if progress is True:
@@ -1106,7 +1199,9 @@ async def aenrich(
     stats.rows = plan.df.height
     stats.distinct = len(plan.keys)
     stats.checkpoint = str(path)
+    stats.stages.update(plan.timings)
     # Everything above is local; an API key is needed only now, and only if there is work to send.
+    t_load = time.monotonic()
     cp = Checkpoint.open(path, plan.fingerprint)
     job: _Job | None = None
     client: TaskClient | None = None
@@ -1125,6 +1220,7 @@ async def aenrich(
             limiter=limiter,
             retry=RetryPolicy(),
             timeout=request_timeout,
+            max_connections=max(100, concurrency),
         )
         job = _Job(
             plan,
@@ -1138,11 +1234,13 @@ async def aenrich(
             max_cost=max_cost,
         )
         job.load()
+        stats.stages["load"] = time.monotonic() - t_load
         if temp_note:
             job.report(temp_note)
         job.report(force=True)
         work = job.run_group_mode if plan.mode == "group" else job.run_runs_mode
         if job.todo or job.outstanding or cp.in_doubt():
+            t_work = time.monotonic()
             try:
                 async with asyncio.timeout(timeout):
                     await work()
@@ -1153,6 +1251,11 @@ async def aenrich(
                 raise (leaf.error if isinstance(leaf, _Fatal) else leaf) from None
             except _Fatal as fatal:
                 raise fatal.error from None
+            finally:
+                end = time.monotonic()
+                submitted = job.submitted_at if job.submitted_at is not None else end
+                stats.stages["submit"] = submitted - t_work
+                stats.stages["collect"] = end - submitted
         job.report(force=True)
     finally:
         if job is not None:
@@ -1174,7 +1277,10 @@ async def aenrich(
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
             owned_bar.close()
-    return from_polars(_join(plan, job, basis=basis), plan.kind, plan.original)
+    t_join = time.monotonic()
+    result = from_polars(_join(plan, job, basis=basis), plan.kind, plan.original)
+    stats.stages["join"] = time.monotonic() - t_join
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -1338,7 +1444,7 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         checkpoint: a directory that records the job; calling again with the same arguments resumes it.
             Default: a temporary directory (said in the progress output): pass one for long jobs.
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
-            create and one blocking result call per row).
+            create per row, so a refused input fails only its row; collected through the job's group).
         basis: add the `_basis` column.
         retry_failed: submit again the rows whose run failed (only those).
         api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else
@@ -1348,7 +1454,8 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         timeout: seconds for the whole job (None: no limit); unfinished rows come back "pending" with
             their run ids kept, and the next call collects them.
         progress: True for a tqdm bar, False for none, or a callable taking `Progress` counts.
-        concurrency: runs mode only: how many rows are in flight at once (default 100).
+        concurrency: runs mode only: how many creates are in flight at once (default 100); each waits
+            for the rate limiter, which sets the pace.
         max_cost: a hard cap in dollars on what the job ever spends, across resumes: no run is submitted
             that would take the cost of all runs created so far over it (rows left out come back
             "pending"). Prices are the per-processor list prices.

@@ -273,7 +273,7 @@ class Case:
     emulator: Mapping[str, Any] = field(default_factory=dict)
     tap: type[Tap] | None = None
     engine: Mapping[str, Any] = field(default_factory=dict)
-    rows: int = 0  # 0: 300 in group mode, 100 in runs mode (a run each, so ~2 requests a row)
+    rows: int = 0  # 0: 300 in group mode, 100 in runs mode (a create each, so ~1 request a row)
     resume: bool = False
     seconds: float = 3.0  # a rough wall time, so that `run_all` starts the long cases first
 
@@ -300,13 +300,13 @@ def _both(name: str, injected: str, fault: str, **kw: Any) -> list[Case]:
 
 # The 429 cases. Both sides count over the same scaled window, and the emulator's quota is below the
 # engine's budget, so 429s really happen and the engine must slow down. The scale keeps production's
-# proportions where they matter: a runs-mode job keeps 5 rows in flight against a quota of 100 requests
-# per window (production: 100 against 2,000 a minute), so one 429 bounces a handful of requests, not
-# the whole quota. Group mode sends a dozen requests; one add of all rows unless a run quota splits it.
+# proportions where they matter: a runs-mode job keeps 5 creates in flight against a quota of 40 requests
+# per window (a create a row, plus a few reads of the group), so one 429 bounces a handful of requests,
+# not the whole quota. Group mode sends a dozen requests; one add of all rows unless a run quota splits it.
 _QUOTAS = {
     "requests": {
         "group": ({"rate_limit": 3}, {"rate_limit": 12}),
-        "runs": ({"rate_limit": 100}, {"rate_limit": 150}),
+        "runs": ({"rate_limit": 40}, {"rate_limit": 60}),
     },
     "runs": {
         "group": ({"run_rate_limit": 150}, {"run_rate": 200}),
@@ -314,7 +314,7 @@ _QUOTAS = {
     },
     "both": {
         "group": ({"rate_limit": 3, "run_rate_limit": 150}, {"rate_limit": 12, "run_rate": 200}),
-        "runs": ({"rate_limit": 100, "run_rate_limit": 50}, {"rate_limit": 150, "run_rate": 75}),
+        "runs": ({"rate_limit": 40, "run_rate_limit": 50}, {"rate_limit": 60, "run_rate": 75}),
     },
 }
 _WINDOWS = {"group": 1.0, "runs": 2.0}

@@ -19,6 +19,7 @@ from enrich import (
     UsageError,
     create_app,
 )
+from enrich._checkpoint import Checkpoint
 from enrich._engine import JobStats, aenrich, enrich
 from enrich._inputs import build_inputs
 from enrich._schema import parse_output
@@ -279,7 +280,48 @@ def test_runs_mode(tmp_path: Path) -> None:
     assert (
         requests["POST /v1/tasks/groups/{taskgroup_id}/runs"] == 25 and requests["POST /v1/tasks/groups"] == 1
     )
-    assert requests["GET /v1/tasks/runs/{run_id}/result"] >= 25
+    # collected through the group's streams, not with a blocking result call (a connection) per row
+    assert "GET /v1/tasks/runs/{run_id}/result" not in requests
+    assert sum(requests.values()) <= 25 + 1 + 10
+
+
+def test_runs_mode_group_commits_intents_and_keeps_receipts_before_outcomes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creates of one moment share one intents segment (one fsync); every outcome written to disk has
+    its run's receipt written before it, so a crash between the two never orphans an answer."""
+    writes: list[tuple[str, int]] = []
+    real_rows, real_receipts, real_outcomes = (
+        Checkpoint.record_intent_rows,
+        Checkpoint.record_receipts,
+        Checkpoint.add_outcomes,
+    )
+    receipted: set[str] = set()
+
+    def rows(self: Checkpoint, r: Any) -> None:
+        writes.append(("intents", len(r)))
+        real_rows(self, r)
+
+    def receipts(self: Checkpoint, r: Any) -> None:
+        receipted.update(x.run_id for x in r)
+        real_receipts(self, r)
+
+    def outcomes(self: Checkpoint, o: Any) -> None:
+        assert {x.run_id for x in o} <= receipted, "an outcome reached the checkpoint before its receipt"
+        real_outcomes(self, o)
+
+    monkeypatch.setattr(Checkpoint, "record_intent_rows", rows)
+    monkeypatch.setattr(Checkpoint, "record_receipts", receipts)
+    monkeypatch.setattr(Checkpoint, "add_outcomes", outcomes)
+    app = create_app(EmulatorConfig(latency=0.05, seed=2))
+    stats = JobStats()
+    out = run_job(app, companies(200), {"ceo": "CEO"}, mode="runs", checkpoint=tmp_path / "cp", stats=stats)
+    assert out["_status"].to_list() == ["completed"] * 200
+    assert sum(n for _, n in writes) == 200
+    assert len(writes) < 50, f"{len(writes)} intent writes for 200 creates: not grouped"
+    assert app.stats()["duplicate_runs"] == 0
+    assert set(stats.stages) == {"key", "dedupe", "load", "submit", "collect", "join"}
+    assert all(v >= 0 for v in stats.stages.values())
 
 
 def test_runs_mode_lost_creates_are_found_not_resent(tmp_path: Path) -> None:
