@@ -93,6 +93,11 @@ _OUTCOME_BATCH = 1000
 _STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
 _IDLE_POLL_GAP = 2.0
+# A poll of the runs stream waits until this many runs ended (or half of those outstanding, or all),
+# so a job of up to this many rows is collected in one read, and a larger one in a few.
+_POLL_MIN_ENDED = 1000
+# ... or until this many seconds passed since the last poll (the events stream may be down).
+_FALLBACK_POLL = 30.0
 # Runs mode: how long the first intent of a group commit waits for others (a create's round trip is ~100x).
 _COMMIT_DELAY = 0.005
 
@@ -916,9 +921,10 @@ class _GroupCollector:
                 start = time.monotonic()
                 continue
             gap = 0.0 if self._last_poll_useful else self._last_poll + _IDLE_POLL_GAP - now
-            # Fallback: a few seconds after the first end, and at most every 30 s regardless.
-            fallback = (3.0 if ended else 30.0) - (now - start)
-            ready = ended and (ended >= outstanding or ended >= max(100, outstanding // 2))
+            # Fallback, for when the events stream is down or a few runs trickle in: every 30 s. Waiting
+            # costs no wall time: the job ends with its last run, and a poll follows that run's end.
+            fallback = _FALLBACK_POLL - (now - start)
+            ready = ended and (ended >= outstanding or ended >= max(_POLL_MIN_ENDED, outstanding // 2))
             if gap <= 0 and (ready or fallback <= 0):
                 return
             limit = max(gap if ready else max(gap, fallback), 0.05)
@@ -932,6 +938,9 @@ class _GroupCollector:
         failures = 0
         while not self.finished():
             self.new_runs.clear()
+            if not self.outstanding:  # an empty group's stream closes at once: wait for runs first
+                await self.new_runs.wait()
+                continue
             try:
                 async for event in self.job.client.stream_group_events(
                     self.group_id, last_event_id=self._events_cursor

@@ -263,6 +263,24 @@ def test_lost_answers_are_reconciled_not_resubmitted(tmp_path: Path) -> None:
     assert app.stats()["runs_created"] == 2500 and app.stats()["duplicate_runs"] == 0
 
 
+def test_a_job_of_a_thousand_rows_costs_four_requests(tmp_path: Path) -> None:
+    """Create the group, add the rows, follow the events stream, read the runs once every run ended:
+    the same four requests as a fixed sleep-and-poll client, without its polling delay."""
+    app = create_app(EmulatorConfig(latency=0.3, seed=4))
+    df = pl.DataFrame({"company": [f"Company {i}" for i in range(1000)]})
+    stats = JobStats()
+    out = run_job(app, df, {"ceo": "CEO"}, checkpoint=tmp_path / "cp", stats=stats)
+    assert out["_status"].to_list() == ["completed"] * 1000
+    requests = app.stats()["requests"]
+    assert requests == {
+        "POST /v1/tasks/groups": 1,
+        "POST /v1/tasks/groups/{taskgroup_id}/runs": 1,
+        "GET /v1/tasks/groups/{taskgroup_id}/events": 1,
+        "GET /v1/tasks/groups/{taskgroup_id}/runs": 1,
+    }, requests
+    assert stats.requests == 4
+
+
 def test_runs_mode(tmp_path: Path) -> None:
     app = create_app(EmulatorConfig(latency=0.05, failure_rate=0.2, seed=1))
     df = companies(25)

@@ -99,7 +99,11 @@ class _Waves(Tap):
         return body
 
 
-def test_straggler_is_awaited_alone_and_the_cursor_moves_past_it(tmp_path: Path) -> None:
+def test_straggler_is_awaited_alone_and_the_cursor_moves_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A poll per wave of 150 (a job this size is otherwise read once, when every run has ended).
+    monkeypatch.setattr(_engine, "_POLL_MIN_ENDED", 100)
     app = _Waves(create_app(EmulatorConfig(latency=0.4)))
     df = companies(900)
     # Submit everything, stop before anything ends: the next call only collects.

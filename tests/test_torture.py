@@ -273,16 +273,17 @@ def test_sigkill_torture_large(tmp_path: Path, mode: str) -> None:
 
 
 def test_sigint_during_submission_exits_3_and_keeps_every_run(tmp_path: Path) -> None:
-    df = table(1000, 1000)
+    df = table(1800, 1800)
     with Emulator(latency=1.0, rate_limit=None, seed=2) as emu:
         job = Job(tmp_path, emu, df, "--run-rate", "50")  # progress bar on: it must end cleanly too
-        # 200 runs a second: at 600, the first answers (runs take 0.5 to 1.5 s) are being collected.
-        code, err = job.attempt(lambda: job.created() >= 600, sig=signal.SIGINT)
+        # 200 runs a second, ending 0.5 to 1.5 s after creation: a poll reads the runs once 1,000 have
+        # ended (about 6 s in); at 1,400 created (7 s) those answers are collected, not yet flushed.
+        code, err = job.attempt(lambda: job.created() >= 1400, sig=signal.SIGINT)
         created = job.created()
         assert code == 3, err.decode()[-3000:]
         assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()[-3000:]
         assert err.decode().strip().splitlines()[-1].startswith("enrich: interrupted:")
-        assert 600 <= created < 1000  # stopped mid-submission
+        assert 1400 <= created < 1800  # stopped mid-submission
         saved = Checkpoint.read(job.checkpoint)
         counts = saved.counts()
         # Every run the service created is recorded, or in doubt (found by the rerun), never lost.
@@ -299,7 +300,7 @@ def test_sigint_during_submission_exits_3_and_keeps_every_run(tmp_path: Path) ->
         )
         assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
         check_result(pl.read_parquet(job.target), df, emu)
-        assert emu.stats()["runs_created"] == 1000 and emu.stats()["duplicate_runs"] == 0
+        assert emu.stats()["runs_created"] == 1800 and emu.stats()["duplicate_runs"] == 0
 
 
 # -- the checkpoint under damage, through `enrich run` ------------------------------------------------------
