@@ -59,7 +59,7 @@ from enrich._inputs import (
     check_input_size,
     dedupe,
     from_polars,
-    row_keys,
+    keys_and_sizes,
     to_polars,
     validate_inputs,
 )
@@ -212,16 +212,21 @@ def _prepare(
     task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
     t0 = time.monotonic()
     inputs = build_inputs(df, columns=list(columns) if columns is not None else None, prompt=prompt)
-    all_keys = row_keys(inputs, task_spec, processor)
+    all_keys, all_sizes = keys_and_sizes(inputs, task_spec, processor)
     t1 = time.monotonic()
     keys, index = dedupe(all_keys)
-    first: dict[str, int] = {}
-    for row, key in enumerate(all_keys):
-        first.setdefault(key, row)
-    distinct_inputs = [inputs[first[k]] for k in keys]
+    if len(keys) == len(all_keys):  # no repeats: the first row of each key is the row itself
+        distinct_inputs, sizes = inputs, all_sizes
+    else:
+        first: dict[str, int] = {}
+        for row, key in enumerate(all_keys):
+            first.setdefault(key, row)
+        rows = [first[k] for k in keys]
+        distinct_inputs = [inputs[r] for r in rows]
+        sizes = [all_sizes[r] for r in rows]
     local_errors: dict[str, str] = {}
     for key, problem in zip(
-        keys, check_input_size(distinct_inputs, task_spec, limit=_INPUT_LIMIT), strict=True
+        keys, check_input_size(distinct_inputs, task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
     ):
         if problem:
             local_errors[key] = problem

@@ -568,15 +568,24 @@ def row_keys(inputs: Sequence[Any], task_spec: Mapping[str, Any], processor: str
     >>> row_keys([{"company": "Acme"}], {"output_schema": {"type": "text", "description": "CEO"}}, "base")
     ['50896f2d89292ef4bb2dc0678b3a456c']
     """
+    return keys_and_sizes(inputs, task_spec, processor)[0]
+
+
+def keys_and_sizes(
+    inputs: Sequence[Any], task_spec: Mapping[str, Any], processor: str
+) -> tuple[list[str], list[int]]:
+    """`row_keys()`, and each input's size as `check_input_size` measures it, from one JSON encoding."""
     head = canonical_json([_KEY_VERSION, processor, task_spec])
     prefix = hashlib.sha256(head[:-1].encode() + b",")
     keys = []
-    for text in _encode_many(inputs):
+    texts = _encode_many(inputs)
+    for text in texts:
         h = prefix.copy()
         h.update(text.encode())
         h.update(b"]")
         keys.append(h.hexdigest()[:32])
-    return keys
+    strings = all(type(v) is str for v in inputs)  # a string input is measured by its own length
+    return keys, [len(v) for v in inputs] if strings else [len(t) for t in texts]
 
 
 def _encode_many(values: Sequence[Any]) -> list[str]:
@@ -647,7 +656,11 @@ def dedupe(keys: Iterable[str]) -> tuple[list[str], list[int]]:
 
 
 def check_input_size(
-    inputs: Sequence[Any], task_spec: Mapping[str, Any], *, limit: int = INPUT_LIMIT
+    inputs: Sequence[Any],
+    task_spec: Mapping[str, Any],
+    *,
+    limit: int = INPUT_LIMIT,
+    sizes: Sequence[int] | None = None,
 ) -> list[str | None]:
     """Per input, why the API would refuse it for size, or None when it fits.
 
@@ -661,10 +674,13 @@ def check_input_size(
     """
     spec_chars = len(canonical_json(task_spec))
     room = limit - spec_chars
-    if all(type(v) is str for v in inputs):
-        sizes = [len(v) for v in inputs]
-    else:
-        sizes = [len(text) for text in _encode_many(inputs)]
+    if sizes is None:  # `keys_and_sizes` gives them without a second encoding
+        if all(type(v) is str for v in inputs):
+            sizes = [len(v) for v in inputs]
+        else:
+            sizes = [len(text) for text in _encode_many(inputs)]
+    if max(sizes, default=0) <= room:
+        return [None] * len(sizes)
     problems: list[str | None] = []
     for size in sizes:
         if size <= room:
