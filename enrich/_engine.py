@@ -650,7 +650,8 @@ class _Job:
                 ]
             )
             for k, r in found.items():
-                self._adopt(k, r, group_id)
+                if k in self.wanted:  # a row no longer in the frame: recorded (paid for), not collected
+                    self._adopt(k, r, group_id)
         return found
 
     # ---- runs mode

@@ -506,6 +506,27 @@ def test_in_doubt_add_is_reconciled_through_cut_listings(tmp_path: Path) -> None
     assert app.stats()["runs_created"] == 30 and app.stats()["duplicate_runs"] == 0
 
 
+def test_in_doubt_rows_dropped_from_the_frame_are_recorded_not_collected(tmp_path: Path) -> None:
+    """Rows whose add-runs answer was lost, then removed from the frame: their runs are found and
+    recorded (they were paid for), but not collected into a job that no longer has them."""
+    app = _CutListings(create_app(EmulatorConfig(latency=0.05)))
+    df = companies(30)
+    app.delay = 5.0
+    run_job(app, df, TWO, checkpoint=tmp_path / "cp", timeout=0.3)  # 30 rows in doubt
+    app.delay = 0.0
+    seen: list[Any] = []
+    stats = JobStats()
+    out = run_job(app, df.head(10), TWO, checkpoint=tmp_path / "cp", stats=stats, progress=seen.append)
+    assert out["_status"].to_list() == ["completed"] * 10
+    assert stats.reconciled == 30 and stats.submitted == 0
+    assert all(p.completed + p.failed + p.running + p.waiting <= p.total == 10 for p in seen), seen[-1]
+    assert Checkpoint.read(tmp_path / "cp").runs == 30 and app.stats()["runs_created"] == 30
+    # The 20 others, asked for again, are collected from their recorded runs: nothing is paid twice.
+    again = run_job(app, df, TWO, checkpoint=tmp_path / "cp")
+    assert again["_status"].to_list() == ["completed"] * 30
+    assert app.stats()["runs_created"] == 30 and app.stats()["duplicate_runs"] == 0
+
+
 # -- retries, credit, local failures ------------------------------------------------------------------
 
 
