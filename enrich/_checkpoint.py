@@ -305,8 +305,9 @@ class Checkpoint:
         self._outcomes = _Chunks(_empty("outcomes").select(_MEMORY["outcomes"]))
         self._runs = 0  # distinct run ids among the receipts
         # hash() of every run id among the receipts: a new receipt's run is looked up here, not in a scan
-        # of every receipt (which made recording receipts O(history)). ~64 MB per million runs.
-        self._run_hashes: set[int] = set()
+        # of every receipt (which made recording receipts O(history)). ~64 MB per million runs. Built on
+        # the first receipt recorded after opening: a resume with nothing left to submit never needs it.
+        self._run_hashes: set[int] | None = set()
         self._buffer: list[pl.DataFrame] = []  # outcomes not yet flushed, all columns, no _order
         self._buffered = 0
         self._buffer_since: float | None = None
@@ -527,6 +528,8 @@ class Checkpoint:
             self._check_writable()
             new_runs = frame["run_id"].unique().to_list()
             hashes = [hash(r) for r in new_runs]
+            if self._run_hashes is None:
+                self._run_hashes = {hash(r) for r in self._receipts.frame()["run_id"].unique().to_list()}
             maybe = [r for r, h in zip(new_runs, hashes, strict=True) if h in self._run_hashes]
             seen = 0
             if maybe:  # rare: a run recorded again, or a hash collision; settle it exactly
@@ -626,19 +629,20 @@ class Checkpoint:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def state(self, *, outputs: bool = True) -> pl.DataFrame:
+    def state(self, *, outputs: bool = True, basis: bool = True) -> pl.DataFrame:
         """One row per row_key that has a run, in the order their latest runs were recorded.
 
         Columns: row_key, run_id, group_id (of the latest receipt), status ("completed" or "failed" from the
         outcome of that run, else "submitted"), output, basis, error, created_at, finished_at. Buffered
         outcomes are included. With `outputs=False` the `output` and `basis` columns are left out and
-        nothing is read from disk; with `outputs=True` they are read from the outcome segments.
+        nothing is read from disk; with `outputs=True` they are read from the outcome segments, and with
+        `basis=False` the `basis` column (most of the bytes) is left null without being read.
         """
         with self._lock:
             light = self._light_state()
             if not outputs:
                 return light.select(_LIGHT_STATE)
-            heavy = self._heavy(light)
+            heavy = self._heavy(light, basis=basis)
             joined = light.join(heavy, on="run_id", how="left", maintain_order="left")
             return joined.select(_STATE_COLUMNS)
 
@@ -704,9 +708,11 @@ class Checkpoint:
             )
         return self._light
 
-    def _heavy(self, light: pl.DataFrame) -> pl.DataFrame:
-        """output and basis of the outcomes `light` uses, read from the outcome segments and the buffer."""
-        columns = ["run_id", *_HEAVY, _ORDER]
+    def _heavy(self, light: pl.DataFrame, *, basis: bool = True) -> pl.DataFrame:
+        """output and basis of the outcomes `light` uses, read from the outcome segments and the buffer
+        (the basis left null, unread, with `basis=False`)."""
+        heavy_columns = _HEAVY if basis else ("output",)
+        columns = ["run_id", *heavy_columns, _ORDER]
         # Only the outcomes `light` points at, filtered segment by segment as they are read, so that no
         # more than one segment's superseded or unwanted outputs are in memory at a time.
         wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
@@ -723,7 +729,10 @@ class Checkpoint:
         if self._buffer:
             frames.append(_wanted(self._buffered_frame().select(columns), wanted))
         heavy = pl.concat(frames) if frames else _empty("outcomes").select(columns)
-        return heavy.unique("run_id", keep="any").select("run_id", *_HEAVY)
+        heavy = heavy.unique("run_id", keep="any")
+        if not basis:
+            heavy = heavy.with_columns(pl.lit(None, dtype=pl.String).alias("basis"))
+        return heavy.select("run_id", *_HEAVY)
 
     # -- internals: writing ------------------------------------------------------------------------
 
@@ -876,7 +885,7 @@ class Checkpoint:
         self._pending = self._find_pending(self._read_kind("intents", on_disk), receipts)
         self._receipts = _Chunks(receipts.select(_MEMORY["receipts"]))
         self._runs = receipts["run_id"].n_unique()
-        self._run_hashes = {hash(r) for r in receipts["run_id"].unique().to_list()}
+        self._run_hashes = None if self._runs else set()
         self._outcomes = _Chunks(self._read_kind("outcomes", on_disk))
         self._light = None
         pa.default_memory_pool().release_unused()  # give back what reading borrowed

@@ -390,3 +390,20 @@ def test_basis_of_resumed_rows_matches_the_first_call(tmp_path: Path) -> None:
     again = run_job(app, df, {"ceo": "CEO"}, basis=True, processor="core", checkpoint=tmp_path / "cp")
     assert again["_basis"].to_list() == first["_basis"].to_list()
     assert again["_basis"][0][0]["field"] == "ceo" and app.stats()["runs_created"] == 3
+
+
+def test_basis_is_kept_by_the_checkpoint_not_in_memory_until_asked(tmp_path: Path) -> None:
+    """Without basis=True the job holds no basis (the bulk of each answer) in memory, yet a later call
+    with basis=True gets every row's basis from the checkpoint, without a new run."""
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(4)
+    stats = JobStats()
+    plain = run_job(app, df, {"ceo": "CEO"}, processor="core", checkpoint=tmp_path / "cp", stats=stats)
+    assert "_basis" not in plain.columns
+    loaded = Checkpoint.read(tmp_path / "cp").state()
+    assert loaded["basis"].null_count() == 0  # stored as the API sent it
+    without = Checkpoint.read(tmp_path / "cp").state(basis=False)
+    assert without["basis"].null_count() == 4 and without["output"].to_list() == loaded["output"].to_list()
+    again = run_job(app, df, {"ceo": "CEO"}, basis=True, processor="core", checkpoint=tmp_path / "cp")
+    assert [b[0]["field"] for b in again["_basis"].to_list()] == ["ceo"] * 4
+    assert again["ceo"].to_list() == plain["ceo"].to_list() and app.stats()["runs_created"] == 4

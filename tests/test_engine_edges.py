@@ -326,7 +326,7 @@ def test_run_statuses_the_client_does_not_know_follow_is_active(tmp_path: Path) 
     assert first[1] is not None and first[1][0] == "failed" and "'expired'" in str(first[1][3])
     assert first[2] is not None and first[2][0] == "completed"
     assert [o and o[0] for o in second] == ["completed", "failed", "completed", "completed"]
-    assert second[0] is not None and second[0][1] == {"ceo": keys[0]}  # its own answer, collected late
+    assert second[0] is not None and json.loads(second[0][1]) == {"ceo": keys[0]}  # its own answer, late
     assert outstanding == 0
 
 
