@@ -89,6 +89,8 @@ _WINDOW_MARGIN = 0.02
 _OUTAGE_SECONDS = 1800.0
 # Outcomes are handed to the checkpoint this many at a time (or after a second, or at the end of a poll).
 _OUTCOME_BATCH = 1000
+# The join decodes and types this many answers at a time.
+_JOIN_CHUNK = 100_000
 # ... and only once it has held the cursor back for this many polls in a row.
 _STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
@@ -1100,7 +1102,14 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
             errors.append(error)
             contents.append(content)
             bases.append(basis_)
-    values, problems = plan.spec.to_frame(_decode_answers(contents))
+    # A chunk at a time: a million decoded answers at once would hold a gigabyte of Python objects.
+    frames: list[pl.DataFrame] = []
+    problems: list[str | None] = []
+    for start in range(0, max(len(contents), 1), _JOIN_CHUNK):
+        frame, found = plan.spec.to_frame(_decode_answers(contents[start : start + _JOIN_CHUNK]))
+        frames.append(frame)
+        problems.extend(found)
+    values = pl.concat(frames) if len(frames) > 1 else frames[0]
     for i, problem in enumerate(problems):
         if problem and statuses[i] == "completed":
             errors[i] = problem
@@ -1116,25 +1125,21 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
     return pl.concat([plan.df, distinct[index]], how="horizontal")
 
 
-def _decode_answers(texts: list[str | None], chunk: int = 100_000) -> list[Any]:
+def _decode_answers(texts: list[str | None]) -> list[Any]:
     """The answers as the checkpoint keeps them (JSON text, or None) → decoded values, None kept.
 
-    Decoded as one JSON array per chunk: a third faster than a `json.loads` per answer. A chunk that
-    does not decode (text not written by `json.dumps`) is decoded answer by answer, a bad one as None.
+    Decoded as one JSON array: a third faster than a `json.loads` per answer. If that fails (text not
+    written by `json.dumps`), answer by answer, a bad one as None.
     """
-    out: list[Any] = []
-    for start in range(0, len(texts), chunk):
-        part = texts[start : start + chunk]
-        present = [t for t in part if t is not None]
-        try:
-            values = json.loads("[" + ",".join(present) + "]")
-            if len(values) != len(present):
-                raise ValueError("an answer is not one JSON value")
-        except ValueError:
-            values = [_loads_or_none(t) for t in present]
-        it = iter(values)
-        out.extend(next(it) if t is not None else None for t in part)
-    return out
+    present = [t for t in texts if t is not None]
+    try:
+        values = json.loads("[" + ",".join(present) + "]")
+        if len(values) != len(present):
+            raise ValueError("an answer is not one JSON value")
+    except ValueError:
+        values = [_loads_or_none(t) for t in present]
+    it = iter(values)
+    return [next(it) if t is not None else None for t in texts]
 
 
 def _loads_or_none(text: str) -> Any:
