@@ -21,6 +21,7 @@ is recognisably its own.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -75,15 +76,19 @@ def _canonical(value: Any) -> str:
 class _Draw:
     """Deterministic pseudo-random draws keyed by a path below one (input, schema) digest."""
 
-    __slots__ = ("_root",)
+    __slots__ = ("_root", "_unit")
 
     def __init__(self, root: bytes) -> None:
         self._root = root
+        # The keyed hash state after the key block; copying it is cheaper than keying a new hash per draw
+        # (and gives the same digest as `blake2b(path, key=root, digest_size=8)`).
+        self._unit = hashlib.blake2b(key=root, digest_size=8)
 
     def unit(self, path: str) -> float:
         """A float in [0, 1) for `path`."""
-        h = hashlib.blake2b(path.encode(), key=self._root, digest_size=8).digest()
-        return int.from_bytes(h, "big") / 2.0**64
+        h = self._unit.copy()
+        h.update(path.encode())
+        return int.from_bytes(h.digest(), "big") / 2.0**64
 
     def int(self, path: str, lo: int, hi: int) -> int:
         """An integer in [lo, hi] for `path`."""
@@ -109,13 +114,63 @@ def _echo(input: str | Mapping[str, Any]) -> str:
     return text or "input"
 
 
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+_WORD_BREAK = re.compile(r"[_\W]+|(?<=[a-z])(?=[A-Z])")
+
+
 def _slug(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    slug = _NOT_SLUG.sub("-", text.lower()).strip("-")
     return slug[:40].strip("-") or "item"
 
 
+@functools.lru_cache(maxsize=4096)
 def _words(name: str) -> str:
-    return " ".join(part for part in re.split(r"[_\W]+|(?<=[a-z])(?=[A-Z])", name) if part).lower()
+    # Field names repeat across every row of a job: cached (the result is an immutable str).
+    return " ".join(part for part in _WORD_BREAK.split(name) if part).lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def _hint(name: str, description: str) -> str:
+    return (_words(name) + " " + description).lower()
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_names(field: str) -> tuple[str, str]:
+    """(label, slug) of a top-level field, as its basis spells them."""
+    label = _words(field) or field
+    return label, _slug(label)
+
+
+# What a string field holds, from its name and hint alone (the first rule that matches wins); cached,
+# since the same few fields are generated for every row.
+@functools.lru_cache(maxsize=4096)
+def _string_kind(name: str, hint: str) -> str:
+    words = hint.split()
+    if "year" in hint:
+        return "year"
+    if any(w in hint for w in ("url", "website", "homepage", "link", "domain")):
+        return "url"
+    if "email" in hint:
+        return "email"
+    if "phone" in hint:
+        return "phone"
+    if "date" in hint or name.endswith("_at"):
+        return "date"
+    if "country" in hint:
+        return "country"
+    if any(w in hint for w in ("city", "headquarter", "location", "hq")):
+        return "city"
+    if any(w in words for w in ("ceo", "founder", "person", "author", "contact", "owner")):
+        return "person"
+    if any(w in hint for w in ("industry", "sector")):
+        return "industry"
+    if "currency" in hint:
+        return "currency"
+    if any(w in hint for w in ("ticker", "symbol")):
+        return "ticker"
+    if _words(name) in ("name", "company", "company name", "title", "entity"):
+        return "echo"
+    return "tag"
 
 
 class _Gen:
@@ -179,7 +234,12 @@ class _Gen:
                 kind = "array"
             else:
                 kind = "string"
-        hint = (_words(name) + " " + str(schema.get("description") or "")).lower()
+        description = schema.get("description") or ""
+        hint = (
+            _hint(name, description)
+            if isinstance(description, str)
+            else (_words(name) + " " + str(description)).lower()
+        )
         if kind == "object":
             return self.obj(schema, path, depth)
         if kind == "array":
@@ -240,48 +300,47 @@ class _Gen:
 
     def string(self, name: str, hint: str, path: str) -> str:
         d = self.draw
-        words = hint.split()
-        if "year" in hint:
+        kind = _string_kind(name, hint)
+        if kind == "year":
             return str(d.int(path, 1950, 2024))
-        if any(w in hint for w in ("url", "website", "homepage", "link", "domain")):
+        if kind == "url":
             return f"https://{self.slug}.example.com/{_slug(_words(name))}"
-        if "email" in hint:
+        if kind == "email":
             return f"contact@{self.slug}.example.com"
-        if "phone" in hint:
+        if kind == "phone":
             return f"+1-555-01{d.int(path, 0, 99):02d}"
-        if "date" in hint or name.endswith("_at"):
+        if kind == "date":
             return f"{d.int(path, 1990, 2024)}-{d.int(path + 'm', 1, 12):02d}-{d.int(path + 'd', 1, 28):02d}"
-        if "country" in hint:
+        if kind == "country":
             return d.pick(path, _COUNTRIES)
-        if any(w in hint for w in ("city", "headquarter", "location", "hq")):
+        if kind == "city":
             return d.pick(path, _CITIES)
-        if any(w in words for w in ("ceo", "founder", "person", "author", "contact", "owner")):
+        if kind == "person":
             return d.pick(path, _PEOPLE)
-        if any(w in hint for w in ("industry", "sector")):
+        if kind == "industry":
             return d.pick(path, _INDUSTRIES)
-        if "currency" in hint:
+        if kind == "currency":
             return d.pick(path, _CURRENCIES)
-        if any(w in hint for w in ("ticker", "symbol")):
+        if kind == "ticker":
             letters = re.sub(r"[^A-Z]", "", self.echo.upper()) or "XYZ"
             return letters[:4]
-        if _words(name) in ("name", "company", "company name", "title", "entity"):
+        if kind == "echo":
             return self.echo
         return f"{self.echo}: {_words(name) or 'value'} ({d.tag(path)})"
 
     def basis(self, field: str, path: str, basic: bool) -> dict[str, Any]:
         d = self.draw
-        field_slug = _slug(_words(field) or field)
+        label, field_slug = _field_names(field)
         n = d.int(path + "#sources", 1, 3)
         citations = []
         for i in range(n):
             citations.append(
                 {
                     "url": f"https://{self.slug}.example.com/{field_slug}/{i + 1}",
-                    "title": f"{self.echo} — {_words(field) or field} (source {i + 1})",
-                    "excerpts": None if basic else [f"{self.echo}: evidence for {_words(field) or field}."],
+                    "title": f"{self.echo} — {label} (source {i + 1})",
+                    "excerpts": None if basic else [f"{self.echo}: evidence for {label}."],
                 }
             )
-        label = _words(field) or field
         return {
             "field": field,
             "reasoning": f"Synthetic: the {label} of {self.echo} was read from {n} source(s).",
@@ -346,10 +405,20 @@ def synth_output(
     changes the basis: `lite`/`base` give no confidence and no excerpts. The result depends only on
     (input, output_schema) and the processor's tier, so it is the same on every emulator and run.
     """
+    return _synth(input, output_schema, processor, _canonical(output_schema))
+
+
+def _synth(
+    input: str | Mapping[str, Any], output_schema: Any, processor: str | None, schema_json: str
+) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
+    """`synth_output()` given `schema_json = _canonical(output_schema)`, which a caller may compute once."""
     kind, schema = _normalize(output_schema)
     tier = _tier(processor)
     basic = tier in _BASIC_TIERS
-    draw = _Draw(hashlib.blake2b(_canonical([input, output_schema]).encode(), digest_size=32).digest())
+    # `_canonical([input, output_schema])`, spelled out so the schema's part is encoded once per schema.
+    draw = _Draw(
+        hashlib.blake2b(("[" + _canonical(input) + "," + schema_json + "]").encode(), digest_size=32).digest()
+    )
     if kind == "auto" and tier in PREMIUM_TIERS:
         kind, schema = "json", AUTO_SCHEMA
     if kind != "json":
@@ -365,7 +434,15 @@ def build_output(
 ) -> dict[str, Any]:
     """The wire `output` object (TaskRunJsonOutput or TaskRunTextOutput) of a completed run."""
     output_schema = task_spec.get("output_schema") if task_spec else None
-    content, basis = synth_output(input, output_schema, processor=processor)
+    return output_of(input, output_schema, _canonical(output_schema), processor)
+
+
+def output_of(
+    input: str | Mapping[str, Any], output_schema: Any, schema_json: str, processor: str
+) -> dict[str, Any]:
+    """`build_output()` given the task spec's `output_schema` and `schema_json = _canonical(output_schema)`,
+    so a caller answering many runs of one spec (the emulator) encodes the schema once."""
+    content, basis = _synth(input, output_schema, processor, schema_json)
     if isinstance(content, str):
         return {"type": "text", "content": content, "basis": basis}
     auto = _normalize(output_schema)[0] == "auto"
