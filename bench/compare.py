@@ -53,6 +53,7 @@ from engine import ROUTES, companies, format_table, thread_cpu
 
 from enrich import Emulator, EmulatorConfig
 from enrich._engine import aenrich
+from enrich._processors import PROCESSORS
 from enrich._synth import expected_output
 
 try:
@@ -230,10 +231,25 @@ def _key(value: Any) -> str:
 # -- output ------------------------------------------------------------------------------------------
 
 
-def floor_seconds(rows: int, latency: float) -> float:
+def slowest_run(latency: float | None) -> float:
+    """The longest a run can take: 1.5x the mean, or with `latency=None` the top of the processor's
+    documented range, which the emulator divides by 60 (minutes become seconds)."""
+    if latency is None:
+        return PROCESSORS[PROCESSOR].latency[1] / 60.0
+    return 1.5 * latency
+
+
+def latency_label(latency: float | None) -> str:
+    if latency is None:
+        lo, hi = PROCESSORS[PROCESSOR].latency
+        return f"documented/60 ({lo / 60:.2f}-{hi / 60:.2f} s)"
+    return f"{latency:g} s ({0.5 * latency:g}-{1.5 * latency:g} s)"
+
+
+def floor_seconds(rows: int, latency: float | None) -> float:
     """The physics: adds of <= 1,000 runs, a full run budget at once then one more per window, then the
     slowest run (1.5x latency)."""
-    return (math.ceil(rows / BUDGET) - 1) * WINDOW + 1.5 * latency
+    return (math.ceil(rows / BUDGET) - 1) * WINDOW + slowest_run(latency)
 
 
 def by_route(served: dict[str, Any]) -> str:
@@ -247,7 +263,7 @@ def rows_cell(o: Outcome) -> str:
     return f"{o.correct:,}/{o.rows:,}"
 
 
-def summary_table(pairs: list[tuple[Outcome, Outcome | None]], latency: float) -> list[str]:
+def summary_table(pairs: list[tuple[Outcome, Outcome | None]], latency: float | None) -> list[str]:
     header = (
         "rows",
         "floor s",
@@ -285,7 +301,7 @@ def summary_table(pairs: list[tuple[Outcome, Outcome | None]], latency: float) -
     return format_table(header, table, right=tuple(range(len(header))))
 
 
-def detail_table(e: Outcome, p: Outcome | None, latency: float) -> list[str]:
+def detail_table(e: Outcome, p: Outcome | None, latency: float | None) -> list[str]:
     outcomes = [e] if p is None else [e, p]
 
     def row(label: str, cell: Callable[[Outcome], str]) -> tuple[str, ...]:
@@ -317,7 +333,7 @@ def detail_table(e: Outcome, p: Outcome | None, latency: float) -> list[str]:
     header = ("measure", "enrich", *(("parallel-web-tools",) if p is not None else ()))
     lines = [
         f"{e.rows:,} rows (floor {floor_seconds(e.rows, latency):.1f} s: the last runs admitted at "
-        f"{(math.ceil(e.rows / BUDGET) - 1) * WINDOW:.0f} s, then up to {1.5 * latency:g} s)",
+        f"{(math.ceil(e.rows / BUDGET) - 1) * WINDOW:.0f} s, then up to {slowest_run(latency):.2g} s)",
         "",
         *format_table(header, table, right=tuple(range(1, len(header)))),
     ]
@@ -327,6 +343,121 @@ def detail_table(e: Outcome, p: Outcome | None, latency: float) -> list[str]:
         if o.row_error:
             lines.append(f"{o.tool} row error ({o.row_errors:,} rows): {o.row_error}")
     return lines
+
+
+SUMMARY_NOTE = [
+    "pwt: parallel-web-tools' polars parallel_enrich. enrich/pwt and req ratio: only where pwt",
+    "answered every row correctly. floor: the physics (see below). req: requests the emulator served",
+    "(429s included). pwt sleeps 3 s after its add, then reads the group status every 5 s, so it can",
+    "only finish about 3 + 5k s after the add.",
+]
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def header_lines(sizes: list[int], latency: float | None) -> list[str]:
+    """What is compared, on what: versions, the emulator's config, and whether pwt is installed."""
+    lines = [
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, Python {platform.python_version()}, "
+        f"polars {pl.__version__}, parallel-web-tools {_version('parallel-web-tools')} "
+        f"(parallel-web {_version('parallel-web')}), {os.cpu_count()} CPUs, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"rows {', '.join(f'{n:,}' for n in sizes)}; emulator per run: latency {latency_label(latency)}, "
+        f"{BUDGET:,} requests and {BUDGET:,} runs per {WINDOW:g}-s window, seed 1; processor {PROCESSOR}; "
+        f"fields {', '.join(FIELDS)}",
+    ]
+    if parallel_enrich is None:
+        lines.append(
+            "parallel-web-tools is not installed: running enrich only "
+            f"(pip install 'parallel-web-tools[polars]'; import said: {PWT_MISSING})"
+        )
+    return lines
+
+
+def run_compare(
+    sizes: list[int], latency: float | None, *, warm: bool = True
+) -> tuple[list[tuple[Outcome, Outcome | None]], list[str]]:
+    """Both tools at each size against fresh emulators; returns the pairs and the per-size detail lines.
+
+    `warm`: first pay the first-call costs (imports, polars, the checkpoint's parquet writer, the SDK's
+    models) on two rows, so they are no part of either tool's time; once per process is enough.
+    """
+    config = EmulatorConfig(
+        latency=latency, rate_limit=BUDGET, run_rate_limit=BUDGET, rate_window=WINDOW, seed=1
+    )
+    pairs: list[tuple[Outcome, Outcome | None]] = []
+    details: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="enrich-compare-") as tmp:
+        work = Path(tmp)
+        if warm:
+            warm_config = EmulatorConfig(latency=0.05, seed=1)
+            measure(run_enrich, companies(2), warm_config, work / "warm")
+            if parallel_enrich is not None:
+                measure(run_pwt, companies(2), warm_config, work / "warm")
+        for rows in sizes:
+            df = companies(rows)
+            e = measure(run_enrich, df, config, work)
+            p = measure(run_pwt, df, config, work) if parallel_enrich is not None else None
+            pairs.append((e, p))
+            details += ["", *detail_table(e, p, latency)]
+            print(f"  ... {rows:,} rows done (latency {latency_label(latency)})", flush=True)
+    return pairs, details
+
+
+def pwt_schedule(floor: float) -> float:
+    """When parallel-web-tools can notice that its last run ended: the first of its group-status reads
+    (3 s after the add, then every 5 s) at or after `floor`."""
+    return 3.0 + 5.0 * max(0, math.ceil((floor - 3.0) / 5.0))
+
+
+def sweep_table(runs: dict[float | None, list[tuple[Outcome, Outcome | None]]]) -> list[str]:
+    """enrich against pwt by latency: where the slowest run falls in pwt's 3 + 5k s schedule."""
+    header = (
+        "latency",
+        "rows",
+        "floor s",
+        "enrich s",
+        "pwt s",
+        "pwt schedule s",
+        "enrich/pwt",
+        "floor/schedule",
+        "target",
+        "correct e/p",
+    )
+    table = []
+    for latency, pairs in runs.items():
+        for e, p in pairs:
+            ok = p is not None and p.correct == p.rows
+            table.append(
+                (
+                    latency_label(latency),
+                    f"{e.rows:,}",
+                    f"{floor_seconds(e.rows, latency):.2f}",
+                    f"{e.wall:.1f}",
+                    f"{p.wall:.1f}" if p is not None else "skipped",
+                    f"{pwt_schedule(floor_seconds(e.rows, latency)):g}",
+                    f"{e.wall / p.wall:.2f}x" if ok and p is not None else "n/a",
+                    f"{floor_seconds(e.rows, latency) / pwt_schedule(floor_seconds(e.rows, latency)):.2f}x",
+                    f"<= {TARGET_RATIO}x" if e.rows in TARGET_SIZES else "",
+                    f"{rows_cell(e)} / {rows_cell(p) if p is not None else '-'}",
+                )
+            )
+    lo, hi = PROCESSORS[PROCESSOR].latency
+    return [
+        "latency sweep (same config otherwise). latency: the mean run duration and its range. floor: when",
+        "the slowest run can end. pwt schedule: its first group-status read at or after the floor (3 s",
+        "after its add, then every 5 s). floor/schedule: the best ratio any client can get against it.",
+        "",
+        *format_table(header, table, right=tuple(range(1, len(header)))),
+        "",
+        f"Not run (too long for this bench): {PROCESSOR} at its real documented {lo:g}-{hi:g} s: floor "
+        f"{hi:g} s, pwt schedule {pwt_schedule(hi):g} s, so at best {hi / pwt_schedule(hi):.2f}x.",
+    ]
 
 
 def main() -> None:
@@ -354,64 +485,12 @@ def main() -> None:
             print(line, flush=True)
             printed.append(line)
 
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    emit(
-        [
-            f"bench/compare.py --rows {','.join(map(str, sizes))} --latency {args.latency:g}: "
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, Python {platform.python_version()}, "
-            f"polars {pl.__version__}, parallel-web-tools {version('parallel-web-tools')} "
-            f"(parallel-web {version('parallel-web')}), {os.cpu_count()} CPUs, "
-            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-            f"emulator per run: latency {args.latency:g} s (uniform {args.latency * 0.5:g}-"
-            f"{args.latency * 1.5:g} s), {BUDGET:,} requests and {BUDGET:,} runs per {WINDOW:g}-s window, "
-            f"seed 1; processor {PROCESSOR}; fields {', '.join(FIELDS)}",
-        ]
-    )
-    if parallel_enrich is None:
-        emit(
-            [
-                "parallel-web-tools is not installed: running enrich only "
-                f"(pip install 'parallel-web-tools[polars]'; import said: {PWT_MISSING})"
-            ]
-        )
-    emit([""])
-    config = EmulatorConfig(
-        latency=args.latency, rate_limit=BUDGET, run_rate_limit=BUDGET, rate_window=WINDOW, seed=1
-    )
-    pairs: list[tuple[Outcome, Outcome | None]] = []
-    details: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="enrich-compare-") as tmp:
-        work = Path(tmp)
-        # First-call costs (imports, polars, the checkpoint's parquet writer, the SDK's models) are no
-        # part of either tool's time: pay them on two rows first.
-        warm = EmulatorConfig(latency=0.05, seed=1)
-        measure(run_enrich, companies(2), warm, work / "warm")
-        if parallel_enrich is not None:
-            measure(run_pwt, companies(2), warm, work / "warm")
-        for rows in sizes:
-            df = companies(rows)
-            e = measure(run_enrich, df, config, work)
-            p = measure(run_pwt, df, config, work) if parallel_enrich is not None else None
-            pairs.append((e, p))
-            details += ["", *detail_table(e, p, args.latency)]
-            print(f"  ... {rows:,} rows done", flush=True)
-    emit(summary_table(pairs, args.latency))
-    emit(
-        [
-            "",
-            "pwt: parallel-web-tools' polars parallel_enrich. enrich/pwt and req ratio: only where pwt",
-            "answered every row correctly. floor: the physics (see below). req: requests the emulator served",
-            "(429s included). pwt sleeps 3 s after its add, then reads the group status every 5 s, so it can",
-            "only finish about 3 + 5k s after the add.",
-        ]
-    )
-    emit(details)
     command = f"python bench/compare.py --rows {','.join(map(str, sizes))} --latency {args.latency:g}"
+    emit([f"{command}:", *header_lines(sizes, args.latency), ""])
+    pairs, details = run_compare(sizes, args.latency)
+    emit(summary_table(pairs, args.latency))
+    emit(["", *SUMMARY_NOTE])
+    emit(details)
     RESULTS.write_text(
         "# bench/compare.py: latest results\n\n"
         f"Written by `{command}` (overwritten on each run). See `bench/README.md`.\n\n"

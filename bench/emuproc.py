@@ -70,7 +70,9 @@ class EmulatorProcess:
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
                     self.close()
-                    raise RuntimeError(f"the emulator did not answer on {self.url} within {ready_timeout} s")
+                    raise RuntimeError(
+                        f"the emulator did not answer on {self.url} within {ready_timeout} s"
+                    ) from None
                 time.sleep(0.05)
 
     def stats(self) -> dict[str, Any]:
