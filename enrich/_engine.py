@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -91,6 +92,7 @@ _OUTAGE_SECONDS = 1800.0
 _OUTCOME_BATCH = 1000
 # The join decodes and types this many answers at a time.
 _JOIN_CHUNK = 100_000
+_STATUS = {"completed": "completed", "failed": "failed"}  # one str object per status, not one per row
 # ... and only once it has held the cursor back for this many polls in a row.
 _STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
@@ -314,13 +316,16 @@ class _Job:
         self.run_of: dict[str, str] = {}
         self.key_of_run: dict[str, str] = {}
         self.group_of: dict[str, str | None] = {}
-        # key -> (status, output JSON, basis JSON or None, error): text, not decoded objects. A million
-        # decoded answers and bases took gigabytes; the join decodes the answers once, column by column.
-        self.done: dict[str, tuple[str, str | None, str | None, str | None]] = {}
+        # key -> (status, output, basis JSON or None, error). The output is JSON text, or for an answer
+        # loaded from the checkpoint its index in `loaded_outputs`; never decoded objects. A million
+        # decoded answers and bases took gigabytes; the join decodes the answers a chunk at a time.
+        self.done: dict[str, tuple[str, str | int | None, str | None, str | None]] = {}
+        self.loaded_outputs = pl.Series("output", [], dtype=pl.String)
         self.failed_count = 0
         self._outcomes: list[Outcome] = []  # finished, not yet handed to the checkpoint
         self._outcomes_since = 0.0
         self.todo: list[str] = []
+        self.inputs: dict[int, Any] = {}  # position -> input, of the rows not created yet
         self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
         self.pending: dict[str | None, set[str]] = {}
@@ -336,27 +341,41 @@ class _Job:
 
     def load(self) -> None:
         state = self.cp.state(basis=self.keep_basis)  # the basis is most of the bytes: read it if asked
-        if state.height:
-            wanted = pl.Series(self.plan.keys, dtype=pl.String).implode()
-            state = state.filter(pl.col("row_key").is_in(wanted))
+        if state.height:  # (a filter copies the frame: at a million rows, 300 MB more at the peak)
+            wanted = state["row_key"].is_in(pl.Series(self.plan.keys, dtype=pl.String).implode())
+            if not wanted.all():
+                state = state.filter(wanted)
         # Column-wise, into dicts built in bulk: a Python step per row is most of a 1M-row resume's time.
         # Answers stay JSON text until the join. Finished rows need no reverse index (run -> key): the
         # collector tells them by the key in their run's metadata.
         status = pl.col("status")
         if self.retry_failed:
             self.superseded.update(state.filter(status == "failed")["run_id"].to_list())
-            finished = state.filter(status == "completed")
+            ended = state["status"] == "completed"
         else:
-            finished = state.filter(status.is_in(["completed", "failed"]))
+            ended = state["status"].is_in(["completed", "failed"])
+        finished = state if ended.all() else state.filter(ended)
+        # The answers stay in one Series (`loaded_outputs`); `done` holds each one's index in it rather
+        # than a Python string: ~230 MB less at a million rows. Statuses are shared constants.
+        self.loaded_outputs = finished["output"]
         keys = finished["row_key"].to_list()
+        statuses = [_STATUS.get(x, x) for x in finished["status"].to_list()]
         self.done = dict(
             zip(
                 keys,
-                zip(*(finished[c].to_list() for c in ("status", "output", "basis", "error")), strict=True),
+                zip(
+                    statuses,
+                    range(len(keys)),
+                    finished["basis"].to_list() if self.keep_basis else itertools.repeat(None),
+                    finished["error"].to_list(),
+                    strict=False,  # the repeat is endless; the others all have len(keys) items
+                ),
                 strict=True,
             )
         )
         self.run_of = dict(zip(keys, finished["run_id"].to_list(), strict=True))
+        del finished
+        self.cp.drop_cache()
         running = state.filter(~status.is_in(["completed", "failed"]) & pl.col("run_id").is_not_null())
         for key, run_id, group_id in running.select("row_key", "run_id", "group_id").iter_rows():
             self._adopt(key, run_id, group_id)
@@ -372,6 +391,10 @@ class _Job:
         # never let one hold the runs-stream cursor.
         if self.todo:
             self.superseded.update(self.cp.run_ids(self.todo))
+        # Only rows still to be sent need their input; at a million rows the others are ~350 MB.
+        position = {k: i for i, k in enumerate(self.plan.keys)} if self.todo else {}
+        self.inputs = {position[k]: self.plan.inputs[position[k]] for k in self.todo}
+        self.plan.inputs = []
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
         old = self.run_of.get(key)
@@ -498,7 +521,7 @@ class _Job:
 
     def run_input(self, key: str, i: int) -> dict[str, Any]:
         return {
-            "input": self.plan.inputs[i],
+            "input": self.inputs[i],
             "processor": self.plan.processor,
             "metadata": self.metadata_for(key),
         }
@@ -595,6 +618,8 @@ class _Job:
             for k, r in zip(batch, answer.run_ids, strict=True)
         ]
         self.cp.record_receipts(receipts)  # durable before the next add is sent
+        for k in batch:  # created: never sent again
+            self.inputs.pop(position[k], None)
         for k, r in zip(batch, answer.run_ids, strict=True):
             self._adopt(k, r, group_id)
         self.stats.submitted += len(batch)
@@ -765,6 +790,7 @@ class _Job:
             )
         )
         self._adopt(key, run_id, group_id)
+        self.inputs.pop(i, None)  # created: never sent again
         self.stats.submitted += 1
         self.report()
         return run_id
@@ -1105,8 +1131,16 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
     # A chunk at a time: a million decoded answers at once would hold a gigabyte of Python objects.
     frames: list[pl.DataFrame] = []
     problems: list[str | None] = []
+    loaded = job.loaded_outputs if job is not None else None
     for start in range(0, max(len(contents), 1), _JOIN_CHUNK):
-        frame, found = plan.spec.to_frame(_decode_answers(contents[start : start + _JOIN_CHUNK]))
+        chunk = contents[start : start + _JOIN_CHUNK]
+        if loaded is not None and len(loaded):  # answers loaded from the checkpoint: fetch their text
+            at = [i for i, c in enumerate(chunk) if type(c) is int]
+            if at:
+                texts = loaded.gather([chunk[i] for i in at]).to_list()
+                for i, text in zip(at, texts, strict=True):
+                    chunk[i] = text
+        frame, found = plan.spec.to_frame(_decode_answers(chunk))
         frames.append(frame)
         problems.extend(found)
     values = pl.concat(frames) if len(frames) > 1 else frames[0]
@@ -1323,7 +1357,7 @@ async def aenrich(
         try:
             if job is not None:
                 job.push_outcomes()
-            cp.close()
+            cp.close(forget=True)  # the join needs none of its tables: free them first
         except Exception as exc:  # never mask the job's own error, but never hide this one either
             stats.warnings.append(
                 f"the answers collected last are not saved in the checkpoint ({exc}); "

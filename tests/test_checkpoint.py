@@ -434,6 +434,25 @@ def test_closed(cp: Checkpoint) -> None:
     assert "closed" in repr(cp)
 
 
+def test_close_forget_drops_the_tables_but_keeps_every_record(cp: Checkpoint, root: Path) -> None:
+    """A job at its end frees the in-memory tables before its join; the disk has everything."""
+    cp.record_intents("b", "g", [key(1), key(2)])
+    cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
+    cp.add_outcomes([Outcome(key(1), "r1", "completed", output='{"ceo": "Ada"}')])  # buffered
+    assert cp.state()["status"].to_list() == ["completed"]
+    cp.drop_cache()  # only a cache: the next state() rebuilds it
+    assert cp.state()["output"].to_list() == ['{"ceo": "Ada"}']
+    cp.close(forget=True)
+    with pytest.raises(CheckpointError, match="tables dropped"):
+        cp.state()
+    with pytest.raises(CheckpointError, match="tables dropped"):
+        cp.run_ids([key(1)])
+    cp.close(forget=True)  # again: nothing to do
+    again = Checkpoint.read(root)  # the buffered outcome was flushed by the close
+    assert again.state()["output"].to_list() == ['{"ceo": "Ada"}']
+    assert [i.row_keys for i in again.in_doubt()] == [(key(2),)]
+
+
 def test_durable_before_return(cp: Checkpoint, root: Path) -> None:
     """Each record call fsyncs the file, renames it into place and fsyncs the directory, in that order."""
     events: list[str] = []
