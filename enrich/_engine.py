@@ -454,7 +454,9 @@ class _Job:
         """
         if self.run_of.get(key) != run.run_id or key in self.done:
             return
-        self.pending.get(self.group_of.get(key), set()).discard(run.run_id)
+        self.pending.get(self.group_of.pop(key, None), set()).discard(run.run_id)
+        # A finished run needs no reverse index: the collector knows it by the key in its metadata.
+        self.key_of_run.pop(run.run_id, None)
         now = datetime.now(UTC)
         if run.status == "completed" and output is not None:
             text = json.dumps(output.content, ensure_ascii=False)

@@ -707,13 +707,21 @@ def test_write_cost_is_amortised(root: Path) -> None:
     """Compaction rewrites a row at most once per tier: total rows written stay O(n log n)."""
     written: list[int] = []
     cp = Checkpoint.open(root, FP, compact_fanout=4)
-    real = Checkpoint._write_segment
+    real, real_merged = Checkpoint._write_segment, Checkpoint._write_merged
 
     def spy(self: Checkpoint, segment: Any, frame: pl.DataFrame, *, replaces: list[int]) -> None:
         written.append(frame.height)
         real(self, segment, frame, replaces=replaces)
 
-    with mock.patch.object(Checkpoint, "_write_segment", spy), mock.patch("os.fsync"):
+    def spy_merged(self: Checkpoint, segment: Any, parts: list[tuple[Any, pl.Series]]) -> None:
+        written.append(sum(int(keep.sum()) for _, keep in parts))  # merges stream their sources
+        real_merged(self, segment, parts)
+
+    with (
+        mock.patch.object(Checkpoint, "_write_segment", spy),
+        mock.patch.object(Checkpoint, "_write_merged", spy_merged),
+        mock.patch("os.fsync"),
+    ):
         for i in range(64):
             cp.record_receipts([Receipt(key(i * 10 + j), f"r{i}-{j}", "g", "b") for j in range(10)])
     assert sum(written) == 640 * 4  # written once, then merged at tiers 1, 2 and 3 (4**3 == 64)
