@@ -35,6 +35,16 @@ serve(EmulatorConfig(**config), host="127.0.0.1", port=int(sys.argv[2]))
 """
 
 
+def stat_cpu(path: str) -> float | None:
+    """User + system CPU seconds from a /proc `stat` file (a process's or a thread's); None if unreadable."""
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,14 +93,7 @@ class EmulatorProcess:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU seconds the emulator process has used (Linux /proc)."""
-        if self.proc is None:
-            return None
-        try:
-            with open(f"/proc/{self.proc.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None if self.proc is None else stat_cpu(f"/proc/{self.proc.pid}/stat")
 
     def peak_rss_mb(self) -> float | None:
         """The emulator process's peak resident set size (VmHWM), in MB."""

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from emuproc import stat_cpu
 
 from enrich import Emulator, EmulatorConfig
 from enrich._checkpoint import Checkpoint, Outcome, Receipt
@@ -90,14 +91,7 @@ def peak_rss_mb() -> float:
 
 def thread_cpu(native_id: int | None) -> float | None:
     """CPU seconds (user + system) a thread of this process has used, from /proc; None where unavailable."""
-    if native_id is None:
-        return None
-    try:
-        with open(f"/proc/self/task/{native_id}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    return None if native_id is None else stat_cpu(f"/proc/self/task/{native_id}/stat")
 
 
 def dir_size_mb(path: Path) -> float:

@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 import polars as pl
-from emuproc import EmulatorProcess
+from emuproc import EmulatorProcess, stat_cpu
 from engine import FIELDS, ROUTES, companies, format_table, in_fresh_process, peak_rss_mb
 
 from enrich._emulator import STATS_PATH
@@ -127,8 +127,7 @@ def record_requests() -> list[Sent]:
 
     Patches `httpx.AsyncHTTPTransport.handle_async_request` in the (fresh, dedicated) client process
     rather than passing `transport=` to `aenrich`: httpx ignores a client's `limits` when it is given a
-    transport, so a transport of ours would replace the connection pool the engine sizes for itself
-    (runs mode sizes it to the rows in flight).
+    transport, so a transport of ours would replace the connection pool the engine sizes for itself.
     """
     sent: list[Sent] = []
     original = httpx.AsyncHTTPTransport.handle_async_request
@@ -207,12 +206,7 @@ def engine_child(
 
 def process_cpu(pid: int) -> float | None:
     """User + system CPU seconds of process `pid` (Linux /proc; None elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu(f"/proc/{pid}/stat")
 
 
 def engine_one(
@@ -294,19 +288,26 @@ def max_sliding(sent: list[Sent], window: float) -> int:
 def steady_share(sent: list[Sent], window: float, budget: int = BUDGET) -> tuple[float | None, str]:
     """The share of the request budget used in steady state, and how it was measured.
 
-    Steady state: the windows (consecutive, `window` s each, from the first request) other than the
-    first (the ramp-up) and the last (the tail, usually partial); the share is their mean count over the
-    budget. A job whose requests all fit in one window's budget has no steady state (None). A job that
-    spans fewer than three windows has no such middle: then the requests sent
+    Steady state: the windows (consecutive, `window` s each, from the first request) after the first
+    (the ramp-up: a full budget may go at once) and before the one that holds the job's last create (the
+    tail: from then on there are no rows left to send, only the answers to wait for); the share is their
+    mean count over the budget. A job whose requests all fit in one window's budget has no steady state
+    (None). A job with no window between those two: the requests sent
     between the 10th and the 90th percentile of send times, as a rate per window over the budget (a job
     that fits in one window's budget can show more than 100 %: the limiter lets a full budget go at once).
     """
     counts = per_window(sent, window)
     if len(sent) <= budget:
         return None, f"n/a: all {len(sent):,} requests fit in one window's budget, so no steady state"
-    if len(counts) >= 3:
-        middle = counts[1:-1]
-        return sum(middle) / len(middle) / budget, f"mean of windows 2-{len(counts) - 1} of {len(counts)}"
+    t0 = min(at for at, *_ in sent)
+    creates = [at for at, route, *_ in sent if route.startswith("POST ") and route.endswith("/runs")]
+    tail = int((max(creates) - t0) // window) if creates else len(counts) - 1
+    if tail >= 2:
+        middle = counts[1:tail]
+        return (
+            sum(middle) / len(middle) / budget,
+            f"mean of windows 2-{tail} of {len(counts)} (window {tail + 1} holds the last create)",
+        )
     times = sorted(at for at, *_ in sent)
     if len(times) < 10:
         return None, "too few requests"
