@@ -670,6 +670,8 @@ class Checkpoint:
         `record_receipts` for the runs found (with this `batch_id`) and `resolve_intents(batch_id)`.
         """
         with self._lock:
+            if self._forgotten:
+                raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
             batches: dict[str, tuple[str | None, list[tuple[int, str]]]] = {}
             for key, (batch, group, order) in self._pending.items():
                 batches.setdefault(batch, (group, []))[1].append((order, key))
@@ -807,8 +809,13 @@ class Checkpoint:
         def write(f: BinaryIO) -> None:
             with pq.ParquetWriter(f, schema, compression="zstd", write_page_checksum=True) as writer:
                 for source, keep in parts:
-                    with pq.ParquetFile(self._path / source.name, page_checksum_verification=True) as parquet:
-                        frame = _conform(pl.from_arrow(parquet.read()), columns, kind)
+                    try:
+                        with pq.ParquetFile(
+                            self._path / source.name, page_checksum_verification=True
+                        ) as parquet:
+                            frame = _conform(pl.from_arrow(parquet.read()), columns, kind)
+                    except (OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError) as exc:
+                        raise _BadSource(source, exc) from exc
                     writer.write_table(frame.filter(keep).to_arrow().cast(schema))
 
         _write_atomic(self._path, self._dir_fd, segment.name, write)
@@ -871,6 +878,10 @@ class Checkpoint:
             else:
                 merged = self._merged_in_memory(kind, group)
                 self._write_segment(target, merged, replaces=list(target.replaces))
+        except _BadSource as bad:  # its other columns cannot be read: out of future merges, as above
+            self._segments[kind].remove(bad.segment)
+            self._warn(f"compaction skipped {bad.segment.name}: it cannot be read ({_reason(bad.error)})")
+            return False
         except CheckpointError as exc:
             self._warn(f"compaction of {kind} postponed: {exc}")
             return False
@@ -1273,6 +1284,15 @@ def _reason(exc: BaseException) -> str:
 # -- helpers: files --------------------------------------------------------------------------------
 
 
+class _BadSource(Exception):
+    """A merge's source segment failed to read while being copied."""
+
+    def __init__(self, segment: _Segment, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.segment = segment
+        self.error = error
+
+
 def _write_atomic(root: Path, dir_fd: int | None, name: str, write: Callable[[BinaryIO], object]) -> None:
     """Write `root/name` whole or not at all: tmp file, fsync, rename, directory fsync."""
     final = root / name
@@ -1288,6 +1308,10 @@ def _write_atomic(root: Path, dir_fd: int | None, name: str, write: Callable[[Bi
         with suppress(OSError):
             os.unlink(tmp)
         raise CheckpointError(f"cannot write checkpoint {root}: {_reason(exc)}") from exc
+    except BaseException:  # whatever `write` raised: no half-written file is left behind
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync(fd: int) -> None:

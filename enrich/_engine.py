@@ -65,7 +65,7 @@ from enrich._inputs import (
     validate_inputs,
 )
 from enrich._limiter import RateLimiter
-from enrich._models import RunStateEvent, TaskOutput, TaskRun
+from enrich._models import FieldBasis, RunStateEvent, TaskOutput, TaskRun
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
@@ -84,6 +84,8 @@ _MODES = ("group", "runs")
 # Collection: re-reading an answer already collected is waste; past this many per poll, the run holding
 # the stream cursor back is waited for on its own (one blocking result call) so the cursor moves on.
 _STRAGGLER_WASTE = 200
+# ... and only once it has held the cursor back for this many polls in a row.
+_STRAGGLER_POLLS = 2
 # The limiter's window is this much longer than the service's (a share of it), to absorb network jitter.
 _WINDOW_MARGIN = 0.02
 # How long reads ride out a service that keeps failing (transport errors, 5xx) before the job gives up.
@@ -93,8 +95,6 @@ _OUTCOME_BATCH = 1000
 # The join decodes and types this many answers at a time.
 _JOIN_CHUNK = 100_000
 _STATUS = {"completed": "completed", "failed": "failed"}  # one str object per status, not one per row
-# ... and only once it has held the cursor back for this many polls in a row.
-_STRAGGLER_POLLS = 2
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
 _IDLE_POLL_GAP = 2.0
 # A poll of the runs stream waits until this many runs ended (or half of those outstanding, or all),
@@ -334,7 +334,7 @@ class _Job:
         self._last_report = 0.0
         self.collect_wakeup = asyncio.Event()
         self.submission_done = asyncio.Event()
-        self.submitted_at: float | None = None  # perf_counter() when the last run was created
+        self.submitted_at: float | None = None  # time.monotonic() when the last run was created
         self.committer: _Committer | None = None  # runs mode's group commit of intents and receipts
 
     # ---- state from the checkpoint
@@ -412,7 +412,8 @@ class _Job:
         created (across resumes) and those being created now."""
         if self.max_cost is None or self.price is None:
             return n
-        spent = (self.cp.runs + self.reserved) * self.price
+        buffered = self.committer.buffered if self.committer is not None else 0  # created, not yet recorded
+        spent = (self.cp.runs + buffered + self.reserved) * self.price
         room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True
@@ -697,8 +698,8 @@ class _Job:
 
         Each run is created by an add-runs call of one input into the job's task group rather than by
         `POST /v1/tasks/runs`: the cost and the pacing are the same, but a create whose answer is lost
-        can then be found again (the API cannot list runs outside a group), so no row is paid twice. A
-        row whose input the API refuses fails alone. The answers are collected through the group (its
+        can then be found again (the API cannot list runs outside a group), so no row is paid twice. The
+        answers are collected through the group (its
         events and runs streams, as in group mode), not with a blocking call per row: that would hold a
         connection per row in flight, and the request budget, not a connection count, sets the pace.
         """
@@ -747,10 +748,12 @@ class _Job:
                 tg.create_task(c.run())
             for run_id in list(self.pending.get(None, ())):
                 tg.create_task(wait(self.key_of_run[run_id], run_id))
-            async with asyncio.TaskGroup() as creators:
-                for _ in range(min(self.concurrency, len(queue))):
-                    creators.create_task(creator())
-            committer.flush_receipts()
+            try:
+                async with asyncio.TaskGroup() as creators:
+                    for _ in range(min(self.concurrency, len(queue))):
+                        creators.create_task(creator())
+            finally:
+                committer.close()  # also on a timeout, an interrupt or a fatal answer
             self.submitted_at = time.monotonic()
             self.submission_done.set()
             for c in collectors.values():
@@ -827,10 +830,28 @@ class _Committer:
     def receipt(self, receipt: Receipt) -> None:
         self._receipts.append(receipt)
 
+    @property
+    def buffered(self) -> int:
+        """Runs created whose receipts are not written yet (`max_cost` counts them as spent)."""
+        return len(self._receipts)
+
     def flush_receipts(self) -> None:
+        """Write the buffered receipts; on failure they stay buffered (and the error is raised)."""
         if self._receipts:
-            receipts, self._receipts = self._receipts, []
+            receipts = self._receipts
             self.cp.record_receipts(receipts)
+            del self._receipts[: len(receipts)]
+
+    def close(self) -> None:
+        """End of submission, however it ended: no intents write may start after this (a create that
+        was never sent would only add rows in doubt), and the buffered receipts are written."""
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        for future in self._waiters:
+            if not future.done():
+                future.cancel()
+        self._intents, self._waiters = [], []
+        self.flush_receipts()
 
     async def _write(self) -> None:
         await asyncio.sleep(_COMMIT_DELAY)  # let the creates of this moment join
@@ -1055,7 +1076,6 @@ class _GroupCollector:
             if prefix:
                 self.cursor = event.event_id
         job.push_outcomes()
-        self.ended &= self.outstanding
         self._last_poll = time.monotonic()
         self._last_poll_useful = collected > 0
         # A run that holds the cursor back poll after poll while answers pile up behind it is waited for
@@ -1190,23 +1210,8 @@ def _basis_rows(basis: Any) -> list[dict[str, Any]] | None:
         basis = json.loads(basis)
     if not isinstance(basis, list):
         return None
-    rows = []
-    for b in basis:
-        if not isinstance(b, dict):
-            continue
-        rows.append(
-            {
-                "field": str(b.get("field", "")),
-                "reasoning": b.get("reasoning"),
-                "confidence": b.get("confidence"),
-                "citations": [
-                    {"url": c.get("url"), "title": c.get("title"), "excerpts": list(c.get("excerpts") or [])}
-                    for c in b.get("citations") or []
-                    if isinstance(c, dict)
-                ],
-            }
-        )
-    return rows
+    # The basis is stored as the API sent it; FieldBasis gives every row the same shape and types.
+    return [FieldBasis.from_json(b).to_json() for b in basis if isinstance(b, dict)]
 
 
 # -- the public entry points ------------------------------------------------------------------------
@@ -1358,6 +1363,8 @@ async def aenrich(
             await client.aclose()
         try:
             if job is not None:
+                if job.committer is not None:
+                    job.committer.close()
                 job.push_outcomes()
             cp.close(forget=True)  # the join needs none of its tables: free them first
         except Exception as exc:  # never mask the job's own error, but never hide this one either
@@ -1536,7 +1543,7 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         checkpoint: a directory that records the job; calling again with the same arguments resumes it.
             Default: a temporary directory (said in the progress output): pass one for long jobs.
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
-            create per row, so a refused input fails only its row; collected through the job's group).
+            create per row, each sent as soon as the budget allows; collected through the job's group).
         basis: add the `_basis` column.
         retry_failed: submit again the rows whose run failed (only those).
         api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else

@@ -453,6 +453,33 @@ def test_close_forget_drops_the_tables_but_keeps_every_record(cp: Checkpoint, ro
     assert [i.row_keys for i in again.in_doubt()] == [(key(2),)]
 
 
+def test_a_merge_source_unreadable_past_its_keys_is_left_out_not_retried(root: Path) -> None:
+    """Merges read the keys first, then copy each source whole: a source whose other columns fail to
+    read is dropped from merges (reported), as one whose keys fail, and no temporary file stays."""
+    import pyarrow.parquet as pq
+
+    cp = Checkpoint.open(root, FP, compact_fanout=2, flush_rows=1)
+    real_read = pq.ParquetFile.read
+    failures: list[str] = []
+
+    def read(self: Any, columns: Any = None, **kw: Any) -> Any:
+        if columns is None and not failures:  # the first whole-segment read of a merge
+            failures.append("x")
+            raise OSError("checksum mismatch in a data page")
+        return real_read(self, columns=columns, **kw)
+
+    with mock.patch.object(pq.ParquetFile, "read", read):
+        for i in range(2):
+            cp.record_receipts([Receipt(key(i), f"r{i}", "g", "b")])
+    assert failures and any("compaction skipped" in w and "checksum" in w for w in cp.warnings)
+    assert not list(root.glob("*.tmp"))
+    for i in range(2, 6):  # later merges go on without the bad segment
+        cp.record_receipts([Receipt(key(i), f"r{i}", "g", "b")])
+    assert len([w for w in cp.warnings if "compaction skipped" in w]) == 1
+    assert cp.state(outputs=False)["run_id"].to_list() == [f"r{i}" for i in range(6)]
+    cp.close()
+
+
 def test_durable_before_return(cp: Checkpoint, root: Path) -> None:
     """Each record call fsyncs the file, renames it into place and fsyncs the directory, in that order."""
     events: list[str] = []

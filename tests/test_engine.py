@@ -342,6 +342,43 @@ def test_runs_mode_group_commits_intents_and_keeps_receipts_before_outcomes(
     assert all(v >= 0 for v in stats.stages.values())
 
 
+def test_runs_mode_never_spends_past_max_cost_with_many_creates_in_flight(tmp_path: Path) -> None:
+    """Runs just created but whose receipts wait for the next group commit count as spent."""
+    app = create_app(EmulatorConfig(latency=0.05, seed=5))
+    price = 5 / 1000  # lite: $5 per 1,000 runs
+    out = run_job(
+        app,
+        companies(300),
+        {"ceo": "CEO"},
+        mode="runs",
+        concurrency=50,
+        max_cost=100 * price,
+        checkpoint=tmp_path / "cp",
+    )
+    assert app.stats()["runs_created"] == 100
+    assert (out["_status"] == "completed").sum() == 100 and (out["_status"] == "pending").sum() == 200
+
+
+def test_runs_mode_timeout_records_every_run_it_was_told_of(tmp_path: Path) -> None:
+    """A timeout mid-submission writes the receipts still waiting for a group commit: every run id the
+    job returns is in the checkpoint, and only creates whose answers never came back are in doubt."""
+    app = create_app(EmulatorConfig(latency=2.0, seed=6))
+    out = run_job(
+        app,
+        companies(3000),
+        {"ceo": "CEO"},
+        mode="runs",
+        concurrency=50,
+        checkpoint=tmp_path / "cp",
+        timeout=0.5,
+    )
+    created = app.stats()["runs_created"]
+    state = Checkpoint.read(tmp_path / "cp").state()
+    told = set(out["_run_id"].drop_nulls().to_list())
+    assert 0 < len(told) <= created < 3000
+    assert told <= set(state["run_id"].to_list())
+
+
 def test_runs_mode_lost_creates_are_found_not_resent(tmp_path: Path) -> None:
     app = create_app(EmulatorConfig(latency=0.05, fault_rate=0.3, faults=frozenset({"lost_create"}), seed=3))
     df = companies(60)
