@@ -91,9 +91,25 @@ def write_table(df: pl.DataFrame, path: str | os.PathLike[str]) -> None:
             else:
                 df.write_ndjson(f)
             f.flush()
+            # mkstemp makes the file private (0600); the output gets the mode a plain open() would give
+            # it, or keeps the one of the file it replaces.
+            if hasattr(os, "fchmod"):  # POSIX
+                with contextlib.suppress(OSError):
+                    os.fchmod(f.fileno(), _mode_for(p))
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits for a new `path`: those of the file it replaces, else 0o666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -308,3 +308,23 @@ def test_subprocess_key_never_written_and_sigint_exits_3(table: Path, tmp_path: 
     blobs = [stdout, stderr, rerun.stdout, rerun.stderr]
     blobs += [p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()]
     assert not any(SECRET.encode() in b for b in blobs)
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX permission bits")
+def test_the_output_gets_ordinary_permissions_not_the_temp_files(tmp_path: Path) -> None:
+    """The output is written through a private temporary file; it must not stay private (0600)."""
+    from enrich._io import write_table
+
+    df = pl.DataFrame({"a": [1, 2]})
+    old = os.umask(0o022)
+    try:
+        write_table(df, tmp_path / "new.parquet")
+        assert (tmp_path / "new.parquet").stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.csv"
+        kept.write_text("a\n")
+        kept.chmod(0o640)
+        write_table(df, kept)  # replacing a file keeps its mode
+        assert kept.stat().st_mode & 0o777 == 0o640
+        assert pl.read_csv(kept)["a"].to_list() == [1, 2]
+    finally:
+        os.umask(old)
