@@ -325,7 +325,7 @@ class _Job:
         self._outcomes: list[Outcome] = []  # finished, not yet handed to the checkpoint
         self._outcomes_since = 0.0
         self.todo: list[str] = []
-        self.inputs: dict[int, Any] = {}  # position -> input, of the rows not created yet
+        self.inputs: dict[str, Any] = {}  # key -> input, of the rows not created yet
         self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
         self.pending: dict[str | None, set[str]] = {}
@@ -392,8 +392,8 @@ class _Job:
         if self.todo:
             self.superseded.update(self.cp.run_ids(self.todo))
         # Only rows still to be sent need their input; at a million rows the others are ~350 MB.
-        position = {k: i for i, k in enumerate(self.plan.keys)} if self.todo else {}
-        self.inputs = {position[k]: self.plan.inputs[position[k]] for k in self.todo}
+        todo = set(self.todo)
+        self.inputs = {k: x for k, x in zip(self.plan.keys, self.plan.inputs, strict=True) if k in todo}
         self.plan.inputs = []
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
@@ -522,9 +522,9 @@ class _Job:
     def metadata_for(self, key: str) -> dict[str, Any]:
         return {**self.plan.metadata, KEY_FIELD: key}
 
-    def run_input(self, key: str, i: int) -> dict[str, Any]:
+    def run_input(self, key: str) -> dict[str, Any]:
         return {
-            "input": self.inputs[i],
+            "input": self.inputs[key],
             "processor": self.plan.processor,
             "metadata": self.metadata_for(key),
         }
@@ -540,7 +540,6 @@ class _Job:
         return group.group_id
 
     async def run_group_mode(self) -> None:
-        position = {k: i for i, k in enumerate(self.plan.keys)}
         await self.reconcile_in_doubt()
         collectors: dict[str, _GroupCollector] = {}
         for gid, runs in self.pending.items():
@@ -568,7 +567,7 @@ class _Job:
                             f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted"
                         )
                         break
-                    if await self.add_batch(group_id, batch, position, collector):
+                    if await self.add_batch(group_id, batch, collector):
                         del self.todo[: len(batch)]
             self.submission_done.set()
             self.submitted_at = time.monotonic()
@@ -576,14 +575,12 @@ class _Job:
                 c.wake()
                 c.new_runs.set()
 
-    async def add_batch(
-        self, group_id: str, batch: list[str], position: dict[str, int], collector: _GroupCollector
-    ) -> bool:
+    async def add_batch(self, group_id: str, batch: list[str], collector: _GroupCollector) -> bool:
         """Add `batch` to the group; False when it was refused with a 429 (nothing created: send it
         again, in a smaller call if the pace dropped)."""
         batch_id = uuid.uuid4().hex
         self.cp.record_intents(batch_id, group_id, batch)  # durable before the request is sent
-        inputs = [self.run_input(k, position[k]) for k in batch]
+        inputs = [self.run_input(k) for k in batch]
         try:
             answer = await self.client.add_runs(
                 group_id,
@@ -622,7 +619,7 @@ class _Job:
         ]
         self.cp.record_receipts(receipts)  # durable before the next add is sent
         for k in batch:  # created: never sent again
-            self.inputs.pop(position[k], None)
+            self.inputs.pop(k, None)
         for k, r in zip(batch, answer.run_ids, strict=True):
             self._adopt(k, r, group_id)
         self.stats.submitted += len(batch)
@@ -703,7 +700,6 @@ class _Job:
         events and runs streams, as in group mode), not with a blocking call per row: that would hold a
         connection per row in flight, and the request budget, not a connection count, sets the pace.
         """
-        position = {k: i for i, k in enumerate(self.plan.keys)}
         await self.reconcile_in_doubt()
         group_id = await self.ensure_group() if self.todo else None
         reconciler = _Reconciler(self)
@@ -733,7 +729,7 @@ class _Job:
                 self.reserved += 1
                 try:
                     assert group_id is not None
-                    run_id = await self.create_one(key, position[key], group_id, reconciler)
+                    run_id = await self.create_one(key, group_id, reconciler)
                 finally:
                     self.reserved -= 1
                 if run_id is None:
@@ -762,7 +758,7 @@ class _Job:
         if self.todo:
             self.report(f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted")
 
-    async def create_one(self, key: str, i: int, group_id: str, reconciler: _Reconciler) -> str | None:
+    async def create_one(self, key: str, group_id: str, reconciler: _Reconciler) -> str | None:
         """Create the run of one row; returns its id, or None when it must be sent again."""
         batch_id = uuid.uuid4().hex
         committer = self.committer
@@ -770,7 +766,7 @@ class _Job:
         await committer.intent(batch_id, group_id, key)  # durable before the request is sent
         try:
             answer = await self.client.add_runs(
-                group_id, [self.run_input(key, i)], default_task_spec=self.plan.task_spec
+                group_id, [self.run_input(key)], default_task_spec=self.plan.task_spec
             )
         except OutcomeUnknownError:
             found = await reconciler.check(group_id, key, batch_id)
@@ -795,7 +791,7 @@ class _Job:
             )
         )
         self._adopt(key, run_id, group_id)
-        self.inputs.pop(i, None)  # created: never sent again
+        self.inputs.pop(key, None)  # created: never sent again
         self.stats.submitted += 1
         self.report()
         return run_id

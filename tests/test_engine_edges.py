@@ -276,9 +276,8 @@ class _Harness:
         self.collector = _GroupCollector(self.job, "tgrp_fake")
 
     def add_all(self) -> asyncio.Task[None]:
-        position = {k: i for i, k in enumerate(self.plan.keys)}
         batch = list(self.job.todo)
-        return asyncio.create_task(self.job.add_batch("tgrp_fake", batch, position, self.collector))
+        return asyncio.create_task(self.job.add_batch("tgrp_fake", batch, self.collector))
 
     def outcome(self, i: int) -> tuple[str, Any, Any, str | None] | None:
         return self.job.done.get(self.plan.keys[i])
