@@ -802,18 +802,17 @@ class Checkpoint:
         time, each as a row group: a merge never holds more than one source segment in memory."""
         kind = segment.kind
         columns = list(_SCHEMAS[kind])
-        schema = _empty(kind).to_arrow().schema.with_metadata(
-            self._segment_metadata(segment, list(segment.replaces))
+        schema = (
+            _empty(kind)
+            .to_arrow()
+            .schema.with_metadata(self._segment_metadata(segment, list(segment.replaces)))
         )
 
         def write(f: BinaryIO) -> None:
             with pq.ParquetWriter(f, schema, compression="zstd", write_page_checksum=True) as writer:
                 for source, keep in parts:
                     try:
-                        with pq.ParquetFile(
-                            self._path / source.name, page_checksum_verification=True
-                        ) as parquet:
-                            frame = _conform(pl.from_arrow(parquet.read()), columns, kind)
+                        frame = self._read_segment(source, columns)
                     except (OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError) as exc:
                         raise _BadSource(source, exc) from exc
                     writer.write_table(frame.filter(keep).to_arrow().cast(schema))
@@ -846,8 +845,7 @@ class Checkpoint:
         keys = []
         for segment in group:
             try:
-                with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
-                    frame = _conform(pl.from_arrow(parquet.read(columns=key_columns)), key_columns, kind)
+                frame = self._read_segment(segment, key_columns)
             except (OSError, pa.ArrowException, ValueError) as exc:
                 # Leave it where it is, out of future merges: the next open reports it.
                 self._segments[kind].remove(segment)
@@ -907,13 +905,14 @@ class Checkpoint:
             _sync_dir(self._dir_fd)
         return True
 
+    def _read_segment(self, segment: _Segment, columns: list[str]) -> pl.DataFrame:
+        """`columns` of one segment, pages checksummed, cast to the kind's schema."""
+        with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
+            return _conform(pl.from_arrow(parquet.read(columns=columns)), columns, segment.kind)
+
     def _merged_in_memory(self, kind: str, group: list[_Segment]) -> pl.DataFrame:
         columns = list(_SCHEMAS[kind])
-        frames = []
-        for segment in group:
-            with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
-                frames.append(_conform(pl.from_arrow(parquet.read()), columns, kind))
-        merged = pl.concat(frames).sort(_ORDER)
+        merged = pl.concat([self._read_segment(segment, columns) for segment in group]).sort(_ORDER)
         return merged.unique(_KEYS[kind], keep="last", maintain_order=True)
 
     # -- internals: loading ------------------------------------------------------------------------
