@@ -311,6 +311,16 @@ def _emulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _seed(text: str) -> int | None:
+    """`--seed`: an integer, or `none` for ids that differ on every start."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     common: dict[str, Any] = {"epilog": _EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
@@ -407,7 +417,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     emu.add_argument("--run-rate-limit", type=int, default=0, help="runs created per minute, 0 for none")
     emu.add_argument("--credit", type=float, help="dollars of credit; runs beyond it get 402")
-    emu.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    emu.add_argument(
+        "--seed",
+        type=_seed,
+        default=None,
+        metavar="N|none",
+        help="seed of every random choice; none (the default): ids differ on every start, other draws "
+        "as seed 0",
+    )
     emu.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     emu.set_defaults(func=_emulate)
     return parser

@@ -35,6 +35,8 @@ reading, so a client that passes here also passes there:
 - Group `GET …/runs` lists every run, active ones included, with its current status.
 - Group create and add-runs answer 200, single-run create 202; `/v1` and `/v1beta` group paths both work.
 - SSE never sends `id:` or `retry:` lines; only the group events stream sends `: keepalive` comments.
+- Run, group and ref ids are random per emulator unless `seed` is given, so a restarted emulator does
+  not hand out the ids of the last one.
 - Errors use ErrorResponse, except the group endpoints' 422 (FastAPI shape), unknown routes
   (`{"detail": "Not Found"}`) and injected 5xx (HTML). Results stay fetchable for the app's lifetime.
 - Unknown fields in a TaskRunInput, an empty input string, null metadata values, a body that is not
@@ -50,6 +52,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import random
 import re
 import socket
@@ -184,7 +187,10 @@ class EmulatorConfig:
       documented production limit; None disables the limit.
     - `credit`: dollars. Each created run reserves its processor's price; a create or add that would
       go over it gets 402 and creates nothing. None: unlimited.
-    - `seed`: seeds every random draw (durations, failures, faults, ids).
+    - `seed`: None (the default) draws run, group and ref ids from a fresh random source, so ids
+      differ across restarts as the service's do; every other draw (durations, failures, faults) is
+      then seeded as if `seed=0`. An int seeds everything, ids included, so two emulators with one
+      seed hand out the same ids. Outputs never depend on the seed.
     - `keepalive_seconds`: interval of `: keepalive` comments on the long group events stream.
     """
 
@@ -200,7 +206,7 @@ class EmulatorConfig:
     retry_after_header: bool = True
     count_gets: bool = True
     credit: float | None = None
-    seed: int = 0
+    seed: int | None = None
     keepalive_seconds: float = 15.0
 
     def __post_init__(self) -> None:
@@ -227,6 +233,22 @@ class EmulatorConfig:
             raise ValueError("credit must be >= 0 or None")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty or None")
+
+
+def _draw_seed(config: EmulatorConfig) -> int:
+    """The seed of the draws that are not ids (durations, failures, faults): 0 when none is given."""
+    return 0 if config.seed is None else config.seed
+
+
+def _id_source(config: EmulatorConfig, name: str) -> random.Random:
+    """Where ids come from: seeded when the config names a seed, else fresh for every emulator.
+
+    Unseeded ids matter: a restarted emulator that handed out the ids of the last one would let a
+    resumed client read another job's runs as its own.
+    """
+    if config.seed is None:
+        return random.Random(os.urandom(32))
+    return random.Random(f"{config.seed}:{name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -343,8 +365,8 @@ class EmulatorState:
         self.credit_micro = None if config.credit is None else round(config.credit * 1_000_000)
         self._heap: list[tuple[float, int, _Run]] = []
         self._seq = 0
-        self._rng = random.Random(f"{config.seed}:runs")
-        self._ids = random.Random(f"{config.seed}:ids")
+        self._rng = random.Random(f"{_draw_seed(config)}:runs")
+        self._ids = _id_source(config, "ids")
         self._specs: dict[str, _Spec] = {}
         self._wall_offset = time.time() - time.monotonic()
 
@@ -1194,8 +1216,8 @@ class EmulatorApp:
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self.state = EmulatorState(config)
-        self._faults_rng = random.Random(f"{config.seed}:faults")
-        self._refs = random.Random(f"{config.seed}:refs")
+        self._faults_rng = random.Random(f"{_draw_seed(config)}:faults")
+        self._refs = _id_source(config, "refs")
         self._requests: Counter[str] = Counter()
         self._responses: Counter[int] = Counter()
         self._faults: Counter[str] = Counter()
