@@ -29,7 +29,9 @@ reading, so a client that passes here also passes there:
 
 - `/result?timeout=` must be an integer in [0, 3600]; anything else is 422 (not a silent clamp).
 - 429 carries `Retry-After` (float seconds), never `retry-after-ms` or `x-should-retry`; the windows
-  slide; GETs count toward the request limit; an add of N inputs is one request and N runs.
+  slide; GETs count toward the request limit; an add of N inputs is one request and N runs. Options
+  take the other readings: no Retry-After at all, and token buckets whose burst may be below one
+  full add.
 - No concurrency cap besides credit. `action_required`, `cancelling` and `cancelled` are never produced.
 - No task spec means `auto`: JSON with `output_schema` filled on `pro` and above, text below `pro`.
 - Group `GET …/runs` lists every run, active ones included, with its current status.
@@ -183,8 +185,14 @@ class EmulatorConfig:
     - `rate_limit`: requests per `rate_window` per key, sliding window (GETs count unless
       `count_gets=False`); `run_rate_limit`: runs created per window per key (an add of N inputs
       counts N). Over either: 429 with `Retry-After` (seconds, a float) unless
-      `retry_after_header=False`. A 429'd request does nothing. The default, 2,000 a minute, is the
-      documented production limit; None disables the limit.
+      `retry_after_header=False`. A 429'd request does nothing and is not counted. The default,
+      2,000 a minute, is the documented production limit; None disables the limit.
+    - `rate_burst`, `run_burst`: when set, that budget is a token bucket instead of a sliding window:
+      it holds at most this many tokens, starts full and refills at `rate_limit` (or
+      `run_rate_limit`) per `rate_window`, i.e. limit/rate_window tokens a second. This is a quota
+      the client is not told: with `run_burst=500`, an add of 1,000 runs gets 429 every time (its
+      Retry-After is a full window) while adds of 500 pass. Retry-After is the time until enough
+      tokens exist. Each needs its limit set; None (the default): the sliding window.
     - `credit`: dollars. Each created run reserves its processor's price; a create or add that would
       go over it gets 402 and creates nothing. None: unlimited.
     - `seed`: None (the default) draws run, group and ref ids from a fresh random source, so ids
@@ -203,6 +211,8 @@ class EmulatorConfig:
     rate_limit: int | None = 2_000
     run_rate_limit: int | None = None
     rate_window: float = 60.0
+    rate_burst: int | None = None
+    run_burst: int | None = None
     retry_after_header: bool = True
     count_gets: bool = True
     credit: float | None = None
@@ -224,6 +234,14 @@ class EmulatorConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+        for name, limit in (("rate_burst", "rate_limit"), ("run_burst", "run_rate_limit")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value!r}")
+            if getattr(self, limit) is None:
+                raise ValueError(f"{name} needs {limit}: it sets the refill rate of the bucket")
         for name in ("rate_window", "keepalive_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
@@ -1043,6 +1061,56 @@ class _Window:
         return f"<_Window {self.total}/{self.limit} per {self.window}s>"
 
 
+class _Bucket:
+    """A token bucket: at most `capacity` units at once, refilled at `limit` units per `window` seconds.
+
+    It starts full. Unlike `_Window`, its burst can be smaller than its rate: a request of more units
+    than the capacity never fits, however long the client waits.
+    """
+
+    __slots__ = ("capacity", "last", "last_n", "rate", "tokens", "window")
+
+    def __init__(self, limit: int, window: float, capacity: int) -> None:
+        self.capacity = capacity
+        self.window = window
+        self.rate = limit / window  # units per second
+        self.tokens = float(capacity)
+        self.last: float | None = None
+        self.last_n = 0
+
+    def _refill(self, now: float) -> None:
+        if self.last is not None and now > self.last:
+            self.tokens = min(self.capacity, self.tokens + (now - self.last) * self.rate)
+        if self.last is None or now > self.last:
+            self.last = now
+
+    def wait_time(self, now: float, n: int) -> float:
+        """0 when `n` more units fit now, else the seconds until they will (a window when they never do)."""
+        self._refill(now)
+        if self.tokens >= n:
+            return 0.0
+        if n > self.capacity:
+            return self.window
+        return max((n - self.tokens) / self.rate, 0.001)
+
+    def add(self, now: float, n: int) -> None:
+        self._refill(now)
+        self.tokens -= n
+        self.last_n = n
+
+    def undo_last(self) -> None:
+        self.tokens = min(self.capacity, self.tokens + self.last_n)
+        self.last_n = 0
+
+    def __repr__(self) -> str:
+        return f"<_Bucket {self.tokens:.1f}/{self.capacity} +{self.rate:g}/s>"
+
+
+def _budget(limit: int, window: float, burst: int | None) -> _Window | _Bucket:
+    """The per-key budget: a sliding window, or a token bucket when a burst is configured."""
+    return _Window(limit, window) if burst is None else _Bucket(limit, window, burst)
+
+
 # --------------------------------------------------------------------------------------------------
 # HTTP plumbing
 
@@ -1222,8 +1290,8 @@ class EmulatorApp:
         self._responses: Counter[int] = Counter()
         self._faults: Counter[str] = Counter()
         self._rate_limited = 0
-        self._request_windows: dict[str, _Window] = {}
-        self._run_windows: dict[str, _Window] = {}
+        self._request_windows: dict[str, _Window | _Bucket] = {}
+        self._run_windows: dict[str, _Window | _Bucket] = {}
         self._waiters: set[asyncio.Future[str]] = set()
         self._closing = False
 
@@ -1393,7 +1461,9 @@ class EmulatorApp:
         if cfg.rate_limit is not None and (cfg.count_gets or req.method != "GET"):
             window = self._request_windows.get(req.key)
             if window is None:
-                window = self._request_windows[req.key] = _Window(cfg.rate_limit, cfg.rate_window)
+                window = self._request_windows[req.key] = _budget(
+                    cfg.rate_limit, cfg.rate_window, cfg.rate_burst
+                )
             now = self.state.now()
             wait = window.wait_time(now, 1)
             if wait:
@@ -1565,7 +1635,9 @@ class EmulatorApp:
         if cfg.run_rate_limit is not None:
             window = self._run_windows.get(req.key)
             if window is None:
-                window = self._run_windows[req.key] = _Window(cfg.run_rate_limit, cfg.rate_window)
+                window = self._run_windows[req.key] = _budget(
+                    cfg.run_rate_limit, cfg.rate_window, cfg.run_burst
+                )
             wait = window.wait_time(now, len(items))
             if wait:
                 raise self._rate_limit_error(wait)

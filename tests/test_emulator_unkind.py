@@ -1,13 +1,106 @@
-"""The emulator's unkind options: so far, ids that differ across restarts unless seeded."""
+"""The emulator's unkind options: token-bucket quotas with a small burst, ids that differ across restarts."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
-from test_emulator import app_with, body, client, run
+from test_emulator import app_with, assert_error, body, client, run
 
-from enrich._emulator import EmulatorApp, EmulatorConfig
+from enrich._emulator import EmulatorApp, EmulatorConfig, _Bucket
+
+# --------------------------------------------------------------------------------------------------
+# Token buckets
+
+
+def test_bucket_refills_at_its_rate_and_never_fits_more_than_its_capacity() -> None:
+    bucket = _Bucket(60, 60.0, 5)  # 1 unit a second, at most 5 at once
+    assert bucket.wait_time(0.0, 5) == 0.0
+    bucket.add(0.0, 5)
+    assert bucket.wait_time(0.0, 1) == pytest.approx(1.0)
+    assert bucket.wait_time(0.5, 2) == pytest.approx(1.5)
+    assert bucket.wait_time(100.0, 5) == 0.0  # full again, never more than full
+    assert bucket.wait_time(100.0, 6) == 60.0  # more than the capacity: a full window, every time
+    bucket.add(100.0, 5)
+    bucket.undo_last()
+    assert bucket.wait_time(100.0, 5) == 0.0
+
+
+def test_run_burst_refuses_an_add_over_it_every_time_while_smaller_adds_pass() -> None:
+    app = app_with(run_rate_limit=600, rate_window=60, run_burst=5)  # 10 runs a second, 5 at once
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            for _ in range(3):
+                r = await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 6})
+                assert_error(r, 429)
+                assert float(r.headers["retry-after"]) == 60.0
+            assert (
+                await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 5})
+            ).status_code == 200
+            r = await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 2})
+            assert_error(r, 429)
+            wait = float(r.headers["retry-after"])
+            assert 0.1 < wait <= 0.2
+            await asyncio.sleep(wait + 0.01)
+            assert (
+                await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 2})
+            ).status_code == 200
+            assert (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]["num_task_runs"] == 7
+        stats = app.stats()
+        assert stats["runs_created"] == 7 and stats["rate_limited"] == 4
+
+    run(go())
+
+
+def test_rate_burst_makes_the_request_limit_a_token_bucket() -> None:
+    app = app_with(rate_limit=6, rate_window=1.0, rate_burst=3)  # 6 a second, 3 at once
+
+    async def go() -> None:
+        async with client(app) as c:
+            for _ in range(3):
+                assert (await c.get("/v1/tasks/runs/trun_x")).status_code == 404
+            r = await c.get("/v1/tasks/runs/trun_x")
+            assert_error(r, 429)
+            wait = float(r.headers["retry-after"])
+            assert 0 < wait <= 1 / 6 + 0.001
+            await asyncio.sleep(wait + 0.005)
+            assert (await c.get("/v1/tasks/runs/trun_x")).status_code == 404  # the 429 cost no token
+
+    run(go())
+
+
+def test_bursts_answer_429_without_retry_after_when_told() -> None:
+    app = app_with(rate_limit=1, rate_window=60, rate_burst=1, run_rate_limit=10, run_burst=2)
+    app_runs = app_with(run_rate_limit=10, rate_window=60, run_burst=2, retry_after_header=False)
+    app_reqs = app_with(rate_limit=1, rate_window=60, rate_burst=1, retry_after_header=False)
+
+    async def go() -> None:
+        async with client(app) as c:
+            assert (await c.post("/v1/tasks/runs", json=body())).status_code == 202
+            assert "retry-after" in (await c.post("/v1/tasks/runs", json=body())).headers
+        async with client(app_reqs) as c:
+            assert (await c.post("/v1/tasks/runs", json=body())).status_code == 202
+            r = await c.post("/v1/tasks/runs", json=body())
+            assert r.status_code == 429 and "retry-after" not in r.headers
+        async with client(app_runs) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            r = await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 3})
+            assert r.status_code == 429 and "retry-after" not in r.headers
+
+    run(go())
+
+
+def test_burst_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="run_burst needs run_rate_limit"):
+        EmulatorConfig(run_burst=5)
+    with pytest.raises(ValueError, match="rate_burst needs rate_limit"):
+        EmulatorConfig(rate_limit=None, rate_burst=5)
+    with pytest.raises(ValueError, match="rate_burst must be >= 1"):
+        EmulatorConfig(rate_burst=0)
+
 
 # --------------------------------------------------------------------------------------------------
 # Ids across restarts
