@@ -21,8 +21,9 @@ the clock (one heap of pending transitions, no timer per run), so a million runs
 Blocking calls (`/result`, the event streams) wait on asyncio timers and futures, never on polling.
 
 `GET /_emulator/stats` (no key needed, never faulted) and `app.stats()` report counters for tests:
-requests by route, 429s, faults by kind, runs and groups created, `duplicate_runs` (runs created beyond
-the distinct (input, task_spec, processor) triples) and runs by status. No client may need it.
+requests by route, 429s, faults by kind, `streams_closed_early`, runs and groups created,
+`duplicate_runs` (runs created beyond the distinct (input, task_spec, processor) triples) and runs by
+status. No client may need it.
 
 Where the sources leave a question open (task-api.md, "Open questions"), the emulator takes the stricter
 reading, so a client that passes here also passes there:
@@ -37,6 +38,8 @@ reading, so a client that passes here also passes there:
 - Group `GET …/runs` lists every run, active ones included, with its current status.
 - Group create and add-runs answer 200, single-run create 202; `/v1` and `/v1beta` group paths both work.
 - SSE never sends `id:` or `retry:` lines; only the group events stream sends `: keepalive` comments.
+  Streams last their documented lifetimes (run events 570 s, group events 1 h) unless
+  `stream_close_seconds` ends them sooner, as a proxy may.
 - Run, group and ref ids are random per emulator unless `seed` is given, so a restarted emulator does
   not hand out the ids of the last one.
 - Errors use ErrorResponse, except the group endpoints' 422 (FastAPI shape), unknown routes
@@ -195,6 +198,9 @@ class EmulatorConfig:
       tokens exist. Each needs its limit set; None (the default): the sliding window.
     - `credit`: dollars. Each created run reserves its processor's price; a create or add that would
       go over it gets 402 and creates nothing. None: unlimited.
+    - `stream_close_seconds`: every SSE stream (run events, group runs, group events) ends after this
+      many seconds, whatever is still active, with a clean end of the body, as a proxy's idle or
+      lifetime timeout does. None (the default): only the documented lifetimes (570 s, 1 h).
     - `seed`: None (the default) draws run, group and ref ids from a fresh random source, so ids
       differ across restarts as the service's do; every other draw (durations, failures, faults) is
       then seeded as if `seed=0`. An int seeds everything, ids included, so two emulators with one
@@ -216,6 +222,7 @@ class EmulatorConfig:
     retry_after_header: bool = True
     count_gets: bool = True
     credit: float | None = None
+    stream_close_seconds: float | None = None
     seed: int | None = None
     keepalive_seconds: float = 15.0
 
@@ -245,6 +252,8 @@ class EmulatorConfig:
         for name in ("rate_window", "keepalive_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.stream_close_seconds is not None and self.stream_close_seconds <= 0:
+            raise ValueError(f"stream_close_seconds must be > 0 or None, got {self.stream_close_seconds!r}")
         if self.slow_seconds < 0:
             raise ValueError("slow_seconds must be >= 0")
         if self.credit is not None and self.credit < 0:
@@ -1294,6 +1303,7 @@ class EmulatorApp:
         self._run_windows: dict[str, _Window | _Bucket] = {}
         self._waiters: set[asyncio.Future[str]] = set()
         self._closing = False
+        self._streams_closed_early = 0
 
     def __repr__(self) -> str:
         s = self.state
@@ -1302,13 +1312,17 @@ class EmulatorApp:
     # -- inspection
 
     def stats(self) -> dict[str, Any]:
-        """Counters for tests: requests, 429s, faults, runs, duplicates, runs by status, credit."""
+        """Counters for tests: requests, 429s, faults, early stream closes, runs, credit.
+
+        Also duplicates and runs by status (`EmulatorState.stats`).
+        """
         out = {
             "requests": dict(sorted(self._requests.items())),
             "requests_total": sum(self._requests.values()),
             "responses": {str(k): v for k, v in sorted(self._responses.items())},
             "rate_limited": self._rate_limited,
             "faults": {kind: self._faults[kind] for kind in sorted(FAULT_KINDS)},
+            "streams_closed_early": self._streams_closed_early,
         }
         out.update(self.state.stats())
         return out
@@ -1432,8 +1446,11 @@ class EmulatorApp:
                 }
             )
             async with contextlib.aclosing(response.chunks) as chunks:
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if self.config.stream_close_seconds is None:
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                else:
+                    await self._send_until(send, chunks, self.config.stream_close_seconds)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         headers = [
@@ -1443,6 +1460,28 @@ class EmulatorApp:
         ]
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+    async def _send_until(self, send: Any, chunks: AsyncGenerator[bytes, None], seconds: float) -> None:
+        """Send a stream's chunks until it ends or `seconds` pass, whichever comes first.
+
+        The caller then ends the body cleanly, as a proxy's stream timeout does.
+        """
+        loop = asyncio.get_running_loop()
+        close_at = loop.time() + seconds
+        while True:
+            if loop.time() >= close_at:  # a stream that never waits (a long snapshot) ends here
+                self._streams_closed_early += 1
+                return
+            try:
+                # Only the generator's own wait is timed, never a send: a chunk goes out whole or not at all.
+                async with asyncio.timeout_at(close_at):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                self._streams_closed_early += 1
+                return
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _dispatch(self, route: _Route | None, allowed: list[str], req: _Request) -> _Response | _Stream:
         if route is None:

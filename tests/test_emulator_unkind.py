@@ -1,14 +1,76 @@
-"""The emulator's unkind options: token-bucket quotas with a small burst, ids that differ across restarts."""
+"""The emulator's unkind options: streams closed early, token-bucket quotas, unseeded ids.
+
+Each test fails without its option. Most drive the ASGI app in-process (`httpx.ASGITransport`); the
+clean-close test goes over real HTTP on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import httpx
 import pytest
-from test_emulator import app_with, assert_error, body, client, run
+from test_emulator import app_with, assert_error, body, client, run, sse
 
-from enrich._emulator import EmulatorApp, EmulatorConfig, _Bucket
+from enrich._emulator import Emulator, EmulatorApp, EmulatorConfig, _Bucket
+
+# --------------------------------------------------------------------------------------------------
+# Streams closed on the service's own timer
+
+
+def test_stream_close_ends_a_group_events_stream_while_runs_are_active() -> None:
+    app = app_with(latency=60, stream_close_seconds=0.2)
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 2})
+            started = time.monotonic()
+            r = await c.get(f"/v1/tasks/groups/{gid}/events", params={"timeout": 5})
+            assert 0.2 <= time.monotonic() - started < 1.0
+            events = sse(r.text)
+            assert [e["type"] for e in events] == ["task_group_status"]
+            assert events[0]["status"]["is_active"] is True
+            assert (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]["is_active"] is True
+        assert app.stats()["streams_closed_early"] == 1
+
+    run(go())
+
+
+def test_stream_close_ends_run_events_and_leaves_streams_that_end_sooner_alone() -> None:
+    app = app_with(latency=60, stream_close_seconds=0.2)
+
+    async def go() -> None:
+        async with client(app) as c:
+            rid = (await c.post("/v1/tasks/runs", json=body())).json()["run_id"]
+            started = time.monotonic()
+            events = sse((await c.get(f"/v1/tasks/runs/{rid}/events")).text)
+            assert 0.2 <= time.monotonic() - started < 1.0
+            assert events[0]["type"] == "task_run.state" and events[0]["run"]["is_active"] is True
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()]})
+            assert len(sse((await c.get(f"/v1/tasks/groups/{gid}/runs")).text)) == 1  # a snapshot
+        assert app.stats()["streams_closed_early"] == 1
+
+    run(go())
+
+
+def test_emulator_stream_close_is_a_clean_end_of_the_body() -> None:
+    with (
+        Emulator(latency=60, stream_close_seconds=0.2) as emu,
+        httpx.Client(base_url=emu.url, headers={"x-api-key": emu.api_key}) as c,
+    ):
+        gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
+        c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()]})
+        started = time.monotonic()
+        with c.stream("GET", f"/v1/tasks/groups/{gid}/events") as r:
+            text = "".join(r.iter_text())  # no RemoteProtocolError: the body ended as a body ends
+        assert 0.2 <= time.monotonic() - started < 1.5
+        assert [e["type"] for e in sse(text)] == ["task_group_status"]
+        assert emu.stats()["streams_closed_early"] == 1
+
 
 # --------------------------------------------------------------------------------------------------
 # Token buckets
