@@ -4,7 +4,12 @@ It serves the run and group endpoints with the real wire shapes, status codes, l
 so a client that works against it works against `https://api.parallel.ai`. Outputs are synthetic and
 deterministic (`enrich._synth`). On top of the API it can inject what production does to a client:
 failed runs, rate limits (429 + Retry-After), exhausted credit (402), and transport faults (HTML 5xx,
-dropped connections, slow answers, and creates whose answer is lost although the runs exist).
+dropped connections, slow answers, and creates whose answer is lost although the runs exist). It can
+also be unkind the way real services and their proxies are, each behaviour off by default
+(`EmulatorConfig` says how): creates committed seconds after a 504 or a hung-up client
+(`late_commit_seconds`), SSE streams closed on the service's own timer (`stream_close_seconds`), a
+quota the client was not told, as a token bucket with a small burst (`rate_burst`, `run_burst`), 429s
+without Retry-After (`retry_after_header`), and, by default, ids that differ across restarts (`seed`).
 
 Three ways to run it:
 
@@ -21,9 +26,9 @@ the clock (one heap of pending transitions, no timer per run), so a million runs
 Blocking calls (`/result`, the event streams) wait on asyncio timers and futures, never on polling.
 
 `GET /_emulator/stats` (no key needed, never faulted) and `app.stats()` report counters for tests:
-requests by route, 429s, faults by kind, `streams_closed_early`, runs and groups created,
-`duplicate_runs` (runs created beyond the distinct (input, task_spec, processor) triples) and runs by
-status. No client may need it.
+requests by route, 429s, faults by kind, `late_commits` (and `late_commits_pending`),
+`streams_closed_early`, runs and groups created, `duplicate_runs` (runs created beyond the distinct
+(input, task_spec, processor) triples) and runs by status. No client may need it.
 
 Where the sources leave a question open (task-api.md, "Open questions"), the emulator takes the stricter
 reading, so a client that passes here also passes there:
@@ -33,6 +38,8 @@ reading, so a client that passes here also passes there:
   slide; GETs count toward the request limit; an add of N inputs is one request and N runs. Options
   take the other readings: no Retry-After at all, and token buckets whose burst may be below one
   full add.
+- A create or add either happens before its answer or not at all, unless `late_commit_seconds` makes
+  it land later than a gateway's 504 or a client's hang-up (a retry then makes duplicates).
 - No concurrency cap besides credit. `action_required`, `cancelling` and `cancelled` are never produced.
 - No task spec means `auto`: JSON with `output_schema` filled on `pro` and above, text below `pro`.
 - Group `GET …/runs` lists every run, active ones included, with its current status.
@@ -93,6 +100,9 @@ __all__ = [
 
 #: Every transport/server fault the emulator can inject (see `EmulatorConfig.faults`).
 FAULT_KINDS = frozenset({"html_5xx", "drop", "slow", "lost_create"})
+
+#: How a late-committed create is answered (see `EmulatorConfig.late_commit_answer`).
+_LATE_ANSWERS = ("gateway", "after")
 
 #: The key `Emulator` hands out when its config names none (any non-empty key is then accepted).
 DEMO_API_KEY = "emulator-demo-key"
@@ -161,6 +171,8 @@ _HTML_5XX = {
     503: b"<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n<center>"
     b"<h1>503 Service Temporarily Unavailable</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n"
     b"</html>\r\n",
+    504: b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n<center><h1>504 Gateway "
+    b"Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n",
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -198,13 +210,22 @@ class EmulatorConfig:
       tokens exist. Each needs its limit set; None (the default): the sliding window.
     - `credit`: dollars. Each created run reserves its processor's price; a create or add that would
       go over it gets 402 and creates nothing. None: unlimited.
+    - `late_commit_seconds`, `late_commit_rate`, `late_commit_answer`: when `late_commit_seconds > 0`,
+      a `late_commit_rate` share of run-creating requests (`POST /v1/tasks/runs`, `POST .../groups/
+      {id}/runs`) is validated and admitted (rate limit, credit) on arrival, but its runs are created
+      `late_commit_seconds` later by a task of the emulator's own, which does not depend on the
+      client's connection: the commit lands even when the client has gone away. Nothing of those
+      runs is visible (run ids, group counts, runs and events streams) before the commit.
+      `late_commit_answer="gateway"` (the default) answers the client at once with an HTML
+      504 Gateway Time-out, as a proxy in front of a slow service does; `"after"` answers normally
+      once the commit happened, with the ids it created. Defaults: 0.0 (off), 1.0, "gateway".
     - `stream_close_seconds`: every SSE stream (run events, group runs, group events) ends after this
       many seconds, whatever is still active, with a clean end of the body, as a proxy's idle or
       lifetime timeout does. None (the default): only the documented lifetimes (570 s, 1 h).
     - `seed`: None (the default) draws run, group and ref ids from a fresh random source, so ids
-      differ across restarts as the service's do; every other draw (durations, failures, faults) is
-      then seeded as if `seed=0`. An int seeds everything, ids included, so two emulators with one
-      seed hand out the same ids. Outputs never depend on the seed.
+      differ across restarts as the service's do; every other draw (durations, failures, faults,
+      late commits) is then seeded as if `seed=0`. An int seeds everything, ids included, so two
+      emulators with one seed hand out the same ids. Outputs never depend on the seed.
     - `keepalive_seconds`: interval of `: keepalive` comments on the long group events stream.
     """
 
@@ -222,12 +243,15 @@ class EmulatorConfig:
     retry_after_header: bool = True
     count_gets: bool = True
     credit: float | None = None
+    late_commit_seconds: float = 0.0
+    late_commit_rate: float = 1.0
+    late_commit_answer: str = "gateway"
     stream_close_seconds: float | None = None
     seed: int | None = None
     keepalive_seconds: float = 15.0
 
     def __post_init__(self) -> None:
-        for name in ("failure_rate", "fault_rate"):
+        for name in ("failure_rate", "fault_rate", "late_commit_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
@@ -252,6 +276,11 @@ class EmulatorConfig:
         for name in ("rate_window", "keepalive_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.late_commit_seconds < 0:
+            raise ValueError(f"late_commit_seconds must be >= 0, got {self.late_commit_seconds!r}")
+        if self.late_commit_answer not in _LATE_ANSWERS:
+            known = " or ".join(_LATE_ANSWERS)
+            raise ValueError(f"late_commit_answer must be {known}, got {self.late_commit_answer!r}")
         if self.stream_close_seconds is not None and self.stream_close_seconds <= 0:
             raise ValueError(f"stream_close_seconds must be > 0 or None, got {self.stream_close_seconds!r}")
         if self.slow_seconds < 0:
@@ -434,13 +463,29 @@ class EmulatorState:
     def can_afford(self, items: list[_Prepared]) -> bool:
         if self.credit_micro is None:
             return True
-        cost = sum(round(p.processor.price_per_1k * 1_000) for p in items)
-        return self.spent_micro + cost <= self.credit_micro
+        return self.spent_micro + _cost_micro(items) <= self.credit_micro
+
+    def reserve(self, items: list[_Prepared]) -> int:
+        """Reserve the credit of runs to be created later (a late commit); returns the amount."""
+        if self.credit_micro is None:
+            return 0
+        cost = _cost_micro(items)
+        self.spent_micro += cost
+        return cost
+
+    def release(self, micro: int) -> None:
+        """Give back a reservation whose runs will never be created."""
+        self.spent_micro -= micro
 
     # -- runs
 
-    def create_runs(self, items: list[_Prepared], group: _Group | None) -> list[_Run]:
-        """Create one run per prepared input (in order), reserving credit and scheduling transitions."""
+    def create_runs(
+        self, items: list[_Prepared], group: _Group | None, *, reserved: bool = False
+    ) -> list[_Run]:
+        """Create one run per prepared input (in order), reserving credit and scheduling transitions.
+
+        `reserved`: the credit was reserved already, on the request's arrival (a late commit).
+        """
         self.advance()
         now = self.now()
         cfg = self.config
@@ -484,7 +529,7 @@ class EmulatorState:
             n = self.distinct.get(item.dedup, 0) + 1
             self.distinct[item.dedup] = n
             self.max_per_distinct = max(self.max_per_distinct, n)
-            if self.credit_micro is not None:
+            if self.credit_micro is not None and not reserved:
                 self.spent_micro += round(item.processor.price_per_1k * 1_000)
             created.append(run)
         if group is not None and created:
@@ -613,6 +658,10 @@ class EmulatorState:
             if self.credit_micro is None
             else (self.credit_micro - self.spent_micro) / 1_000_000,
         }
+
+
+def _cost_micro(items: list[_Prepared]) -> int:
+    return sum(round(p.processor.price_per_1k * 1_000) for p in items)
 
 
 def _processor_warnings(spec: _Spec, processor: str) -> list[dict[str, Any]]:
@@ -1175,6 +1224,10 @@ class _Stream:
     status: int = 200
 
 
+class _ClientGone(Exception):
+    """The client went away while its answer was pending: there is nobody to answer."""
+
+
 class _HTTPError(Exception):
     def __init__(self, response: _Response, *, rate_limited: bool = False) -> None:
         super().__init__(response.status)
@@ -1294,6 +1347,7 @@ class EmulatorApp:
         self.config = config
         self.state = EmulatorState(config)
         self._faults_rng = random.Random(f"{_draw_seed(config)}:faults")
+        self._late_rng = random.Random(f"{_draw_seed(config)}:late")
         self._refs = _id_source(config, "refs")
         self._requests: Counter[str] = Counter()
         self._responses: Counter[int] = Counter()
@@ -1303,6 +1357,8 @@ class EmulatorApp:
         self._run_windows: dict[str, _Window | _Bucket] = {}
         self._waiters: set[asyncio.Future[str]] = set()
         self._closing = False
+        self._late_pending: set[asyncio.Task[_Response]] = set()
+        self._late_commits = 0
         self._streams_closed_early = 0
 
     def __repr__(self) -> str:
@@ -1312,7 +1368,7 @@ class EmulatorApp:
     # -- inspection
 
     def stats(self) -> dict[str, Any]:
-        """Counters for tests: requests, 429s, faults, early stream closes, runs, credit.
+        """Counters for tests: requests, 429s, faults, late commits, early stream closes, runs, credit.
 
         Also duplicates and runs by status (`EmulatorState.stats`).
         """
@@ -1322,6 +1378,8 @@ class EmulatorApp:
             "responses": {str(k): v for k, v in sorted(self._responses.items())},
             "rate_limited": self._rate_limited,
             "faults": {kind: self._faults[kind] for kind in sorted(FAULT_KINDS)},
+            "late_commits": self._late_commits,
+            "late_commits_pending": len(self._late_pending),
             "streams_closed_early": self._streams_closed_early,
         }
         out.update(self.state.stats())
@@ -1396,6 +1454,8 @@ class EmulatorApp:
                 response = await self._dispatch(route, allowed, req)
             except _HTTPError as exc:
                 response = exc.response
+            except _ClientGone:
+                return
             if fault == "lost_create":
                 if isinstance(response, _Stream):
                     await response.chunks.aclose()
@@ -1685,6 +1745,41 @@ class EmulatorApp:
         if window is not None:
             window.add(now, len(items))
 
+    async def _commit(
+        self, req: _Request, items: list[_Prepared], commit: Callable[[bool], _Response]
+    ) -> _Response:
+        """Create the admitted runs now, or, for a late commit, on a timer of the emulator's own.
+
+        The late commit is a task of the app, not of the request: cancelling the request or closing
+        its connection does not stop it. `commit(reserved)` creates the runs and builds the answer.
+        """
+        cfg = self.config
+        if cfg.late_commit_seconds <= 0 or self._late_rng.random() >= cfg.late_commit_rate:
+            return commit(False)
+        reserved = self.state.reserve(items)
+        task = asyncio.get_running_loop().create_task(self._late_commit(reserved, commit))
+        self._late_pending.add(task)
+        task.add_done_callback(self._late_pending.discard)
+        if cfg.late_commit_answer == "after":
+            while not task.done():
+                reason = await self._wait(req, cfg.late_commit_seconds, until=task)
+                if reason == "disconnect":
+                    raise _ClientGone
+                if reason == "closing":
+                    break
+            if task.done():
+                return task.result()
+        return _Response(504, _HTML_5XX[504], content_type=b"text/html")
+
+    async def _late_commit(self, reserved: int, commit: Callable[[bool], _Response]) -> _Response:
+        try:
+            await asyncio.sleep(self.config.late_commit_seconds)
+        except asyncio.CancelledError:  # the loop ends (an ASGITransport test, a server stop): no runs
+            self.state.release(reserved)
+            raise
+        self._late_commits += 1
+        return commit(True)
+
     # -- handlers: runs
 
     async def _h_create_run(self, req: _Request, route: _Route) -> _Response:
@@ -1696,8 +1791,12 @@ class EmulatorApp:
         if unknown is not None or prepared is None:
             raise self._error(403, _MSG_FORBIDDEN, {"processor": unknown})
         self._admit(req, [prepared])
-        (run,) = self.state.create_runs([prepared], None)
-        return self._json(202, self.state.run_json(run))
+
+        def commit(reserved: bool) -> _Response:
+            (run,) = self.state.create_runs([prepared], None, reserved=reserved)
+            return self._json(202, self.state.run_json(run))
+
+        return await self._commit(req, [prepared], commit)
 
     async def _h_get_run(self, req: _Request, route: _Route) -> _Response:
         return self._json(200, self.state.run_json(self._run(req)))
@@ -1881,24 +1980,28 @@ class EmulatorApp:
         if unknown:
             raise self._error(403, _MSG_FORBIDDEN, {"processors": sorted(set(unknown))})
         self._admit(req, prepared)
-        before_runs = len(group.runs)
-        before_events = len(group.events)
-        cached = group.cached_status
-        runs = self.state.create_runs(prepared, group)
-        if refresh or cached is None:
-            status = self.state.group_status(group)
-        else:
-            status = cached
-            group.cached_status = cached
-        return self._json(
-            200,
-            {
-                "run_ids": [r.run_id for r in runs],
-                "status": status,
-                "run_cursor": _run_cursor(group, before_runs) if before_runs else None,
-                "event_cursor": _event_cursor(group, before_events) if before_events else None,
-            },
-        )
+
+        def commit(reserved: bool) -> _Response:
+            before_runs = len(group.runs)
+            before_events = len(group.events)
+            cached = group.cached_status
+            runs = self.state.create_runs(prepared, group, reserved=reserved)
+            if refresh or cached is None:
+                status = self.state.group_status(group)
+            else:
+                status = cached
+                group.cached_status = cached
+            return self._json(
+                200,
+                {
+                    "run_ids": [r.run_id for r in runs],
+                    "status": status,
+                    "run_cursor": _run_cursor(group, before_runs) if before_runs else None,
+                    "event_cursor": _event_cursor(group, before_events) if before_events else None,
+                },
+            )
+
+        return await self._commit(req, prepared, commit)
 
     async def _h_group_runs(self, req: _Request, route: _Route) -> _Stream:
         group = self._group(req)
@@ -2020,8 +2123,15 @@ class EmulatorApp:
 
     # -- waiting
 
-    async def _wait(self, req: _Request, delay: float, group: _Group | None = None) -> str:
-        """Wait `delay` seconds on a timer; end early on a group change, a disconnect or close().
+    async def _wait(
+        self,
+        req: _Request,
+        delay: float,
+        group: _Group | None = None,
+        until: asyncio.Future[Any] | None = None,
+    ) -> str:
+        """Wait `delay` seconds on a timer; end early on a group change, `until` being done, a
+        disconnect or close().
 
         Returns "timeout", "wake", "disconnect" or "closing".
         """
@@ -2044,6 +2154,12 @@ class EmulatorApp:
             fire("disconnect")
         else:
             watch.add_done_callback(on_disconnect)
+
+        def on_until(_: object) -> None:
+            fire("wake")
+
+        if until is not None:
+            until.add_done_callback(on_until)
         self._waiters.add(fut)
         if group is not None:
             group.waiters.add(fut)
@@ -2052,6 +2168,8 @@ class EmulatorApp:
         finally:
             handle.cancel()
             watch.remove_done_callback(on_disconnect)
+            if until is not None:
+                until.remove_done_callback(on_until)
             self._waiters.discard(fut)
             if group is not None:
                 group.waiters.discard(fut)
@@ -2145,7 +2263,9 @@ class Emulator:
         ...     r.status_code, emu.stats()["runs_created"]
         (202, 1)
 
-    Pass an `EmulatorConfig`, or its fields as keyword arguments (or both: keywords override).
+    Pass an `EmulatorConfig`, or its fields as keyword arguments (or both: keywords override), e.g.
+    `Emulator(late_commit_seconds=2.0, stream_close_seconds=30, run_rate_limit=2_000, run_burst=500)`
+    for a service that is unkind to clients (see `EmulatorConfig`).
     `url` is `http://127.0.0.1:<port>` (a free port unless `port` is given); `api_key` is the config's
     key or `DEMO_API_KEY`; `app` is the ASGI app, usable with `httpx.ASGITransport` as well. Entering
     returns once the port accepts connections; leaving ends open streams and stops the server.

@@ -1,7 +1,7 @@
-"""The emulator's unkind options: streams closed early, token-bucket quotas, unseeded ids.
+"""The emulator's unkind options: late commits, streams closed early, token-bucket quotas, unseeded ids.
 
 Each test fails without its option. Most drive the ASGI app in-process (`httpx.ASGITransport`); the
-clean-close test goes over real HTTP on 127.0.0.1.
+hang-up and clean-close tests go over real HTTP on 127.0.0.1, where a connection can really close.
 """
 
 from __future__ import annotations
@@ -15,6 +15,154 @@ import pytest
 from test_emulator import app_with, assert_error, body, client, run, sse
 
 from enrich._emulator import Emulator, EmulatorApp, EmulatorConfig, _Bucket
+
+LATE = 0.2  # seconds: long enough to look before the commit, short enough for a fast suite
+
+
+async def group_view(
+    c: httpx.AsyncClient, gid: str
+) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """What a client can see of a group: its run count, its runs stream, its events stream."""
+    count = (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]["num_task_runs"]
+    runs = sse((await c.get(f"/v1/tasks/groups/{gid}/runs")).text)
+    events = sse((await c.get(f"/v1/tasks/groups/{gid}/events", params={"timeout": 0.01})).text)
+    return count, runs, events
+
+
+# --------------------------------------------------------------------------------------------------
+# Late commits
+
+
+def test_late_commit_gateway_answers_504_at_once_and_the_runs_appear_later() -> None:
+    app = app_with(latency=60, late_commit_seconds=LATE)
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            started = time.monotonic()
+            r = await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 3})
+            assert time.monotonic() - started < LATE / 2
+            assert r.status_code == 504 and r.headers["content-type"] == "text/html"
+            assert "504 Gateway Time-out" in r.text
+            single = await c.post("/v1/tasks/runs", json=body())
+            assert single.status_code == 504
+            assert await group_view(c, gid) == (0, [], [])
+            stats = app.stats()
+            assert stats["runs_created"] == 0 and stats["late_commits"] == 0
+            assert stats["late_commits_pending"] == 2
+            await asyncio.sleep(LATE + 0.05)
+            count, runs, events = await group_view(c, gid)
+            assert count == 3 and len(runs) == 3
+            assert [e["type"] for e in events] == ["task_group_status"]
+        stats = app.stats()
+        assert stats["runs_created"] == 4 and stats["late_commits"] == 2
+        assert stats["late_commits_pending"] == 0 and stats["responses"]["504"] == 2
+
+    run(go())
+
+
+def test_late_commit_after_answers_once_committed_with_the_ids_the_commit_created() -> None:
+    app = app_with(latency=60, late_commit_seconds=LATE, late_commit_answer="after")
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            started = time.monotonic()
+            r = await c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 3})
+            assert time.monotonic() - started >= LATE
+            assert r.status_code == 200
+            listed = [e["run"]["run_id"] for e in sse((await c.get(f"/v1/tasks/groups/{gid}/runs")).text)]
+            assert r.json()["run_ids"] == listed and r.json()["status"]["num_task_runs"] == 3
+            single = await c.post("/v1/tasks/runs", json=body())
+            assert single.status_code == 202
+            assert (await c.get(f"/v1/tasks/runs/{single.json()['run_id']}")).status_code == 200
+
+    run(go())
+
+
+def test_late_commit_lands_although_the_client_cancelled_its_request() -> None:
+    app = app_with(latency=60, late_commit_seconds=LATE, late_commit_answer="after")
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            add = asyncio.ensure_future(c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 2}))
+            await asyncio.sleep(LATE / 4)
+            add.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await add
+            assert (await group_view(c, gid))[0] == 0
+            await asyncio.sleep(LATE)
+            count, runs, _ = await group_view(c, gid)
+            assert count == 2 and len(runs) == 2
+        assert app.stats()["late_commits"] == 1
+
+    run(go())
+
+
+def test_late_commit_admits_on_arrival_against_the_rate_limit_and_the_credit() -> None:
+    limited = app_with(late_commit_seconds=LATE, run_rate_limit=1, rate_window=60)
+    poor = app_with(late_commit_seconds=LATE, credit=0.015)  # base costs $0.01 a run
+
+    async def go() -> None:
+        async with client(limited) as c:
+            assert (await c.post("/v1/tasks/runs", json=body())).status_code == 504
+            assert_error(await c.post("/v1/tasks/runs", json=body()), 429)
+        async with client(poor) as c:
+            assert (await c.post("/v1/tasks/runs", json=body())).status_code == 504
+            assert_error(await c.post("/v1/tasks/runs", json=body()), 402)
+            await asyncio.sleep(LATE + 0.05)
+        for app in (limited, poor):
+            assert app.stats()["runs_created"] == 1 and app.stats()["late_commits"] == 1
+        assert poor.stats()["credit_spent"] == pytest.approx(0.01)
+
+    run(go())
+
+
+def test_late_commit_still_pending_when_its_loop_ends_creates_nothing_and_frees_its_credit() -> None:
+    app = app_with(late_commit_seconds=LATE, credit=0.015)
+
+    async def create() -> int:
+        async with client(app) as c:
+            return (await c.post("/v1/tasks/runs", json=body())).status_code
+
+    assert run(create()) == 504  # the loop ends while the commit waits on its timer
+    stats = app.stats()
+    assert stats["runs_created"] == 0 and stats["late_commits_pending"] == 0
+    assert stats["credit_spent"] == 0
+
+
+def test_late_commit_rate_is_a_seeded_share_of_creates() -> None:
+    def codes(app: EmulatorApp) -> list[int]:
+        async def go() -> list[int]:
+            async with client(app) as c:
+                return [(await c.post("/v1/tasks/runs", json=body())).status_code for _ in range(60)]
+
+        return run(go())
+
+    first = codes(app_with(late_commit_seconds=5.0, late_commit_rate=0.5))
+    assert set(first) == {202, 504} and 15 <= first.count(504) <= 45
+    assert codes(app_with(late_commit_seconds=5.0, late_commit_rate=0.5)) == first  # as if seed 0
+    assert codes(app_with(late_commit_seconds=5.0, late_commit_rate=0.5, seed=0)) == first
+    assert codes(app_with(late_commit_seconds=5.0, late_commit_rate=0.0)) == [202] * 60
+
+
+def test_emulator_late_commit_lands_after_the_client_hung_up() -> None:
+    with (
+        Emulator(latency=60, late_commit_seconds=LATE, late_commit_answer="after") as emu,
+        httpx.Client(base_url=emu.url, headers={"x-api-key": emu.api_key}) as c,
+    ):
+        gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [body()] * 3}, timeout=LATE / 4)
+        assert c.get(f"/v1/tasks/groups/{gid}").json()["status"]["num_task_runs"] == 0
+        time.sleep(LATE + 0.1)
+        assert c.get(f"/v1/tasks/groups/{gid}").json()["status"]["num_task_runs"] == 3
+        stats = emu.stats()
+        assert stats["late_commits"] == 1 and stats["runs_created"] == 3
+        assert stats["requests"]["POST /v1/tasks/groups/{taskgroup_id}/runs"] == 1
+        assert stats["responses"] == {"200": 3}  # the group's create and two GETs: the add got no answer
+
 
 # --------------------------------------------------------------------------------------------------
 # Streams closed on the service's own timer
@@ -162,6 +310,14 @@ def test_burst_options_are_validated() -> None:
         EmulatorConfig(rate_limit=None, rate_burst=5)
     with pytest.raises(ValueError, match="rate_burst must be >= 1"):
         EmulatorConfig(rate_burst=0)
+    for bad in (
+        {"late_commit_seconds": -1.0},
+        {"late_commit_rate": 1.5},
+        {"late_commit_answer": "later"},
+        {"stream_close_seconds": 0.0},
+    ):
+        with pytest.raises(ValueError):
+            EmulatorConfig(**bad)
 
 
 # --------------------------------------------------------------------------------------------------
