@@ -295,7 +295,15 @@ def _emulate(args: argparse.Namespace) -> int:
         "fault_rate": args.fault_rate,
         "rate_limit": args.rate_limit or None,
         "run_rate_limit": args.run_rate_limit or None,
+        "rate_window": args.rate_window,
+        "rate_burst": args.rate_burst,
+        "run_burst": args.run_burst,
+        "retry_after_header": not args.no_retry_after,
         "credit": args.credit,
+        "late_commit_seconds": args.late_commit,
+        "late_commit_rate": args.late_commit_rate,
+        "late_commit_answer": args.late_commit_answer,
+        "stream_close_seconds": args.stream_close,
         "seed": args.seed,
     }
     if faults is not None:
@@ -413,10 +421,56 @@ def _parser() -> argparse.ArgumentParser:
         "--faults", help="fault kinds, comma-separated: html_5xx,drop,slow,lost_create (default: all)"
     )
     emu.add_argument(
-        "--rate-limit", type=int, default=2000, help="requests per minute per key, 0 for none (default 2000)"
+        "--rate-limit",
+        type=int,
+        default=2000,
+        help="requests per window per key, 0 for none (default 2000)",
     )
-    emu.add_argument("--run-rate-limit", type=int, default=0, help="runs created per minute, 0 for none")
+    emu.add_argument("--run-rate-limit", type=int, default=0, help="runs created per window, 0 for none")
+    emu.add_argument(
+        "--rate-window", type=float, default=60.0, metavar="SECONDS", help="the limits' window (default 60)"
+    )
+    emu.add_argument(
+        "--rate-burst",
+        type=int,
+        metavar="N",
+        help="make the request limit a token bucket of N (refilled at --rate-limit per window)",
+    )
+    emu.add_argument(
+        "--run-burst",
+        type=int,
+        metavar="N",
+        help="make the run limit a token bucket of N: an add of more runs than N always gets 429",
+    )
+    emu.add_argument("--no-retry-after", action="store_true", help="answer 429 without Retry-After")
     emu.add_argument("--credit", type=float, help="dollars of credit; runs beyond it get 402")
+    emu.add_argument(
+        "--late-commit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="create the runs of a create/add request this much later, whether the client waits or not",
+    )
+    emu.add_argument(
+        "--late-commit-rate",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="share of create/add requests committed late (0-1, default 1)",
+    )
+    emu.add_argument(
+        "--late-commit-answer",
+        default="gateway",
+        metavar="gateway|after",
+        help="answer a late request at once with an HTML 504 (gateway, the default) or normally once "
+        "committed (after)",
+    )
+    emu.add_argument(
+        "--stream-close",
+        type=float,
+        metavar="SECONDS",
+        help="end every SSE stream after SECONDS, runs active or not (a proxy's timeout)",
+    )
     emu.add_argument(
         "--seed",
         type=_seed,

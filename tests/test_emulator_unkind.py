@@ -14,6 +14,7 @@ import httpx
 import pytest
 from test_emulator import app_with, assert_error, body, client, run, sse
 
+from enrich._cli import main
 from enrich._emulator import Emulator, EmulatorApp, EmulatorConfig, _Bucket
 
 LATE = 0.2  # seconds: long enough to look before the commit, short enough for a fast suite
@@ -365,3 +366,79 @@ def test_seeded_emulators_hand_out_the_same_ids() -> None:
     for key in ("group", "runs", "ref", "failure_refs"):
         assert a[key] == b[key] != other[key]
     assert a["outputs"] == b["outputs"] == other["outputs"]
+
+
+# --------------------------------------------------------------------------------------------------
+# `enrich emulate`
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[EmulatorConfig]:
+    """The configs `enrich emulate` would serve, without serving them."""
+    configs: list[EmulatorConfig] = []
+
+    def fake_serve(config: EmulatorConfig, host: str, port: int) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr("enrich._emulator.serve", fake_serve)
+    return configs
+
+
+def test_cli_emulate_maps_its_flags_to_the_config(served: list[EmulatorConfig]) -> None:
+    assert main(["emulate"]) == 0
+    default = served.pop()
+    assert (
+        default.seed is None and default.late_commit_seconds == 0.0 and default.stream_close_seconds is None
+    )
+    argv = [
+        "emulate",
+        *("--late-commit", "2.5", "--late-commit-rate", "0.3", "--late-commit-answer", "after"),
+        *("--stream-close", "30", "--rate-limit", "100", "--rate-burst", "10"),
+        *("--run-rate-limit", "2000", "--run-burst", "500", "--rate-window", "30"),
+        *("--no-retry-after", "--seed", "7", "--credit", "5", "--faults", "drop,slow"),
+    ]
+    assert main(argv) == 0
+    config = served.pop()
+    assert (config.late_commit_seconds, config.late_commit_rate, config.late_commit_answer) == (
+        2.5,
+        0.3,
+        "after",
+    )
+    assert config.stream_close_seconds == 30.0 and config.rate_window == 30.0
+    assert (config.rate_limit, config.rate_burst, config.run_rate_limit, config.run_burst) == (
+        100,
+        10,
+        2000,
+        500,
+    )
+    assert config.retry_after_header is False and config.seed == 7 and config.credit == 5.0
+    assert config.faults == frozenset({"drop", "slow"})
+    assert main(["emulate", "--seed", "none"]) == 0 and served.pop().seed is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--late-commit", "-1"], "late_commit_seconds must be >= 0"),
+        (["--late-commit-rate", "2"], "late_commit_rate must be within [0, 1]"),
+        (["--late-commit-answer", "later"], "late_commit_answer must be gateway or after"),
+        (["--stream-close", "0"], "stream_close_seconds must be > 0"),
+        (["--run-burst", "5"], "run_burst needs run_rate_limit"),
+        (["--rate-limit", "0", "--rate-burst", "5"], "rate_burst needs rate_limit"),
+        (["--rate-window", "0"], "rate_window must be > 0"),
+    ],
+)
+def test_cli_emulate_bad_values_exit_2_with_one_line(
+    served: list[EmulatorConfig], capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["emulate", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("enrich: error: ") and message in err[0]
+    assert served == []
+
+
+def test_cli_emulate_refuses_a_seed_that_is_not_a_number(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["emulate", "--seed", "abc"])
+    assert exc.value.code == 2
+    assert "expected an integer or none" in capsys.readouterr().err
