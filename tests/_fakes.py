@@ -5,6 +5,8 @@ events stream (which stays open while runs are active) reaches the engine only o
 `StreamingASGITransport` hands each body chunk over as the app sends it, like a socket would, and tells
 the app when the client hung up, so the engine meets the emulator in-process as it would over HTTP.
 
+`FullDisk` stands in for `os.replace`/`os.fsync` so that the checkpoint's writes fail as on a full disk.
+
 `Tap` wraps the emulator app: a subclass overrides `request` (answer without forwarding), `response`
 (look at or delay an answer that was carried out) or `event` (rewrite, drop or cut the events of an SSE
 stream). It counts the runs-stream requests and the outputs they carried, and passes everything else
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 
-__all__ = ["Cut", "StreamingASGITransport", "Tap", "is_add_runs", "is_runs_stream", "sse"]
+__all__ = ["Cut", "FullDisk", "StreamingASGITransport", "Tap", "is_add_runs", "is_runs_stream", "sse"]
 
 
 def is_add_runs(method: str, path: str) -> bool:
@@ -264,3 +269,45 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
                 if isinstance(data, dict):
                     return data
     return None
+
+
+class FullDisk:
+    """os.replace / os.fsync that fail with `code` for the checkpoint's files from a chosen write on.
+
+    `kind` picks the segment kind whose `after`-th write (0-based) fails first ("" for any file); from
+    then on every checkpoint write fails, as on a full disk. `filled()` is called once, at the first
+    failure (a subclass records what it needs then). Patch `enrich._checkpoint.os.replace` with
+    `replace` and `enrich._checkpoint.os.fsync` with `fsync`.
+    """
+
+    def __init__(self, checkpoint: Path, kind: str, after: int, code: int = errno.ENOSPC) -> None:
+        self.checkpoint, self.kind, self.after, self.code = checkpoint, kind, after, code
+        self.failing = False
+        self.seen = 0
+        self.real_replace, self.real_fsync = os.replace, os.fsync
+
+    def filled(self) -> None:
+        """Called once, when the first write fails."""
+
+    def _fail(self, name: str) -> bool:
+        if not self.failing and name.startswith(self.kind):
+            self.seen += 1
+            if self.seen > self.after:
+                self.failing = True
+                self.filled()
+        return self.failing
+
+    def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(dst)
+        if path.parent == self.checkpoint and self._fail(path.name):
+            raise OSError(self.code, os.strerror(self.code))
+        self.real_replace(src, dst, *args, **kwargs)
+
+    def fsync(self, fd: int) -> None:
+        try:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            path = Path()
+        if self.checkpoint in (path, path.parent) and self._fail(path.name):
+            raise OSError(self.code, os.strerror(self.code))
+        self.real_fsync(fd)

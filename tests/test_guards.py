@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import httpx
 import polars as pl
 import pytest
-from _fakes import StreamingASGITransport, Tap, is_add_runs
+from _fakes import FullDisk, StreamingASGITransport, Tap, is_add_runs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -452,37 +452,13 @@ async def _refused_at_once(job: Any) -> tuple[Exception, list[float]]:
 # -- a full disk in runs mode ----------------------------------------------------------------------------
 
 
-class _FullDisk:
-    """`os.replace`/`os.fsync` for the checkpoint's files that fail with ENOSPC from the `after`-th write
-    (0-based) of segment kind `kind` on; `sent_after` counts add-runs requests sent once writes failed."""
+class _FullDisk(FullDisk):
+    """The checkpoint's disk fills up at the `after`-th write (0-based) of segment kind `kind` (see
+    `_fakes.FullDisk`); `sent_after` counts add-runs requests sent once writes failed."""
 
     def __init__(self, checkpoint: Path, kind: str, after: int) -> None:
-        self.checkpoint, self.kind, self.after = checkpoint, kind, after
-        self.failing = False
-        self.seen = 0
+        super().__init__(checkpoint, kind, after)
         self.sent_after = 0
-        self.real_replace, self.real_fsync = os.replace, os.fsync
-
-    def _fail(self, name: str) -> bool:
-        if not self.failing and name.startswith(self.kind):
-            self.seen += 1
-            self.failing = self.seen > self.after
-        return self.failing
-
-    def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        path = Path(dst)
-        if path.parent == self.checkpoint and self._fail(path.name):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.real_replace(src, dst, *args, **kwargs)
-
-    def fsync(self, fd: int) -> None:
-        try:
-            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            path = Path()
-        if self.checkpoint in (path, path.parent) and self._fail(path.name):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.real_fsync(fd)
 
 
 class _Counting(httpx.AsyncBaseTransport):

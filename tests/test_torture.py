@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import _fakes
 import polars as pl
 import pytest
 
@@ -403,43 +404,17 @@ def test_segment_from_another_job_is_skipped_with_a_warning(
     assert emu.stats()["runs_created"] == 120 and emu.stats()["duplicate_runs"] == 0
 
 
-class FullDisk:
-    """os.replace / os.fsync that fail with `code` for the checkpoint's files from a chosen write on.
-
-    `kind` picks the segment kind whose `after`-th write (0-based) fails first ("" for any file); from
-    then on every checkpoint write fails, as on a full disk. `created` records how many runs the service
-    had made when the first write failed.
-    """
+class FullDisk(_fakes.FullDisk):
+    """The checkpoint's disk fills up (see `_fakes.FullDisk`); `created` records how many runs the
+    service had made when the first write failed."""
 
     def __init__(self, checkpoint: Path, emu: Emulator, kind: str, after: int, code: int) -> None:
-        self.checkpoint, self.emu, self.kind, self.after, self.code = checkpoint, emu, kind, after, code
-        self.failing = False
-        self.seen = 0
+        super().__init__(checkpoint, kind, after, code)
+        self.emu = emu
         self.created: int | None = None
-        self.real_replace, self.real_fsync = os.replace, os.fsync
 
-    def _fail(self, name: str) -> bool:
-        if not self.failing and name.startswith(self.kind):
-            self.seen += 1
-            if self.seen > self.after:
-                self.failing = True
-                self.created = len(self.emu.app.state.runs)
-        return self.failing
-
-    def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        path = Path(dst)
-        if path.parent == self.checkpoint and self._fail(path.name):
-            raise OSError(self.code, os.strerror(self.code))
-        self.real_replace(src, dst, *args, **kwargs)
-
-    def fsync(self, fd: int) -> None:
-        try:
-            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            path = Path()
-        if self.checkpoint in (path, path.parent) and self._fail(path.name):
-            raise OSError(self.code, os.strerror(self.code))
-        self.real_fsync(fd)
+    def filled(self) -> None:
+        self.created = len(self.emu.app.state.runs)
 
 
 @pytest.mark.parametrize(
