@@ -9,10 +9,15 @@ On disk a checkpoint is one directory:
 
     manifest.json                  {"format": 1, "job_id", "fingerprint", "created_at", "enrich_version"}
     groups-000000001.parquet       task groups created: group_id
-    intents-000000002.parquet      rows about to be sent in one add-runs request: batch_id, group_id, row_key
+    intents-000000002.parquet      rows about to be sent in one add-runs request: batch_id, group_id, row_key,
+                                   sent_at (when the request went out: a late commit is possible until a
+                                   horizon after it)
     receipts-000000003.parquet     runs created: row_key, run_id, group_id, batch_id, created_at
     outcomes-000000004.parquet     runs finished: row_key, run_id, status, output, basis, error, finished_at
     resolutions-000000005.parquet  in-doubt intent batches that reconciliation settled: batch_id
+    duplicates-000000006.parquet   runs found for a row that already had one (a create committed after the
+                                   job gave it up): row_key, run_id, group_id, found_at; paid, never joined
+    pacing.json                    what the limiter learned of the service's quota (replaced atomically)
 
 Every segment row also holds `_order`, its place in the history (see below).
 
@@ -35,18 +40,21 @@ Invariants, each chosen for "what if the process dies right here?":
 
 What a record means:
 
-* A receipt is a run that exists and was paid for: `Checkpoint.runs` (distinct run ids) is what was spent.
-  A row's run is its latest receipt; a newer receipt for the same row (a retry) supersedes the older run.
+* A receipt is a run that exists and was paid for: `Checkpoint.runs` (distinct run ids of receipts and
+  duplicates) is what was spent. A row's run is its latest receipt; a newer receipt for the same row (a
+  retry) supersedes the older run. A duplicate is a run paid for that answers nothing: it never becomes
+  a row's run.
 * An outcome counts only when its `run_id` is the run of its row's latest receipt.
 * A row is in doubt when its latest intent has no receipt with the same `batch_id` and that batch was not
-  resolved: the add-runs request may or may not have created its runs. A later intent for the same row
-  supersedes an earlier one.
+  resolved: the add-runs request may or may not have created its runs, now or (a late commit) later. A
+  later intent for the same row supersedes an earlier one. An intent written before `sent_at` existed
+  reads with `sent_at` null: long past.
 
 Compaction keeps the segment count bounded without ever rewriting the whole history on a flush. Each
 segment has a tier: 0 when written by a record method, t + 1 when merged from segments of tier t. When a kind
 has `compact_fanout` segments of one tier, they are merged into one segment of the next tier (keeping the
-latest row per identity key: group_id; batch_id + row_key; batch_id; run_id; run_id), which is written and
-made durable *before* its sources are deleted. A crash in between leaves the sources behind: the next open
+latest row per identity key: group_id; batch_id + row_key; batch_id; run_id; run_id; run_id), which is written
+and made durable *before* its sources are deleted. A crash in between leaves the sources behind: the next open
 finds their seqs in the merged segment's `enrich.replaces`, reads the merged segment instead, and deletes
 them (if the merged segment proves unreadable, it reads the sources). A row is rewritten at most once per
 tier, so writing n rows in w writes costs O(n log w) in total, and a kind keeps at most `compact_fanout - 1`
@@ -73,7 +81,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -92,6 +100,7 @@ __all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
 
 FORMAT: Final = 1
 MANIFEST: Final = "manifest.json"
+PACING: Final = "pacing.json"
 
 _ORDER = "_order"
 _BUFFERED_ORDER = 1 << 62  # outcomes not yet flushed sort after everything on disk
@@ -99,7 +108,13 @@ _TS: Final[pl.Datetime] = pl.Datetime("us", "UTC")
 _SCHEMAS: Final[dict[str, pl.Schema]] = {
     "groups": pl.Schema({"group_id": pl.String, _ORDER: pl.Int64}),
     "intents": pl.Schema(
-        {"batch_id": pl.String, "group_id": pl.String, "row_key": pl.String, _ORDER: pl.Int64}
+        {
+            "batch_id": pl.String,
+            "group_id": pl.String,
+            "row_key": pl.String,
+            "sent_at": _TS,
+            _ORDER: pl.Int64,
+        }
     ),
     "resolutions": pl.Schema({"batch_id": pl.String, _ORDER: pl.Int64}),
     "receipts": pl.Schema(
@@ -124,7 +139,18 @@ _SCHEMAS: Final[dict[str, pl.Schema]] = {
             _ORDER: pl.Int64(),
         }
     ),
+    "duplicates": pl.Schema(
+        {
+            "row_key": pl.String(),
+            "run_id": pl.String(),
+            "group_id": pl.String(),
+            "found_at": _TS,
+            _ORDER: pl.Int64(),
+        }
+    ),
 }
+# Columns added after segments without them were written: such a segment reads them as null.
+_ADDED: Final[dict[str, frozenset[str]]] = {"intents": frozenset({"sent_at"})}
 # The identity of a record: compaction keeps the latest row per key.
 _KEYS: Final[dict[str, list[str]]] = {
     "groups": ["group_id"],
@@ -132,6 +158,7 @@ _KEYS: Final[dict[str, list[str]]] = {
     "resolutions": ["batch_id"],
     "receipts": ["run_id"],
     "outcomes": ["run_id"],
+    "duplicates": ["run_id"],
 }
 # Outcome columns that can be large: read from disk only by `state(outputs=True)`, never kept in memory.
 _HEAVY: Final = ("output", "basis")
@@ -164,12 +191,14 @@ class Intent:
     """An add-runs request about to be sent (or, from `Checkpoint.in_doubt`, one whose answer is unknown).
 
     `group_id` is None for runs created outside a task group. From `in_doubt()`, `row_keys` holds only the
-    keys still in doubt, in the order they were recorded.
+    keys still in doubt, in the order they were recorded. `sent_at` is when the request went out (UTC; None
+    for an intent recorded before enrich kept it): the service may still commit it for a while after.
     """
 
     batch_id: str
     group_id: str | None
     row_keys: tuple[str, ...]
+    sent_at: datetime | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +238,10 @@ class Counts:
     in_doubt: int
     """Rows whose latest add-runs request may or may not have created a run (see `Checkpoint.in_doubt`)."""
     runs: int
-    """Distinct runs created, retries included: what the job has spent, in runs."""
+    """Distinct runs created, retries and duplicates included: what the job has spent, in runs."""
+    duplicates: int = 0
+    """Runs created for a row that already had one (a create the service committed after the job gave it
+    up and sent again): paid for, never joined."""
 
 
 @dataclass(slots=True)
@@ -300,8 +332,11 @@ class Checkpoint:
         self._compact_backoff: dict[str, int] = dict.fromkeys(_KINDS, 0)
         self._groups: list[str] = []
         self._resolved: set[str] = set()
-        # row_key -> (batch_id, group_id, _order) of its latest intent, while that intent is in doubt.
-        self._pending: dict[str, tuple[str, str | None, int]] = {}
+        # row_key -> (batch_id, group_id, _order, sent_at) of its latest intent, while it is in doubt.
+        self._pending: dict[str, tuple[str, str | None, int, datetime | None]] = {}
+        # Duplicate runs: run_id -> row_key (few: each is a create committed after its horizon).
+        self._duplicates: dict[str, str] = {}
+        self._pacing: dict[str, Any] | None = None
         # Receipts and outcomes in memory (columns of _MEMORY), each sorted by _order.
         self._receipts = _Chunks(_empty("receipts").select(_MEMORY["receipts"]))
         self._outcomes = _Chunks(_empty("outcomes").select(_MEMORY["outcomes"]))
@@ -438,12 +473,15 @@ class Checkpoint:
         return self._buffered
 
     def run_ids(self, row_keys: Iterable[str]) -> set[str]:
-        """Every run recorded for `row_keys`: all their receipts, not only the latest (from memory)."""
+        """Every run recorded for `row_keys`: all their receipts, not only the latest, and their duplicates
+        (from memory)."""
         with self._lock:
             if self._forgotten:
                 raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
+            keys = set(row_keys)
             receipts = self._receipts.frame()
-            return set(receipts.filter(pl.col("row_key").is_in(list(row_keys)))["run_id"].to_list())
+            found = set(receipts.filter(pl.col("row_key").is_in(list(keys)))["run_id"].to_list())
+            return found | {run for run, key in self._duplicates.items() if key in keys}
 
     @property
     def groups(self) -> list[str]:
@@ -474,26 +512,40 @@ class Checkpoint:
             self._append("groups", pl.DataFrame({"group_id": [group_id]}))
             self._groups.append(group_id)
 
-    def record_intents(self, batch_id: str, group_id: str | None, row_keys: Iterable[str]) -> Intent:
+    def record_intents(
+        self,
+        batch_id: str,
+        group_id: str | None,
+        row_keys: Iterable[str],
+        *,
+        sent_at: datetime | None = None,
+    ) -> Intent:
         """Record that an add-runs request for `row_keys` is about to be sent; durable on return.
 
         Until receipts with this `batch_id` are recorded for them (or the batch is resolved), the keys are
-        in doubt. Duplicate keys are recorded once. Returns the intent as recorded.
+        in doubt. Duplicate keys are recorded once. `sent_at` (default: now) is when the request goes out;
+        recording the same batch again (its request sent again after a 429) moves it. Returns the intent as
+        recorded.
         """
         keys = list(dict.fromkeys(row_keys))
         if not keys:
             raise ValueError("record_intents needs at least one row key")
-        self.record_intent_rows([(batch_id, group_id, key) for key in keys])
-        return Intent(batch_id, group_id, tuple(keys))
+        sent_at = sent_at if sent_at is not None else datetime.now(UTC)
+        self.record_intent_rows([(batch_id, group_id, key) for key in keys], sent_at=sent_at)
+        return Intent(batch_id, group_id, tuple(keys), sent_at)
 
-    def record_intent_rows(self, rows: Sequence[tuple[str, str | None, str]]) -> None:
+    def record_intent_rows(
+        self, rows: Sequence[tuple[str, str | None, str]], *, sent_at: datetime | None = None
+    ) -> None:
         """Record many intents at once, as `(batch_id, group_id, row_key)` rows, in one segment; durable
         on return. The group commit of runs mode: creates sent at the same moment share one fsync.
 
-        Rows of one batch behave as `record_intents(batch_id, group_id, keys)`; later rows of a key win.
+        Rows of one batch behave as `record_intents(batch_id, group_id, keys, sent_at=sent_at)`; later rows
+        of a key win.
         """
         if not rows:
             return
+        sent_at = _utc(sent_at if sent_at is not None else datetime.now(UTC))
         for batch_id, group_id, _ in rows:
             _check_id(batch_id, "batch_id")
             if group_id is not None:
@@ -505,7 +557,7 @@ class Checkpoint:
                 "row_key": [r[2] for r in rows],
             },
             schema={"batch_id": pl.String, "group_id": pl.String, "row_key": pl.String},
-        )
+        ).with_columns(pl.lit(sent_at, dtype=_TS).alias("sent_at"))
         _check_row_keys(frame["row_key"])
         with self._lock:
             self._check_writable()
@@ -516,7 +568,7 @@ class Checkpoint:
                 if batch_id in self._resolved:
                     self._pending.pop(key, None)
                 else:
-                    self._pending[key] = (batch_id, group_id, first + i)
+                    self._pending[key] = (batch_id, group_id, first + i, sent_at)
 
     def record_receipts(self, receipts: Iterable[Receipt] | pl.DataFrame) -> None:
         """Record runs the API created; durable on return. Call it before sending the next add-runs request.
@@ -541,7 +593,10 @@ class Checkpoint:
                 seen = known.filter(known.is_in(pl.Series(maybe, dtype=pl.String).implode())).n_unique()
             written = self._append("receipts", frame)
             self._receipts.append(written.select(_MEMORY["receipts"]))
-            self._runs += len(new_runs) - seen
+            was_duplicate = [r for r in new_runs if r in self._duplicates]
+            for run in was_duplicate:  # paid for once, whichever way it was recorded first
+                del self._duplicates[run]
+            self._runs += len(new_runs) - seen - len(was_duplicate)
             self._run_hashes.update(hashes)
             self._light = None
             for key, batch in zip(frame["row_key"].to_list(), frame["batch_id"].to_list(), strict=True):
@@ -562,6 +617,71 @@ class Checkpoint:
             self._append("resolutions", pl.DataFrame({"batch_id": [batch_id]}))
             self._resolved.add(batch_id)
             self._pending = {k: v for k, v in self._pending.items() if v[0] != batch_id}
+
+    def record_duplicates(self, duplicates: Iterable[tuple[str, str, str | None]]) -> None:
+        """Record runs found for rows that already have a run, as `(row_key, run_id, group_id)`; durable
+        on return. They count in `runs` (they were paid for) and never become a row's run. A run recorded
+        already (as a receipt or a duplicate) is skipped."""
+        rows = [d for d in duplicates if d[1] not in self._duplicates and not self.knows_run(d[1])]
+        if not rows:
+            return
+        frame = pl.DataFrame(
+            {
+                "row_key": [r[0] for r in rows],
+                "run_id": [r[1] for r in rows],
+                "group_id": [r[2] for r in rows],
+            },
+            schema={"row_key": pl.String, "run_id": pl.String, "group_id": pl.String},
+        ).with_columns(pl.lit(datetime.now(UTC), dtype=_TS).alias("found_at"))
+        _check_row_keys(frame["row_key"])
+        _check_ids(frame, "run_id")
+        with self._lock:
+            self._check_writable()
+            self._append("duplicates", frame)
+            for key, run_id, _ in rows:
+                self._duplicates[run_id] = key
+            self._runs += len({r[1] for r in rows})
+
+    def knows_run(self, run_id: str) -> bool:
+        """Whether `run_id` is recorded, as a receipt or a duplicate (from memory)."""
+        with self._lock:
+            if run_id in self._duplicates:
+                return True
+            if self._forgotten:
+                raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
+            if self._run_hashes is None or not self._run_hashes:
+                self._run_hashes = {hash(r) for r in self._receipts.frame()["run_id"].unique().to_list()}
+            if hash(run_id) not in self._run_hashes:
+                return False
+            known = self._receipts.frame()["run_id"]
+            return bool((known == run_id).any())
+
+    @property
+    def duplicates(self) -> dict[str, str]:
+        """Duplicate runs recorded: run_id -> row_key (a copy)."""
+        with self._lock:
+            return dict(self._duplicates)
+
+    @property
+    def pacing(self) -> dict[str, Any] | None:
+        """What the rate limiter learned of the service's quota, as last recorded (`record_pacing`)."""
+        with self._lock:
+            return json.loads(json.dumps(self._pacing)) if self._pacing is not None else None
+
+    def record_pacing(self, pacing: Mapping[str, Any]) -> None:
+        """Keep what the rate limiter learned (a JSON-able mapping), replacing what was kept; durable on
+        return. A resume starts from it instead of the defaults."""
+        data = dict(pacing)
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        with self._lock:
+            self._check_writable()
+            if data == self._pacing:
+                return
+            try:
+                _write_atomic(self._path, self._dir_fd, PACING, lambda f: f.write(text.encode()))
+            except OSError as exc:
+                raise CheckpointError(f"cannot write {self._path / PACING}: {_reason(exc)}") from exc
+            self._pacing = data
 
     def add_outcomes(self, outcomes: Iterable[Outcome] | pl.DataFrame) -> None:
         """Buffer finished runs; they are written by the next flush (see `open` for when that happens).
@@ -616,6 +736,7 @@ class Checkpoint:
                     self._outcomes = _Chunks(_empty("outcomes").select(_MEMORY["outcomes"]))
                     self._pending = {}
                     self._run_hashes = None
+                    self._duplicates = {}
                     self._light = None
 
     def __enter__(self) -> Checkpoint:
@@ -672,11 +793,14 @@ class Checkpoint:
         with self._lock:
             if self._forgotten:
                 raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
-            batches: dict[str, tuple[str | None, list[tuple[int, str]]]] = {}
-            for key, (batch, group, order) in self._pending.items():
-                batches.setdefault(batch, (group, []))[1].append((order, key))
-            ordered = sorted(batches.items(), key=lambda item: min(item[1][1]))
-            return [Intent(b, g, tuple(k for _, k in sorted(keys))) for b, (g, keys) in ordered]
+            batches: dict[str, tuple[str | None, datetime | None, list[tuple[int, str]]]] = {}
+            for key, (batch, group, order, sent_at) in self._pending.items():
+                entry = batches.setdefault(batch, (group, sent_at, []))
+                entry[2].append((order, key))
+                if sent_at is not None and (entry[1] is None or sent_at > entry[1]):
+                    batches[batch] = (group, sent_at, entry[2])  # the latest send of the batch
+            ordered = sorted(batches.items(), key=lambda item: min(item[1][2]))
+            return [Intent(b, g, tuple(k for _, k in sorted(keys)), t) for b, (g, t, keys) in ordered]
 
     @property
     def runs(self) -> int:
@@ -702,6 +826,7 @@ class Checkpoint:
                 failed=by_status.get("failed", 0),
                 in_doubt=len(self._pending),
                 runs=self._runs,
+                duplicates=len(self._duplicates),
             )
 
     # -- internals: state --------------------------------------------------------------------------
@@ -907,8 +1032,7 @@ class Checkpoint:
 
     def _read_segment(self, segment: _Segment, columns: list[str]) -> pl.DataFrame:
         """`columns` of one segment, pages checksummed, cast to the kind's schema."""
-        with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
-            return _conform(pl.from_arrow(parquet.read(columns=columns)), columns, segment.kind)
+        return _read_table(self._path / segment.name, columns, segment.kind)
 
     def _merged_in_memory(self, kind: str, group: list[_Segment]) -> pl.DataFrame:
         columns = list(_SCHEMAS[kind])
@@ -967,8 +1091,14 @@ class Checkpoint:
         receipts = self._read_kind("receipts", on_disk)
         self._pending = self._find_pending(self._read_kind("intents", on_disk), receipts)
         self._receipts = _Chunks(receipts.select(_MEMORY["receipts"]))
-        self._runs = receipts["run_id"].n_unique()
+        duplicates = self._read_kind("duplicates", on_disk)
+        duplicates = duplicates.filter(~pl.col("run_id").is_in(receipts["run_id"].implode()))
+        self._duplicates = dict(
+            zip(duplicates["run_id"].to_list(), duplicates["row_key"].to_list(), strict=True)
+        )
+        self._runs = receipts["run_id"].n_unique() + len(self._duplicates)
         self._run_hashes = None if self._runs else set()
+        self._pacing = _read_pacing(self._path)
         self._outcomes = _Chunks(self._read_kind("outcomes", on_disk))
         self._light = None
         pa.default_memory_pool().release_unused()  # give back what reading borrowed
@@ -986,7 +1116,7 @@ class Checkpoint:
 
     def _find_pending(
         self, intents: pl.DataFrame, receipts: pl.DataFrame
-    ) -> dict[str, tuple[str, str | None, int]]:
+    ) -> dict[str, tuple[str, str | None, int, datetime | None]]:
         """Rows whose latest intent has no receipt of its batch, and whose batch was not resolved."""
         resolved = list(self._resolved)
         parts = []
@@ -1005,8 +1135,8 @@ class Checkpoint:
             .select("row_key", _ORDER)
         )
         pending = unsettled.join(latest, on=["row_key", _ORDER], how="semi").sort(_ORDER)
-        rows = pending.select("row_key", "batch_id", "group_id", _ORDER).iter_rows()
-        return {key: (batch, group, order) for key, batch, group, order in rows}
+        rows = pending.select("row_key", "batch_id", "group_id", _ORDER, "sent_at").iter_rows()
+        return {key: (batch, group, order, sent_at) for key, batch, group, order, sent_at in rows}
 
     def _inspect(self, kind: str, seq: int, name: str) -> _Segment | None:
         """Check a segment's footer: its job, kind and columns."""
@@ -1026,7 +1156,7 @@ class Checkpoint:
                     f"format {meta.get('enrich.format')!r}"
                 )
                 return None
-            missing = set(_SCHEMAS[kind]) - set(footer.schema.names)
+            missing = set(_SCHEMAS[kind]) - set(footer.schema.names) - _ADDED.get(kind, frozenset())
             if missing:
                 self._warn(f"skipped {name}: it lacks the columns {sorted(missing)}")
                 return None
@@ -1054,8 +1184,7 @@ class Checkpoint:
         frames = []
         for segment in list(self._segments[kind]):
             try:
-                with pq.ParquetFile(self._path / segment.name, page_checksum_verification=True) as parquet:
-                    table = parquet.read(columns=columns)
+                table = _read_table(self._path / segment.name, columns, kind)
             except FileNotFoundError:
                 if self._readonly:
                     raise _Vanished from None
@@ -1072,7 +1201,7 @@ class Checkpoint:
                 self._segments[kind].remove(segment)
                 self._warn(message)
                 continue
-            frames.append(_conform(pl.from_arrow(table), columns, kind))
+            frames.append(table)
         frame = pl.concat(frames, rechunk=False) if frames else _empty(kind).select(columns)
         if not frame[_ORDER].is_sorted():
             frame = frame.sort(_ORDER)
@@ -1089,7 +1218,33 @@ def _empty(kind: str) -> pl.DataFrame:
 def _conform(frame: pl.DataFrame | pl.Series, columns: list[str], kind: str) -> pl.DataFrame:
     assert isinstance(frame, pl.DataFrame)
     schema = _SCHEMAS[kind]
-    return frame.select(pl.col(c).cast(schema[c]) for c in columns)
+    return frame.select(
+        pl.col(c).cast(schema[c]) if c in frame.columns else pl.lit(None, dtype=schema[c]).alias(c)
+        for c in columns
+    )
+
+
+def _read_table(path: Path, columns: list[str], kind: str) -> pl.DataFrame:
+    """`columns` of the segment at `path`, pages checksummed, cast to the kind's schema; a column added to
+    the kind after the segment was written reads as null."""
+    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+        added = _ADDED.get(kind, frozenset())
+        present = set(parquet.schema_arrow.names) if added else set()
+        wanted = [c for c in columns if c not in added or c in present]
+        return _conform(pl.from_arrow(parquet.read(columns=wanted)), columns, kind)
+
+
+def _read_pacing(root: Path) -> dict[str, Any] | None:
+    """The pacing file's mapping, or None when it is missing or unreadable (it is only a head start)."""
+    try:
+        data = json.loads((root / PACING).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _wanted(outcomes: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:

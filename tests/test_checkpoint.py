@@ -16,6 +16,7 @@ from typing import Any
 from unittest import mock
 
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -337,6 +338,84 @@ def test_in_doubt(cp: Checkpoint) -> None:
     cp.record_intents("b1", "g1", [key(9)])
     assert cp.in_doubt() == [Intent("b3", None, (key(1),))]
     cp.close()
+
+
+def test_in_doubt_keeps_when_each_request_was_sent(cp: Checkpoint) -> None:
+    t1 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    t2 = datetime(2026, 1, 1, 12, 0, 7, tzinfo=UTC)
+    cp.record_intents("b1", "g1", [key(1), key(2)], sent_at=t1)
+    cp.record_intent_rows([("b2", "g1", key(3))], sent_at=t2)
+    assert [(i.batch_id, i.sent_at) for i in cp.in_doubt()] == [("b1", t1), ("b2", t2)]
+    # the same batch sent again (after a 429) counts from its last send
+    cp.record_intents("b1", "g1", [key(1), key(2)], sent_at=t2)
+    cp = reopen(cp)
+    assert [(i.batch_id, i.sent_at) for i in cp.in_doubt()] == [("b2", t2), ("b1", t2)]
+    before = datetime.now(UTC)
+    cp.record_intents("b3", "g1", [key(4)])  # default: now
+    (b3,) = [i for i in cp.in_doubt() if i.batch_id == "b3"]
+    assert b3.sent_at is not None and before <= b3.sent_at <= datetime.now(UTC)
+    cp.close()
+
+
+def test_intents_written_before_sent_at_existed_still_read(root: Path) -> None:
+    """A checkpoint of an older enrich: its intents have no sent_at column; they read as long past."""
+    with Checkpoint.open(root, FP) as cp:
+        cp.record_intents("b1", "g1", [key(1)])
+        job = cp.job_id
+    (name,) = segments(root, "intents")
+    table = pq.read_table(root / name)
+    old = table.drop_columns(["sent_at"]).replace_schema_metadata(table.schema.metadata)
+    pq.write_table(old, root / name)
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.warnings == []
+        assert cp.in_doubt() == [Intent("b1", "g1", (key(1),))]
+        assert cp.in_doubt()[0].sent_at is None
+        assert cp.job_id == job
+        # and compaction carries it on
+        for i in range(20):
+            cp.record_intents(f"c{i}", "g1", [key(100 + i)])
+        assert Intent("b1", "g1", (key(1),)) in cp.in_doubt()
+    with Checkpoint.open(root, FP) as cp:
+        assert Intent("b1", "g1", (key(1),)) in cp.in_doubt() and cp.warnings == []
+
+
+def test_duplicates_are_paid_for_and_never_a_rows_run(cp: Checkpoint) -> None:
+    cp.record_intents("b1", "g1", [key(1), key(2)])
+    cp.record_receipts([Receipt(key(1), "r1", "g1", "b1"), Receipt(key(2), "r2", "g1", "b1")])
+    cp.record_duplicates([(key(1), "r1-late", "g1"), (key(1), "r1", "g1")])  # r1 is no duplicate: skipped
+    cp.record_duplicates([(key(1), "r1-late", "g1")])  # recorded already: nothing written
+    assert len(segments(cp.path, "duplicates")) == 1
+    assert cp.runs == 3 and cp.duplicates == {"r1-late": key(1)}
+    assert cp.knows_run("r1-late") and cp.knows_run("r2") and not cp.knows_run("r3")
+    assert cp.run_ids([key(1)]) == {"r1", "r1-late"}
+    state = cp.state(outputs=False)
+    assert rows(state, "row_key", "run_id") == [(key(1), "r1"), (key(2), "r2")]
+    assert cp.counts() == Counts(rows=2, submitted=2, completed=0, failed=0, in_doubt=0, runs=3, duplicates=1)
+    cp = reopen(cp)
+    assert cp.runs == 3 and cp.duplicates == {"r1-late": key(1)} and cp.counts().duplicates == 1
+    assert rows(cp.state(outputs=False), "row_key", "run_id") == [(key(1), "r1"), (key(2), "r2")]
+    # a run first taken for a duplicate and later recorded as a receipt is counted once
+    cp.record_receipts([Receipt(key(3), "r1-late", "g1", "b9")])
+    assert cp.runs == 3
+    cp = reopen(cp)
+    assert cp.runs == 3 and cp.duplicates == {}
+    cp.close()
+
+
+def test_pacing_is_kept_across_opens(root: Path) -> None:
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.pacing is None
+        cp.record_pacing({"runs_rate": 8.5, "size": 250})
+        cp.record_pacing({"runs_rate": 8.5, "size": 250})  # unchanged: not written again
+    assert json.loads((root / "pacing.json").read_text()) == {"runs_rate": 8.5, "size": 250}
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.pacing == {"runs_rate": 8.5, "size": 250}
+    assert Checkpoint.read(root).pacing == {"runs_rate": 8.5, "size": 250}
+    (root / "pacing.json").write_text("{not json")  # damaged: only a head start is lost
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.pacing is None and cp.warnings == []
+        with pytest.raises(CheckpointError):
+            Checkpoint.read(root).record_pacing({})
 
 
 def test_outcomes_are_buffered_until_flushed(root: Path) -> None:
