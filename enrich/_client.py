@@ -24,7 +24,7 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -69,12 +69,17 @@ _KEEPALIVE = 20
 
 
 class Limiter(Protocol):
-    """What the client needs of a rate limiter (`enrich.RateLimiter` is one)."""
+    """What the client needs of a rate limiter (`enrich.RateLimiter` is one).
+
+    Each request acquires a grant first, then hands it back: `succeeded` (answered, not 429),
+    `rate_limited` (a 429: nothing done), `settle` (no answer: it may have reached the service), or
+    `refund` (never sent)."""
 
     async def acquire(self, runs: int = 0) -> Any: ...
     def settle(self, grant: Any) -> None: ...
-    def rate_limited(self, retry_after: float | None = None) -> None: ...
-    def succeeded(self) -> None: ...
+    def rate_limited(self, retry_after: float | None = None, grant: Any = None) -> None: ...
+    def succeeded(self, grant: Any = None) -> None: ...
+    def refund(self, grant: Any) -> None: ...
 
 
 def _parse_retry_after(headers: httpx.Headers) -> float | None:
@@ -227,16 +232,26 @@ class TaskClient:
         retry_408: bool = True,
         timeout: float | None = None,
         retry_429: bool = True,
+        on_send: Callable[[], Awaitable[object]] | None = None,
     ) -> Any:
         """Send one request, retrying what is safe to retry; returns the decoded JSON body.
 
         With `retry_429=False` a 429 is reported to the limiter, then raised at once (nothing was done).
+        `on_send` is awaited each time the request is about to go out, after the rate limiter let it
+        through (a caller records there when it was sent); if it raises, nothing is sent.
         """
         info = RequestInfo(method, self.base_url + path + _query(params))
         failures = 0
         rate_limited = 0
         while True:
             grant = await self.limiter.acquire(runs) if self.limiter is not None else None
+            if on_send is not None:
+                try:
+                    await on_send()
+                except BaseException:
+                    if self.limiter is not None:
+                        self.limiter.refund(grant)
+                    raise
             self.requests_sent += 1
             try:
                 response = await self._http.request(
@@ -250,17 +265,18 @@ class TaskClient:
                 )
             except httpx.TransportError as exc:
                 if self.limiter is not None:
-                    self.limiter.settle(grant)  # it may have been counted: keep it in the window
+                    if isinstance(exc, _NOT_SENT):
+                        self.limiter.refund(grant)
+                    else:
+                        self.limiter.settle(grant)  # it may have been counted: keep it in the window
                 error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
                 sent = creates and not isinstance(exc, _NOT_SENT)
                 lost = "the request was sent but its answer was lost" if sent else None
                 failures = await self._retry_or_raise(error, exc, failures, lost=lost, info=info)
                 continue
-            if self.limiter is not None:
-                self.limiter.settle(grant)
+            if response.status_code != 429 and self.limiter is not None:
+                self.limiter.succeeded(grant)
             if response.status_code < 400:
-                if self.limiter is not None:
-                    self.limiter.succeeded()
                 try:
                     return response.json()
                 except ValueError as exc:
@@ -274,17 +290,15 @@ class TaskClient:
             if isinstance(error_, RateLimitError):
                 self.rate_limited_count += 1
                 rate_limited += 1
+                if self.limiter is not None:
+                    self.limiter.rate_limited(error_.retry_after, grant)
                 if rate_limited > self.retry.max_rate_limited:
                     raise error_
-                if self.limiter is not None:
-                    self.limiter.rate_limited(error_.retry_after)
                 if not retry_429:
                     raise error_
                 if self.limiter is None:
                     await self.retry.sleep(self.retry.delay(min(rate_limited - 1, 10), error_.retry_after))
                 continue
-            if self.limiter is not None:
-                self.limiter.succeeded()
             if creates and isinstance(error_, ServerError):
                 raise OutcomeUnknownError(
                     f"the service answered {error_.status} after the request was sent",
@@ -391,6 +405,7 @@ class TaskClient:
         default_task_spec: Mapping[str, Any] | None = None,
         refresh_status: bool = False,
         retry_rate_limited: bool = True,
+        on_send: Callable[[], Awaitable[object]] | None = None,
     ) -> AddRunsResponse:
         """Add up to 1,000 runs to a group in one request; `run_ids` come back in input order.
 
@@ -398,7 +413,8 @@ class TaskClient:
         Spends `len(inputs)` from the limiter's runs budget. A lost answer raises `OutcomeUnknownError`.
         With `retry_rate_limited=False` a 429 is reported to the limiter and raised as `RateLimitError`
         instead of retried: nothing was created, and the caller may send the inputs again in smaller calls
-        (a quota that counts runs may never fit this many in one call).
+        (a quota that counts runs may never fit this many in one call). `on_send` is awaited each time
+        the request is about to go out (see `_request`): a caller records there that it was sent.
         """
         if not inputs:
             raise UsageError("add_runs needs at least one input")
@@ -415,6 +431,7 @@ class TaskClient:
             runs=len(inputs),
             creates=True,
             retry_429=retry_rate_limited,
+            on_send=on_send,
         )
         return AddRunsResponse.from_json(data)
 
@@ -457,8 +474,7 @@ class TaskClient:
         while True:
             query = {**params, "last_event_id": last_id}
             info = RequestInfo("GET", self.base_url + path + _query(query))
-            if self.limiter is not None:
-                await self.limiter.acquire(0)
+            grant = await self.limiter.acquire(0) if self.limiter is not None else None
             self.requests_sent += 1
             server_wait: float | None = None
             try:
@@ -478,15 +494,15 @@ class TaskClient:
                         if isinstance(error, RateLimitError):
                             self.rate_limited_count += 1
                             if self.limiter is not None:
-                                self.limiter.rate_limited(error.retry_after)
+                                self.limiter.rate_limited(error.retry_after, grant)
                                 continue
                         elif self.limiter is not None:
-                            self.limiter.succeeded()
+                            self.limiter.succeeded(grant)
                         if not _is_retryable_status(error.status or 0):
                             raise error
                         raise _RetryStream(error, _parse_retry_after(response.headers))
                     if self.limiter is not None:
-                        self.limiter.succeeded()
+                        self.limiter.succeeded(grant)
                     decoder = SSEDecoder()
                     async for chunk in response.aiter_bytes():
                         for sse in decoder.feed(chunk):

@@ -61,11 +61,14 @@ class FakeLimiter:
     def settle(self, grant: object) -> None:
         pass
 
-    def rate_limited(self, retry_after: float | None = None) -> None:
+    def rate_limited(self, retry_after: float | None = None, grant: object = None) -> None:
         self.limited.append(retry_after)
 
-    def succeeded(self) -> None:
+    def succeeded(self, grant: object = None) -> None:
         self.successes += 1
+
+    def refund(self, grant: object) -> None:
+        pass
 
 
 def run(

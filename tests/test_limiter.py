@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import math
 import random
 import time
@@ -11,9 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import pytest
+from _quota_sim import Job as SimJob
+from _quota_sim import Quota, simulate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enrich._emulator import _budget
 from enrich._limiter import Clock, LoopClock, RateLimiter, VirtualTimeLoop
 
 T = TypeVar("T")
@@ -357,13 +362,36 @@ def test_cancelling_a_big_head_lets_the_small_ones_behind_it_go_at_once() -> Non
         log: list[tuple[float, Any]] = []
         await grab(limiter, 60, log, "first")
         big = asyncio.create_task(grab(limiter, 100, log, "big"))  # would go at t=60
-        gets = asyncio.gather(*(grab(limiter, 0, log, f"get{i}") for i in range(2)))
+        small = asyncio.gather(*(grab(limiter, 1, log, f"small{i}") for i in range(2)))
         await sleep_until(10.0)
         big.cancel()
-        await gets
+        await small
         return log
 
-    assert run(main()) == [(0.0, "first"), (10.0, "get0"), (10.0, "get1")]
+    assert run(main()) == [(0.0, "first"), (10.0, "small0"), (10.0, "small1")]
+
+
+def test_reads_never_wait_behind_a_create_that_waits_for_run_budget() -> None:
+    """Results are collected while adds wait for budget: a read spends no runs, so it has a queue of
+    its own (it still counts against the requests budget)."""
+
+    async def main() -> list[tuple[float, Any]]:
+        limiter = RateLimiter(requests_per_minute=3, runs_per_minute=100)
+        log: list[tuple[float, Any]] = []
+        await grab(limiter, 100, log, "add")
+        adds = asyncio.create_task(grab(limiter, 100, log, "next add"))  # waits for t=60
+        reads = asyncio.gather(*(grab(limiter, 0, log, f"read{i}", start=i * 1.0) for i in range(3)))
+        await asyncio.gather(adds, reads)
+        return log
+
+    # Two reads fit the requests budget beside the add; the third waits for the first add to leave.
+    assert run(main()) == [
+        (0.0, "add"),
+        (0.0, "read0"),
+        (1.0, "read1"),
+        (60.0, "read2"),
+        (60.0, "next add"),
+    ]
 
 
 def test_cancel_after_the_grant_but_before_resuming_refunds_it() -> None:
@@ -385,7 +413,7 @@ def test_cancel_after_the_grant_but_before_resuming_refunds_it() -> None:
 
     log, state = run(main())
     assert log == [(60.0, "b")]
-    assert "requests 1/1 " in state and "runs 10/10 " in state and "waiting 0" in state
+    assert "requests 1/1," in state and "runs 10/10," in state and "waiting 0" in state
 
 
 def test_waiters_wake_on_exact_timers_not_by_polling() -> None:
@@ -407,172 +435,221 @@ def test_waiters_wake_on_exact_timers_not_by_polling() -> None:
 # -- 429s ----------------------------------------------------------------------------------------------
 
 
-def test_a_429_pauses_every_sender_for_retry_after() -> None:
-    async def main() -> list[tuple[float, Any]]:
-        limiter = RateLimiter(requests_per_minute=4)
+def test_a_429_pauses_creators_for_retry_after_then_one_trial_goes_alone() -> None:
+    async def main() -> tuple[list[tuple[float, Any]], list[tuple[float, Any]]]:
+        limiter = RateLimiter(requests_per_minute=100, runs_per_minute=100)
         log: list[tuple[float, Any]] = []
-        for i in range(4):
-            await grab(limiter, 0, log, f"full{i}")
-        queued = asyncio.create_task(grab(limiter, 0, log, "queued", start=0.5))  # waits for t=60 ...
+        grant = await limiter.acquire(1)
         await sleep_until(1.0)
-        limiter.rate_limited(retry_after=90.0)  # ... now for t=91; the pace is halved: budget 2
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(grab(limiter, 0, log, "later", start=70.0))  # window empty, but paused
-            tg.create_task(grab(limiter, 0, log, "after", start=95.0))  # pause over, but window full
-        await queued
-        return log
+        limiter.rate_limited(90.0, grant)  # nothing was created: every create waits until t=91
+        creates = [asyncio.create_task(limiter.acquire(5)) for _ in range(3)]
+        read = await limiter.acquire(0)  # a refused add pauses no read
+        log.append((now(), "read"))
+        await sleep_until(91.0)
+        await settle()
+        done = [(now(), "trial") for task in creates if task.done()]
+        await sleep_until(95.0)
+        limiter.succeeded(creates[0].result())  # the trial's answer: the others go
+        limiter.succeeded(read)
+        await asyncio.gather(*creates)
+        return log + done, [(now(), "rest")]
 
-    assert run(main()) == [
-        *[(0.0, f"full{i}") for i in range(4)],
-        (91.0, "queued"),
-        (91.0, "later"),
-        (151.0, "after"),
-    ]
+    log, rest = run(main())
+    assert log == [(1.0, "read"), (91.0, "trial")]
+    assert rest == [(95.0, "rest")]
 
 
-def test_backoff_without_retry_after_doubles_up_to_60_seconds() -> None:
+def test_a_refused_read_pauses_reads_too() -> None:
+    async def main() -> list[float]:
+        limiter = RateLimiter(requests_per_minute=100, runs_per_minute=100)
+        read = await limiter.acquire(0)
+        limiter.rate_limited(10.0, read)  # the requests quota is spent: reads and creates wait
+        times = []
+        for runs in (0, 1):
+            grant = await limiter.acquire(runs)
+            times.append(now())
+            limiter.succeeded(grant)
+        return times
+
+    assert run(main()) == [10.0, 10.0]
+
+
+def test_backoff_without_retry_after_doubles_from_a_sixtieth_of_the_period_up_to_a_period() -> None:
     async def main() -> list[float]:
         limiter = RateLimiter(requests_per_minute=math.inf, runs_per_minute=math.inf)
         pauses = []
+        grant = await limiter.acquire(1)
         for _ in range(9):
-            limiter.rate_limited()
+            limiter.rate_limited(None, grant)
             start = now()
-            await limiter.acquire()
+            grant = await limiter.acquire(1)  # the trial after the pause
             pauses.append(now() - start)
-        limiter.succeeded()  # after the pause: the backoff starts over
-        limiter.rate_limited()
+        limiter.succeeded(grant)  # after the pause: the backoff starts over
+        limiter.rate_limited(None, await limiter.acquire(1))
         start = now()
-        await limiter.acquire()
+        await limiter.acquire(1)
         pauses.append(now() - start)
         return pauses
 
     assert run(main()) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0, 1.0]
 
 
-def test_successes_during_a_pause_are_stale_and_ignored() -> None:
-    async def main() -> list[tuple[float, float, str]]:
+def test_simultaneous_429s_count_as_one_event() -> None:
+    async def main() -> list[str]:
         limiter = RateLimiter()
         seen = []
-        limiter.rate_limited(retry_after=10.0)
-        await sleep_until(5.0)
-        limiter.succeeded()  # a request sent before the 429: no recovery yet
-        seen.append((now(), limiter.pace, repr(limiter)))
-        await sleep_until(10.0)
-        limiter.rate_limited()  # a new event: pace 25%, and a 2-s backoff since the 1st wasn't cleared
-        seen.append((now(), limiter.pace, repr(limiter)))
-        await sleep_until(11.0)
-        limiter.succeeded()  # still paused: does not clear the backoff either
-        await sleep_until(12.0)
-        limiter.rate_limited()
-        seen.append((now(), limiter.pace, repr(limiter)))
-        return seen
-
-    seen = run(main())
-    assert [(t, pace) for t, pace, _ in seen] == [(5.0, 0.5), (10.0, 0.25), (12.0, 0.125)]
-    assert "paused 5s" in seen[0][2]
-    assert "paused 2s" in seen[1][2]
-    assert "paused 4s" in seen[2][2]
-
-
-def test_multiplicative_decrease_then_additive_recovery() -> None:
-    async def main() -> list[tuple[float, float]]:
-        limiter = RateLimiter(requests_per_minute=100, runs_per_minute=100)
-        limiter.rate_limited(retry_after=0.0)
-        paces = [(now(), limiter.pace)]
-        # At half pace only 50 of 100 requests go in the first window.
-        tasks = [asyncio.create_task(limiter.acquire()) for _ in range(100)]
-        await settle()
-        paces.append((float(sum(task.done() for task in tasks)), 0.0))
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for t in [1.0, 1.99, 2.0, 3.0, 4.0, 6.5]:
-            await sleep_until(t)
-            limiter.succeeded()
-            paces.append((now(), limiter.pace))
-        while limiter.pace < 1.0:
-            await asyncio.sleep(2.0)
-            limiter.succeeded()
-        paces.append((now(), limiter.pace))
-        return paces
-
-    paces = run(main())
-    assert paces[0] == (0.0, 0.5)
-    assert paces[1] == (50.0, 0.0)
-    assert paces[2:-1] == [(1.0, 0.5), (1.99, 0.5), (2.0, 0.52), (3.0, 0.52), (4.0, 0.54), (6.5, 0.56)]
-    # 22 more steps of 0.02, 2 s apart: back to exactly 100%, never above.
-    assert paces[-1] == (50.5, 1.0)
-
-
-def test_pace_never_drops_below_5_percent_and_oversized_requests_still_go() -> None:
-    async def main() -> tuple[float, list[tuple[float, Any]]]:
-        limiter = RateLimiter(requests_per_minute=1000, runs_per_minute=100)
-        for i in range(10):
-            await sleep_until(i * 10.0)
-            limiter.rate_limited(retry_after=0.0)
-        floor = limiter.pace  # effective runs budget: 5
-        log: list[tuple[float, Any]] = []
-        await grab(limiter, 3, log, "small")
-        # 80 runs exceed the effective budget but not the nominal one: they go when no other runs are in
-        # the window, and block the window until they leave.
-        await grab(limiter, 80, log, "oversized")
-        await grab(limiter, 1, log, "next")
-        return floor, log
-
-    floor, log = run(main())
-    assert floor == 0.05
-    assert log == [(90.0, "small"), (150.0, "oversized"), (210.0, "next")]
-
-
-def test_simultaneous_429s_count_as_one_congestion_event() -> None:
-    async def main() -> list[tuple[float, float, str]]:
-        limiter = RateLimiter()
-        seen = []
-        for _ in range(5):  # five requests in flight all come back 429
-            limiter.rate_limited()
-        seen.append((now(), limiter.pace, repr(limiter)))
+        grants = [await limiter.acquire(1) for _ in range(5)]
+        for grant in grants:  # five creates in flight all come back 429
+            limiter.rate_limited(None, grant)
+        seen.append(repr(limiter))
         await sleep_until(0.5)
-        limiter.rate_limited(retry_after=3.0)  # still the same event, but the server wants longer
-        seen.append((now(), limiter.pace, repr(limiter)))
+        limiter.rate_limited(3.0)  # still the same event, but the server wants longer
+        seen.append(repr(limiter))
         await sleep_until(3.4)
         limiter.rate_limited()  # during that pause: stale
-        seen.append((now(), limiter.pace, repr(limiter)))
+        seen.append(repr(limiter))
         await sleep_until(4.0)
         limiter.rate_limited()  # after the pause: a new event
-        seen.append((now(), limiter.pace, repr(limiter)))
+        seen.append(repr(limiter))
         return seen
 
     seen = run(main())
-    assert [(t, pace) for t, pace, _ in seen] == [(0.0, 0.5), (0.5, 0.5), (3.4, 0.5), (4.0, 0.25)]
-    assert "paused 1s" in seen[0][2]  # one 1-s backoff, not 16 s
-    assert "paused 3s" in seen[1][2]
-    assert "paused 0.1s" in seen[2][2]
-    assert "paused 2s" in seen[3][2]  # second event: the backoff doubled once
+    assert "paused 1s" in seen[0]  # one 1-s backoff, not 16 s
+    assert "paused 3s" in seen[1]
+    assert "paused 0.1s" in seen[2]
+    assert "paused 2s" in seen[3]  # second event: the backoff doubled once
+
+
+def test_an_add_refused_with_nothing_of_ours_in_the_window_is_split_not_paused() -> None:
+    async def main() -> list[Any]:
+        limiter = RateLimiter(2000, 2000)
+        seen: list[Any] = [limiter.max_runs]
+        grant = await limiter.acquire(1000)
+        limiter.rate_limited(60.0, grant)  # too big for the service's burst: split, no pause
+        seen.append(limiter.max_runs)
+        grant = await limiter.acquire(limiter.max_runs)
+        seen.append(now())
+        limiter.succeeded(grant)  # 500 fit
+        grant = await limiter.acquire(500)
+        limiter.rate_limited(60.0, grant)  # the window holds 500 of ours: maybe a smaller one fits
+        seen.append(limiter.max_runs)
+        for wait in (58.0, 57.0):  # no smaller one fits either; then the quota is taken to be spent
+            grant = await limiter.acquire(limiter.max_runs)
+            limiter.rate_limited(wait, grant)
+            seen.append(limiter.max_runs)
+        grant = await limiter.acquire(500)
+        seen.append(now())
+        return seen
+
+    assert run(main()) == [2000, 500, 0.0, 250, 125, 500, 57.0]
+
+
+def _drive(limiter: RateLimiter, quota: Any, adds: int, size: int = 1000) -> list[tuple[float, int]]:
+    """Send `adds` add-runs one after another through `limiter` to a service with the `_budget` quota
+    `quota` (429 with its wait as Retry-After); returns (time, status) per request."""
+
+    async def main() -> list[tuple[float, int]]:
+        sent = []
+        done = 0
+        while done < adds:
+            grant = await limiter.acquire(min(size, limiter.max_runs))
+            wait = quota.wait_time(now(), grant[1])
+            sent.append((now(), 429 if wait else 200))
+            if wait:
+                limiter.rate_limited(wait, grant)
+            else:
+                quota.add(now(), grant[1])
+                limiter.succeeded(grant)
+                done += 1
+        return sent
+
+    return run(main())
+
+
+def test_the_first_call_accepted_after_a_pause_measures_the_quota() -> None:
+    """A sliding window of 500 runs a minute, where the client assumed 2,000: an add of 1,000 is split,
+    one of 500 fits, the next is refused until the minute is over; the add accepted then measures
+    500 runs per minute, and every add after it goes when the quota has room: no more 429s."""
+    learned: list[Any] = []
+    limiter = RateLimiter(2000, 2000, period=61.2, on_learn=learned.append)
+    sent = _drive(limiter, _budget(500, 60.0, None), adds=6)
+    assert [s for _, s in sent] == [429, 200, 429, 429, 429, 200, 200, 200, 200, 200]
+    assert learned[-1]["runs"] == 500 and 60.0 < learned[-1]["window"] < 62.0
+    assert 0.24 < limiter.pace < 0.26 and limiter.max_runs == 500
+    accepted = [t for t, s in sent if s == 200]
+    assert all(60.0 <= b - a < 62.5 for a, b in itertools.pairwise(accepted))
+
+
+def test_what_was_learned_is_where_a_new_limiter_starts() -> None:
+    first = RateLimiter(2000, 2000, period=61.2)
+    _drive(first, _budget(500, 60.0, None), adds=3)
+    learned = first.learned
+    assert learned is not None and json.loads(json.dumps(learned)) == learned
+    second = RateLimiter(2000, 2000, period=61.2, learned=learned)
+    assert (second.max_runs, second.pace, second.learned) == (first.max_runs, first.pace, learned)
+    sent = _drive(second, _budget(500, 60.0, None), adds=3)
+    assert [s for _, s in sent] == [200, 200, 200]  # a resume starts at the learned pace: no 429
+    assert RateLimiter(learned={"window": "x", "size": -1}).learned is None  # junk is ignored
+
+
+def test_no_429_for_a_while_raises_the_learned_pace_and_a_probe_refused_waits_longer() -> None:
+    learned: list[Any] = []
+    limiter = RateLimiter(2000, 2000, period=61.2, on_learn=learned.append)
+    sent = _drive(limiter, _budget(600, 60.0, None), adds=16, size=500)  # room for more than learned
+    windows = [d["window"] for d in learned if d.get("window")]
+    assert windows[0] > 60.0 and min(windows) < windows[0] / 1.05  # probed: a shorter window
+    late = [s for t, s in sent if t > 61.2]
+    assert late.count(429) <= 3, sent
 
 
 def test_repr_shows_live_state() -> None:
     async def main() -> tuple[str, str]:
         limiter = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=30)
         await limiter.acquire(30)
-        await limiter.acquire(0)
-        limiter.rate_limited(retry_after=5.0)
+        read = await limiter.acquire(0)
+        limiter.rate_limited(5.0, read)
         task = asyncio.create_task(limiter.acquire(10))
         await settle()
         during = repr(limiter)
-        await task  # at t=30, when a request leaves the window
+        await task
         await sleep_until(60.0)
         return during, repr(limiter)
 
     during, after = run(main())
-    assert during == (
-        "<RateLimiter per 30s: requests 2/2 (nominal 4), runs 30/50 (nominal 100), pace 50%, "
-        "waiting 1, paused 5s>"
+    assert (
+        during == "<RateLimiter per 30s: requests 1/4, runs 30/100, calls of 100 runs, waiting 1, paused 5s>"
     )
-    assert after == (
-        "<RateLimiter per 30s: requests 0/2 (nominal 4), runs 0/50 (nominal 100), pace 50%, "
-        "waiting 0, paused no>"
-    )
-    assert repr(RateLimiter()).startswith("<RateLimiter per 60s: requests 0/2000 (nominal 2000)")
+    assert after == "<RateLimiter per 30s: requests 0/4, runs 0/100, calls of 100 runs, waiting 0, paused no>"
+    assert repr(RateLimiter()).startswith("<RateLimiter per 60s: requests 0/2000, runs 0/2000,")
+
+
+# -- against a quota the client was not told, on virtual time (the issue's targets, deterministic) ------
+
+W = 60.0
+PACING_CASES = {
+    "quota 4x lower": Quota(500, 500, W),
+    "quota 4x lower, no Retry-After": Quota(500, 500, W, retry_after=False),
+    "token bucket, burst below an add": Quota(500, 500, W, run_burst=250, request_burst=250),
+    "a shorter window": Quota(250, 250, W / 2),
+}
+
+
+@pytest.mark.parametrize(("mode", "rows"), [("group", 5000), ("runs", 1400)])
+@pytest.mark.parametrize("name", list(PACING_CASES))
+def test_full_pace_under_a_quota_it_was_not_told(name: str, mode: str, rows: int) -> None:
+    quota = PACING_CASES[name]
+    result = simulate(quota, [SimJob(mode, rows)])
+    (job,) = result.jobs
+    assert job.wall <= 1.2 * result.ideal, (job.wall, result.ideal)
+    assert job.share_429_after(W) <= 0.05, job.sent
+
+
+@pytest.mark.parametrize(("mode", "rows"), [("group", 5000), ("runs", 2800)])
+def test_two_jobs_sharing_a_key_share_it(mode: str, rows: int) -> None:
+    result = simulate(Quota(2000, 2000, W), [SimJob(mode, rows), SimJob(mode, rows)])
+    for job in result.jobs:
+        assert job.wall <= 1.2 * result.ideal, (job.wall, result.ideal)
+        assert job.share_429_after(W) <= 0.05, job.sent
 
 
 # -- loops and clocks ----------------------------------------------------------------------------------
