@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace) -> int:
         "rate_limit": args.rate_limit,
         "run_rate": args.run_rate,
     }
+    if args.commit_horizon is not None and args.commit_horizon < 0:
+        raise UsageError("--commit-horizon must be a number of seconds of 0 or more")
     the_plan = plan(df, output, **job)
     if args.dry_run:
         print("\n".join(["dry run: nothing was sent", *the_plan.lines()]))
@@ -174,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
                 base_url=base_url,
                 progress=not args.no_progress,
                 stats=stats,
+                commit_horizon=args.commit_horizon,
                 **job,
             )
         except KeyboardInterrupt:
@@ -211,6 +214,12 @@ def _run(args: argparse.Namespace) -> int:
         f"{done:,} completed, {failed:,} failed, {pending:,} pending of {result.height:,} rows "
         f"({stats.submitted:,} runs submitted now, {stats.requests:,} requests); wrote {output_path}"
     )
+    if stats.duplicates:
+        _say(
+            f"{stats.duplicates:,} duplicate runs: the service committed creates whose answers were lost "
+            f"after they had been sent again (past the commit horizon); paid for, recorded in {checkpoint}, "
+            "never joined"
+        )
     if pending:
         why = "--max-cost reached" if stats.capped else "not finished"
         _say(f"incomplete ({why}): run the same command again to resume from {checkpoint}")
@@ -256,6 +265,7 @@ def _status(args: argparse.Namespace) -> int:
             "in_doubt": counts.in_doubt,
         },
         "runs_created": counts.runs,
+        "runs_duplicated": counts.duplicates,
         "spent_usd": round(counts.runs * price, 4) if price is not None else None,
         "still_running_usd": round(counts.submitted * price, 4) if price is not None else None,
         "groups": cp.groups,
@@ -273,7 +283,12 @@ def _status(args: argparse.Namespace) -> int:
         f"processor:   {processor} ({report['mode']} mode)",
         f"rows:        {counts.completed:,} completed, {counts.failed:,} failed, "
         f"{counts.submitted:,} submitted and not collected, {counts.in_doubt:,} in doubt",
-        f"runs:        {counts.runs:,} created; spent {spent} at list prices",
+        f"runs:        {counts.runs:,} created; spent {spent} at list prices"
+        + (
+            f" ({counts.duplicates:,} duplicates: creates committed after they were sent again, never joined)"
+            if counts.duplicates
+            else ""
+        ),
         f"groups:      {', '.join(cp.groups) or '-'}",
         f"times:       first submitted {report['first_submitted'] or '-'}, "
         f"last finished {report['last_finished'] or '-'}",
@@ -372,6 +387,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--rate-limit", type=int, default=2000, help="requests per minute (default 2000)")
     run.add_argument("--run-rate", type=int, default=2000, help="runs created per minute (default 2000)")
+    run.add_argument(
+        "--commit-horizon",
+        type=float,
+        metavar="SECONDS",
+        help="how long after a create whose answer was lost the service may still commit it: its rows "
+        "wait that long before they are sent again (default 120)",
+    )
     run.add_argument(
         "--base-url", help="Task API URL (default: env PARALLEL_BASE_URL, else https://api.parallel.ai)"
     )

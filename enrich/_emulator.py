@@ -26,9 +26,10 @@ the clock (one heap of pending transitions, no timer per run), so a million runs
 Blocking calls (`/result`, the event streams) wait on asyncio timers and futures, never on polling.
 
 `GET /_emulator/stats` (no key needed, never faulted) and `app.stats()` report counters for tests:
-requests by route, 429s, faults by kind, `late_commits` (and `late_commits_pending`),
-`streams_closed_early`, runs and groups created, `duplicate_runs` (runs created beyond the distinct
-(input, task_spec, processor) triples) and runs by status. No client may need it.
+requests by route, 429s (and when: seconds after the first request), faults by kind, `late_commits`
+(and `late_commits_pending`), `streams_closed_early`, runs and groups created, `duplicate_runs` (runs
+created beyond the distinct (input, task_spec, processor) triples) and runs by status. No client may
+need it.
 
 Where the sources leave a question open (task-api.md, "Open questions"), the emulator takes the stricter
 reading, so a client that passes here also passes there:
@@ -1353,6 +1354,8 @@ class EmulatorApp:
         self._responses: Counter[int] = Counter()
         self._faults: Counter[str] = Counter()
         self._rate_limited = 0
+        self._first_request: float | None = None
+        self._rate_limited_at: list[float] = []  # seconds after the first request, the first 100,000
         self._request_windows: dict[str, _Window | _Bucket] = {}
         self._run_windows: dict[str, _Window | _Bucket] = {}
         self._waiters: set[asyncio.Future[str]] = set()
@@ -1377,6 +1380,7 @@ class EmulatorApp:
             "requests_total": sum(self._requests.values()),
             "responses": {str(k): v for k, v in sorted(self._responses.items())},
             "rate_limited": self._rate_limited,
+            "rate_limited_at": list(self._rate_limited_at),
             "faults": {kind: self._faults[kind] for kind in sorted(FAULT_KINDS)},
             "late_commits": self._late_commits,
             "late_commits_pending": len(self._late_pending),
@@ -1429,6 +1433,8 @@ class EmulatorApp:
             return
         route, params, allowed = self._match(method, path)
         self._requests[route.name if route else "unmatched"] += 1
+        if self._first_request is None:
+            self._first_request = self.state.now()
         fault = self._draw_fault(route)
         if fault == "html_5xx":
             status = self._faults_rng.choice((502, 503))
@@ -1590,6 +1596,8 @@ class EmulatorApp:
 
     def _rate_limit_error(self, wait: float) -> _HTTPError:
         self._rate_limited += 1
+        if len(self._rate_limited_at) < 100_000:
+            self._rate_limited_at.append(self.state.now() - (self._first_request or self.state.now()))
         headers = [(b"retry-after", f"{wait:.3f}".encode())] if self.config.retry_after_header else None
         exc = self._error(429, _MSG_RATE, None, headers)
         exc.rate_limited = True

@@ -32,9 +32,9 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from enrich._client import MAX_RUNS_PER_ADD, TaskClient
 from enrich._exceptions import (
     APIStatusError,
     AuthenticationError,
+    ForeignRunError,
     OutcomeUnknownError,
     PaymentRequiredError,
     PermissionDeniedError,
@@ -104,6 +105,10 @@ _POLL_MIN_ENDED = 1000
 _FALLBACK_POLL = 30.0
 # Runs mode: how long the first intent of a group commit waits for others (a create's round trip is ~100x).
 _COMMIT_DELAY = 0.005
+# The events stream is reopened at once when it closes, unless it closed this soon after opening with
+# nothing in it: then after a pause that doubles up to `_REOPEN_MAX` seconds.
+_REOPEN_QUICK = 1.0
+_REOPEN_MAX = 30.0
 
 
 @dataclass
@@ -120,6 +125,13 @@ class JobStats:
     rate_limited: int = 0
     polls: int = 0
     stragglers: int = 0
+    #: Runs found for a row that already had one (a create the service committed after the job had
+    #: given it up and sent it again): paid for, recorded, never joined.
+    duplicates: int = 0
+    #: Runs of lost creates found after all (late commits adopted, reconciliations included).
+    found_late: int = 0
+    #: Rows whose create's outcome was still unknown when the job ended (within the commit horizon).
+    held: int = 0
     capped: bool = False
     checkpoint: str = ""
     elapsed: float = 0.0
@@ -294,6 +306,7 @@ class _Job:
         concurrency: int,
         max_cost: float | None = None,
         keep_basis: bool = False,
+        horizon: float = 120.0,
     ) -> None:
         self.plan = plan
         self.cp = cp
@@ -309,9 +322,20 @@ class _Job:
         self.price = processor_.price_per_run if processor_ is not None else None
         self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
         self.capped = False  # submission stopped at max_cost
-        # An add-runs call spends its size from the runs budget, so it can be no larger than the budget.
+        # An add-runs call spends its size from the runs budget, so it can be no larger than the budget (nor
+        # than what the limiter learned the service accepts at once: `limiter.max_runs`).
         self.batch_size = max(1, min(MAX_RUNS_PER_ADD, int(limiter.runs_budget)))
-        self.add_cap = self.batch_size  # halved by each add refused with a 429, doubled by each accepted
+        # Late commits. A create whose answer was lost may still be committed by the service for up to
+        # `horizon` seconds after it was sent: until then its rows are held (neither created nor to send),
+        # and a run of theirs that shows up is adopted. Held batches: batch_id -> (group_id, keys,
+        # deadline on the monotonic clock); `held_keys`: key -> batch_id. `inflight`: key -> batch_id of
+        # the create on the wire now (its runs may be listed before its answer arrives).
+        self.horizon = horizon
+        self.held: dict[str, tuple[str | None, set[str], float]] = {}
+        self.held_keys: dict[str, str] = {}
+        self.inflight: dict[str, str] = {}
+        self.holds_changed = asyncio.Event()
+        self._settling = asyncio.Lock()
         # Per distinct key: the run that answers it, and its outcome once known.
         self.run_of: dict[str, str] = {}
         self.key_of_run: dict[str, str] = {}
@@ -413,7 +437,8 @@ class _Job:
         if self.max_cost is None or self.price is None:
             return n
         buffered = self.committer.buffered if self.committer is not None else 0  # created, not yet recorded
-        spent = (self.cp.runs + buffered + self.reserved) * self.price
+        # Held rows may yet be created by a late commit: counted as spent until they are settled.
+        spent = (self.cp.runs + buffered + self.reserved + len(self.held_keys)) * self.price
         room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True
@@ -422,6 +447,134 @@ class _Job:
     @property
     def outstanding(self) -> int:
         return sum(len(p) for p in self.pending.values())
+
+    def check_owner(self, key: str, run: TaskRun) -> None:
+        """Raise `ForeignRunError` unless `run`, recorded for row `key`, carries `key` in its metadata.
+
+        A run id names a run of the service that created it; another service (an emulator restarted
+        without its seed hands out the same ids) may answer for the id with another input's run."""
+        claimed = (run.metadata or {}).get(KEY_FIELD)
+        if claimed != key:
+            raise ForeignRunError(
+                f"run {run.run_id}, recorded for row {key}, carries the row key {claimed!r}: the service at "
+                f"{self.client.base_url} does not hold this checkpoint's runs (another address, or an "
+                "emulator restarted without its seed); its answers are not used: use a new checkpoint",
+                run_id=run.run_id,
+                row_key=key,
+                claimed=claimed,
+            )
+
+    # ---- creates whose outcome is unknown: held until the commit horizon
+
+    def hold(
+        self, batch_id: str, group_id: str | None, keys: Sequence[str], sent_at: datetime | None
+    ) -> None:
+        """Hold `keys`, whose create (sent at `sent_at`, UTC) may still be committed by the service.
+
+        They are neither created nor sent again until the horizon after the send has passed; a run of
+        theirs that shows up before is adopted (`found_late`). The intent stays in doubt on disk, so a
+        process that dies now holds them again on resume.
+        """
+        keys = [k for k in keys if k in self.wanted and k not in self.run_of and k not in self.done]
+        if not keys:
+            return
+        age = (datetime.now(UTC) - sent_at).total_seconds() if sent_at is not None else 0.0
+        deadline = time.monotonic() + max(0.0, self.horizon - max(0.0, age))
+        _, old, _ = self.held.get(batch_id, (group_id, set(), deadline))
+        self.held[batch_id] = (group_id, old | set(keys), deadline)
+        for k in keys:
+            self.held_keys[k] = batch_id
+        self.holds_changed.set()
+        until = datetime.now() + (deadline - time.monotonic()) * timedelta(seconds=1)
+        self.report(
+            f"{len(self.held_keys):,} rows held until {until:%H:%M:%S}: their create's answer was lost and "
+            "the service may still commit it (it is adopted if it does; sent again if not)"
+        )
+
+    def found_late(self, key: str, run_id: str, group_id: str | None) -> None:
+        """A run of `key` appeared while its create's outcome was unknown (held), or before it was sent
+        again: it is the row's run. Recorded (under the intent's batch, which settles that row's doubt)
+        before it is adopted."""
+        batch_id = self.held_keys.pop(key, None)
+        if batch_id is not None:
+            keys = self.held[batch_id][1]
+            keys.discard(key)
+            if not keys:
+                del self.held[batch_id]
+            self.holds_changed.set()
+        receipt = Receipt(
+            row_key=key,
+            run_id=run_id,
+            group_id=group_id,
+            batch_id=batch_id or f"late-{uuid.uuid4().hex}",
+            created_at=datetime.now(UTC),
+        )
+        if self.committer is not None:
+            self.committer.flush_receipts()
+        self.cp.record_receipts([receipt])
+        self.inputs.pop(key, None)
+        self._adopt(key, run_id, group_id)
+        self.stats.found_late += 1
+
+    def claim(self, key: object, run: TaskRun, group_id: str | None) -> str:
+        """What to make of a run of the group that carries row key `key` in its metadata and is not the
+        run recorded for it: "ours" (now adopted: a late commit, or a lost create found), "wait" (its
+        create is on the wire: the answer will name it), or "settled" (not ours, an older run of the row,
+        or a duplicate: recorded as paid, never joined)."""
+        if not isinstance(key, str) or key not in self.wanted or run.run_id in self.superseded:
+            return "settled"
+        if key in self.inflight:
+            return "wait"
+        if self.cp.knows_run(run.run_id):
+            return "settled"  # recorded before: an older run of the row, or a duplicate already counted
+        if key in self.held_keys or (key not in self.run_of and key not in self.done):
+            self.found_late(key, run.run_id, group_id)
+            return "ours"
+        self.cp.record_duplicates([(key, run.run_id, group_id)])
+        self.stats.duplicates += 1
+        self.report(
+            f"a duplicate run {run.run_id} of a row that has its own run: recorded as paid, not joined "
+            f"({self.stats.duplicates} so far; its create was committed after the job gave it up)"
+        )
+        return "settled"
+
+    async def settle_holds(self) -> list[str]:
+        """Reconcile the held batches whose horizon has passed: their runs found are adopted; the rest
+        were never created and are returned, to send again (their intents resolved)."""
+        async with self._settling:
+            now = time.monotonic()
+            due = {b: h for b, h in self.held.items() if h[2] <= now}
+            if not due:
+                return []
+            by_group: dict[str | None, dict[str, str]] = {}
+            for batch_id, (gid, keys, _) in due.items():
+                by_group.setdefault(gid, {}).update(dict.fromkeys(keys, batch_id))
+            for gid, keys in by_group.items():
+                if gid is not None:
+                    self.stats.reconciled += len(await self.reconcile(gid, keys))
+            again: list[str] = []
+            for batch_id in due:
+                _, keys, _ = self.held.pop(batch_id, (None, set(), 0.0))
+                for k in keys:
+                    if self.held_keys.get(k) == batch_id:
+                        del self.held_keys[k]
+                        if k not in self.run_of and k not in self.done:
+                            again.append(k)
+                self.cp.resolve_intents(batch_id)
+            self.stats.resubmitted_unknown += len(again)
+            self.holds_changed.set()
+            return again
+
+    async def wait_for_holds(self) -> None:
+        """Sleep until the first held batch reaches its horizon, or the holds change."""
+        if not self.held:
+            return
+        self.holds_changed.clear()
+        delay = min(h[2] for h in self.held.values()) - time.monotonic()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.holds_changed.wait()
 
     def report(self, message: str | None = None, *, force: bool = False) -> None:
         if self.sink is None:
@@ -542,71 +695,105 @@ class _Job:
     async def run_group_mode(self) -> None:
         await self.reconcile_in_doubt()
         collectors: dict[str, _GroupCollector] = {}
-        for gid, runs in self.pending.items():
-            if gid is not None and runs:
+        for gid in {*self.pending, *(h[0] for h in self.held.values())}:
+            if gid is not None and (self.pending.get(gid) or any(h[0] == gid for h in self.held.values())):
                 collectors[gid] = _GroupCollector(self, gid)
         async with asyncio.TaskGroup() as tg:
             for c in collectors.values():
                 tg.create_task(c.run())
-            if self.todo:
+            if self.todo or self.held:
                 group_id = await self.ensure_group()
                 if group_id not in collectors:
                     collectors[group_id] = _GroupCollector(self, group_id)
                     tg.create_task(collectors[group_id].run())
                 collector = collectors[group_id]
-                while self.todo:
-                    # After a 429 the limiter's pace drops, and so does the size of the next add: a quota
-                    # that counts runs may never fit the full batch in one call. `add_cap` halves on each
-                    # refused add, so the size reaches 1 (whose 429s the client retries, boundedly) even at
-                    # the limiter's floor pace.
-                    paced = max(1, int(self.limiter.runs_budget * self.limiter.pace))
-                    size = min(self.batch_size, self.add_cap, paced, len(self.todo))
-                    batch = self.todo[: self.affordable(size)]
-                    if not batch:
-                        self.report(
-                            f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted"
-                        )
-                        break
-                    if await self.add_batch(group_id, batch, collector):
-                        del self.todo[: len(batch)]
+                await self.submit_group(group_id, collector)
             self.submission_done.set()
             self.submitted_at = time.monotonic()
             for c in collectors.values():
                 c.wake()
                 c.new_runs.set()
 
+    async def submit_group(self, group_id: str, collector: _GroupCollector) -> None:
+        """Add the rows to do to the group, a call at a time, until none are left or held.
+
+        Held rows are settled as their horizons pass: adopted if their runs showed up, sent again if not.
+        Past `max_cost` nothing more is sent, but held rows are still waited for (they may be paid)."""
+        capped = False
+        while self.todo or self.held:
+            again = await self.settle_holds()
+            if again:
+                self.todo.extend(again)
+            # Rows adopted meanwhile (a late commit of a row about to be sent again) are not sent.
+            self.todo = [k for k in self.todo if k not in self.run_of and k not in self.done]
+            if capped or not self.todo:
+                if not self.held:
+                    break
+                collector.new_runs.set()  # held rows: the collector listens for their late commits
+                await self.wait_for_holds()
+                continue
+            # The size the service was seen to accept at once: a quota that counts runs may never fit
+            # the full batch in one call (the limiter learns it from 429s).
+            size = min(self.batch_size, self.limiter.max_runs, len(self.todo))
+            batch = self.todo[: self.affordable(size)]
+            if not batch:
+                self.report(f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted")
+                capped = True
+                continue
+            if await self.add_batch(group_id, batch, collector):
+                del self.todo[: len(batch)]
+
     async def add_batch(self, group_id: str, batch: list[str], collector: _GroupCollector) -> bool:
         """Add `batch` to the group; False when it was refused with a 429 (nothing created: send it
-        again, in a smaller call if the pace dropped)."""
+        again, in a smaller call if the limiter learned the service takes no more at once).
+
+        The intent is recorded the moment the request goes out (after the rate limiter let it through),
+        with the time: a lost answer holds the rows until the commit horizon after that moment."""
         batch_id = uuid.uuid4().hex
-        self.cp.record_intents(batch_id, group_id, batch)  # durable before the request is sent
         inputs = [self.run_input(k) for k in batch]
+        sent_at: list[datetime] = []
+
+        async def on_send() -> None:
+            sent_at.append(datetime.now(UTC))
+            self.cp.record_intents(batch_id, group_id, batch, sent_at=sent_at[-1])  # durable first
+            self.inflight.update(dict.fromkeys(batch, batch_id))
+
         try:
             answer = await self.client.add_runs(
                 group_id,
                 inputs,
                 default_task_spec=self.plan.task_spec,
                 retry_rate_limited=len(batch) == 1,  # a larger call is split by the caller instead
+                on_send=on_send,
             )
         except RateLimitError:
-            self.cp.resolve_intents(batch_id)
-            self.add_cap = max(1, len(batch) // 2)
+            self._landed(batch)
+            if sent_at:
+                self.cp.resolve_intents(batch_id)
             return False
         except OutcomeUnknownError:
-            found = await self.reconcile(group_id, dict.fromkeys(batch, batch_id))
-            self.cp.resolve_intents(batch_id)
-            missing = [k for k in batch if k not in found]
+            try:  # on the wire still, as far as the collector knows, until the group is read for them
+                found = await self.reconcile(group_id, dict.fromkeys(batch, batch_id))
+            finally:
+                self._landed(batch)
             self.stats.reconciled += len(found)
-            if missing:
-                self.stats.resubmitted_unknown += len(missing)
-                self.todo.extend(missing)  # the loop deletes this batch's slice; these go again later
+            missing = [k for k in batch if k not in found]
+            if missing:  # not committed yet, maybe never: held until the horizon, never sent again before
+                self.hold(batch_id, group_id, missing, sent_at[-1])
+            else:
+                self.cp.resolve_intents(batch_id)
             collector.wake()
             collector.new_runs.set()
             return True
-        except _FATAL as exc:
-            self.cp.resolve_intents(batch_id)
+        except (*_FATAL, TransportError) as exc:  # refused, or never sent: nothing was created
+            self._landed(batch)
+            if sent_at:
+                self.cp.resolve_intents(batch_id)
+            if isinstance(exc, TransportError):
+                raise
             raise _Fatal(exc) from exc
         if len(answer.run_ids) != len(batch):
+            self._landed(batch)
             raise _Fatal(
                 APIStatusError(
                     f"add-runs answered {len(answer.run_ids)} run ids for {len(batch)} inputs", status=200
@@ -618,16 +805,21 @@ class _Job:
             for k, r in zip(batch, answer.run_ids, strict=True)
         ]
         self.cp.record_receipts(receipts)  # durable before the next add is sent
+        self._landed(batch)
         for k in batch:  # created: never sent again
             self.inputs.pop(k, None)
         for k, r in zip(batch, answer.run_ids, strict=True):
             self._adopt(k, r, group_id)
         self.stats.submitted += len(batch)
-        self.add_cap = min(self.batch_size, 2 * self.add_cap)
         collector.wake()
         collector.new_runs.set()
         self.report()
         return True
+
+    def _landed(self, keys: Iterable[str]) -> None:
+        """The create of `keys` is answered (or failed): their runs, if any, are no longer on the wire."""
+        for k in keys:
+            self.inflight.pop(k, None)
 
     async def reconcile_in_doubt(self) -> None:
         """Settle add-runs whose answers were never recorded: find their runs by the key in metadata."""
@@ -649,32 +841,54 @@ class _Job:
                 continue
             found = await self.reconcile(gid, keys)
             self.stats.reconciled += len(found)
+        now = datetime.now(UTC)
         for intent in doubts:
-            self.cp.resolve_intents(intent.batch_id)
-        # Keys found are no longer to do; keys not found stay (they were never created).
-        self.todo = [k for k in self.todo if k not in self.run_of]
+            young = intent.sent_at is not None and (now - intent.sent_at).total_seconds() < self.horizon
+            if young and intent.group_id is not None:
+                # Sent less than the horizon ago (by a process that died): the service may still commit
+                # it. Its rows not found are held, not sent again, until the horizon has passed (rows no
+                # longer in the frame are not held: the intent stays in doubt for a later run).
+                self.hold(intent.batch_id, intent.group_id, intent.row_keys, intent.sent_at)
+            else:
+                self.cp.resolve_intents(intent.batch_id)
+                if intent.group_id is not None:  # never created: sent again (counted, and said)
+                    self.stats.resubmitted_unknown += sum(
+                        1
+                        for k in intent.row_keys
+                        if k in self.wanted and k not in self.run_of and k not in self.done
+                    )
+        # Keys found are no longer to do; keys held wait; keys not found stay (they were never created).
+        self.todo = [k for k in self.todo if k not in self.run_of and k not in self.held_keys]
 
     async def reconcile(self, group_id: str, keys: Mapping[str, str]) -> dict[str, str]:
         """Read the group's runs; adopt (and record receipts for) runs that carry one of `keys`.
 
         `keys` maps each row key in doubt to the batch of its intent; a receipt recorded with that batch id
-        settles the intent by itself. The stream is in creation order, so the newest run of a key wins:
-        older ones answered it before (`retry_failed`) and are never adopted again. The read rides out an
-        outage like every other read: a lost create is most likely in the middle of one.
+        settles the intent by itself. A run the checkpoint knows (an older run of the row) is never adopted
+        again; of the unknown runs of a row the first is adopted, any other is a duplicate (`claim`), as
+        are runs of rows that have their run already. The read rides out an outage like every other
+        read: a lost create is most likely in the middle of one.
         """
 
-        async def read() -> dict[str, str]:
+        async def read() -> tuple[dict[str, str], list[tuple[str, TaskRun]]]:
             found: dict[str, str] = {}
+            others: list[tuple[str, TaskRun]] = []  # runs of other rows that are not their recorded run
             async for event in self.client.stream_group_runs(group_id):
                 if not isinstance(event, RunStateEvent):
                     continue
                 run = event.run
                 key = (run.metadata or {}).get(KEY_FIELD)
-                if key in keys and run.run_id != self.run_of.get(key) and run.run_id not in self.superseded:
-                    found[key] = run.run_id
-            return found
+                if not isinstance(key, str) or (key not in self.wanted and key not in keys):
+                    continue
+                if run.run_id == self.run_of.get(key) or run.run_id in self.superseded:
+                    continue
+                if key in keys and key not in found and not self.cp.knows_run(run.run_id):
+                    found[key] = run.run_id  # the first: any later one of the row is a duplicate
+                elif key in self.wanted:
+                    others.append((key, run))
+            return found, others
 
-        found = await self.patiently(read, "reading the group's runs to find a lost create")
+        found, others = await self.patiently(read, "reading the group's runs to find a lost create")
         if found:
             now = datetime.now(UTC)
             self.cp.record_receipts(
@@ -686,6 +900,9 @@ class _Job:
             for k, r in found.items():
                 if k in self.wanted:  # a row no longer in the frame: recorded (paid for), not collected
                     self._adopt(k, r, group_id)
+        for key, run in others:  # late commits of held rows, duplicates
+            if run.run_id != self.run_of.get(key):
+                self.claim(key, run, group_id)
         return found
 
     # ---- runs mode
@@ -701,16 +918,16 @@ class _Job:
         connection per row in flight, and the request budget, not a connection count, sets the pace.
         """
         await self.reconcile_in_doubt()
-        group_id = await self.ensure_group() if self.todo else None
+        group_id = await self.ensure_group() if self.todo or self.held else None
         reconciler = _Reconciler(self)
         self.committer = committer = _Committer(self.cp)
-        collectors = {
-            gid: _GroupCollector(self, gid) for gid, runs in self.pending.items() if gid is not None and runs
-        }
+        groups = {gid for gid, runs in self.pending.items() if runs} | {h[0] for h in self.held.values()}
+        collectors = {gid: _GroupCollector(self, gid) for gid in groups if gid is not None}
         if group_id is not None and group_id not in collectors:
             collectors[group_id] = _GroupCollector(self, group_id)
         queue = collections.deque(self.todo)
         self.todo = []
+        capped = False
 
         async def wait(key: str, run_id: str) -> None:
             # a run recorded without a group (an older checkpoint): only its own result call finds it
@@ -718,23 +935,33 @@ class _Job:
                 functools.partial(self.client.wait_for_result, run_id, poll_timeout=600),
                 "waiting for a run",
             )
+            self.check_owner(key, run)
             self.finish(key, run, output)
 
         async def creator() -> None:
-            while queue:
+            nonlocal capped
+            while queue or self.held:
+                if not queue:  # only held rows left: settle them as their horizons pass
+                    again = await self.settle_holds()
+                    (self.todo if capped else queue).extend(again)
+                    if not queue and self.held:
+                        for c in collectors.values():
+                            c.new_runs.set()  # the collectors listen for the held rows' late commits
+                        await self.wait_for_holds()
+                    continue
                 key = queue.popleft()
-                if not self.affordable(1):
+                if key in self.run_of or key in self.done:
+                    continue  # adopted meanwhile: a late commit of its lost create
+                if capped or not self.affordable(1):
+                    capped = True
                     self.todo.append(key)
                     continue
                 self.reserved += 1
                 try:
                     assert group_id is not None
-                    run_id = await self.create_one(key, group_id, reconciler)
+                    await self.create_one(key, group_id, reconciler)
                 finally:
                     self.reserved -= 1
-                if run_id is None:
-                    queue.append(key)
-                    continue
                 collector = collectors[group_id]
                 collector.wake()
                 collector.new_runs.set()
@@ -746,7 +973,7 @@ class _Job:
                 tg.create_task(wait(self.key_of_run[run_id], run_id))
             try:
                 async with asyncio.TaskGroup() as creators:
-                    for _ in range(min(self.concurrency, len(queue))):
+                    for _ in range(max(1, min(self.concurrency, len(queue)))):
                         creators.create_task(creator())
             finally:
                 committer.close()  # also on a timeout, an interrupt or a fatal answer
@@ -758,28 +985,42 @@ class _Job:
         if self.todo:
             self.report(f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted")
 
-    async def create_one(self, key: str, group_id: str, reconciler: _Reconciler) -> str | None:
-        """Create the run of one row; returns its id, or None when it must be sent again."""
+    async def create_one(self, key: str, group_id: str, reconciler: _Reconciler) -> None:
+        """Create the run of one row (or, when its answer is lost, find it or hold the row)."""
         batch_id = uuid.uuid4().hex
         committer = self.committer
         assert committer is not None
-        await committer.intent(batch_id, group_id, key)  # durable before the request is sent
+        sent_at: list[datetime] = []
+
+        async def on_send() -> None:  # each time the request goes out, after the rate limiter
+            sent_at.append(datetime.now(UTC))
+            await committer.intent(batch_id, group_id, key)  # durable before the request is sent
+            self.inflight[key] = batch_id
+
         try:
             answer = await self.client.add_runs(
-                group_id, [self.run_input(key)], default_task_spec=self.plan.task_spec
+                group_id, [self.run_input(key)], default_task_spec=self.plan.task_spec, on_send=on_send
             )
         except OutcomeUnknownError:
-            found = await reconciler.check(group_id, key, batch_id)
+            try:  # on the wire still, as far as the collector knows, until the group is read for it
+                found = await reconciler.check(group_id, key, batch_id)
+            finally:
+                self._landed([key])
             committer.flush_receipts()
-            self.cp.resolve_intents(batch_id)
             if found is not None:
                 self.stats.reconciled += 1
-                return found
-            self.stats.resubmitted_unknown += 1
-            return None
-        except _FATAL as exc:
-            self.cp.resolve_intents(batch_id)
-            raise _Fatal(exc) from exc
+                self.cp.resolve_intents(batch_id)
+            else:  # not committed yet, maybe never: held until the horizon, never sent again before
+                self.hold(batch_id, group_id, [key], sent_at[-1])
+            return
+        except (*_FATAL, TransportError, RateLimitError) as exc:  # refused or never sent: none created
+            self._landed([key])
+            if sent_at:
+                self.cp.resolve_intents(batch_id)
+            if isinstance(exc, _FATAL):
+                raise _Fatal(exc) from exc
+            raise
+        self._landed([key])
         (run_id,) = answer.run_ids
         committer.receipt(
             Receipt(
@@ -794,7 +1035,6 @@ class _Job:
         self.inputs.pop(key, None)  # created: never sent again
         self.stats.submitted += 1
         self.report()
-        return run_id
 
 
 class _Committer:
@@ -926,10 +1166,8 @@ class _GroupCollector:
         self._events_cursor: str | None = None
         self._last_poll = -math.inf
         self._last_poll_useful = True
-        self._blocked: tuple[str | None, int] = (
-            None,
-            0,
-        )  # the run holding the cursor, and for how many polls
+        self._blocked: tuple[str | None, int] = (None, 0)  # the run holding the cursor, for how many polls
+        self.late_seen = False  # the events stream told of a run of a held row: poll to adopt it
 
     def wake(self) -> None:
         self._wake.set()
@@ -940,6 +1178,10 @@ class _GroupCollector:
 
     def finished(self) -> bool:
         return self.job.submission_done.is_set() and not self.outstanding
+
+    def listening(self) -> bool:
+        """Whether anything may still end or appear in the group: runs outstanding, or held rows."""
+        return bool(self.outstanding) or bool(self.job.held_keys)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -981,10 +1223,14 @@ class _GroupCollector:
                 start = time.monotonic()
                 continue
             gap = 0.0 if self._last_poll_useful else self._last_poll + _IDLE_POLL_GAP - now
-            # Fallback, for when the events stream is down or a few runs trickle in: every 30 s. Waiting
-            # costs no wall time: the job ends with its last run, and a poll follows that run's end.
+            # Fallback, for when the events stream is down: every 30 s. Waiting costs no wall time: the
+            # job ends with its last run, and a poll follows that run's end.
             fallback = _FALLBACK_POLL - (now - start)
-            ready = ended and (ended >= outstanding or ended >= max(_POLL_MIN_ENDED, outstanding // 2))
+            # Ready once many ended, or all but a few (the last of a batch need not be waited for alone).
+            few = max(1, min(10, outstanding // 100))
+            ready = self.late_seen or (
+                ended and (ended >= outstanding - few or ended >= max(_POLL_MIN_ENDED, outstanding // 2))
+            )
             if gap <= 0 and (ready or fallback <= 0):
                 return
             limit = max(gap if ready else max(gap, fallback), 0.05)
@@ -994,23 +1240,40 @@ class _GroupCollector:
                     await self._wake.wait()
 
     async def follow_events(self) -> None:
-        """Follow the group's events stream; each run that ends wakes the collector when it matters."""
+        """Follow the group's events stream; each run that ends wakes the collector when it matters.
+
+        The stream ends when no run of the group is active, but also whenever the service or a proxy
+        in between closes it on a timer of its own: it is reopened from its last event whenever runs are
+        outstanding or rows held, and never taken to mean that every run ended. One that closes at once
+        with nothing in it is reopened after a pause that doubles (the runs have ended: a poll follows).
+        """
         failures = 0
+        quick = 0
+        job = self.job
         while not self.finished():
             self.new_runs.clear()
-            if not self.outstanding:  # an empty group's stream closes at once: wait for runs first
+            if not self.listening():  # an empty group's stream closes at once: wait for runs first
                 await self.new_runs.wait()
                 continue
+            opened = time.monotonic()
+            heard = 0
             try:
-                async for event in self.job.client.stream_group_events(
+                async for event in job.client.stream_group_events(
                     self.group_id, last_event_id=self._events_cursor
                 ):
+                    heard += 1
                     if event.event_id is not None:
                         self._events_cursor = event.event_id
                     if isinstance(event, RunStateEvent) and not event.run.is_active:
-                        self.ended.add(event.run.run_id)
-                        if event.run.run_id in self.outstanding:
+                        run_id = event.run.run_id
+                        self.ended.add(run_id)
+                        if run_id in self.outstanding:
                             self._wake.set()
+                        elif run_id not in job.key_of_run and job.held_keys:
+                            key = (event.run.metadata or {}).get(KEY_FIELD)
+                            if isinstance(key, str) and key in job.held_keys:
+                                self.late_seen = True  # a late commit of a held row: adopt it
+                                self._wake.set()
                 failures = 0
             except _FATAL:
                 raise
@@ -1018,10 +1281,18 @@ class _GroupCollector:
                 failures += 1
                 await asyncio.sleep(min(60.0, 2.0**failures))
                 continue
-            # The stream closed: no run of the group was active. Reopen once runs are added.
-            self._wake.set()
+            self._wake.set()  # runs may have ended while it closed: let the collector look
+            quick = quick + 1 if heard == 0 and time.monotonic() - opened < _REOPEN_QUICK else 0
+            if not (self.outstanding - self.ended) and not job.held_keys:
+                pause = _FALLBACK_POLL  # every run it waits for has ended: the poll collects them
+            elif quick:
+                pause = min(_REOPEN_MAX, 0.5 * 2.0**quick)
+            else:
+                continue  # closed on a timer of its own with runs still active: reopen now
             if not self.finished():
-                await self.new_runs.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await self.new_runs.wait()
 
     async def poll(self) -> str | None:
         """Read the runs stream from the cursor; collect what ended. Returns a run to wait for alone.
@@ -1036,25 +1307,32 @@ class _GroupCollector:
         waste = 0
         collected = 0
         blocker: str | None = None
+        self.late_seen = False
         async for event in job.client.stream_group_runs(
             self.group_id, last_event_id=self.cursor, include_output=True
         ):
             if not isinstance(event, RunStateEvent):
                 continue
             run = event.run
+            claimed = (run.metadata or {}).get(KEY_FIELD)
             key = job.key_of_run.get(run.run_id)
+            if key is not None:
+                job.check_owner(key, run)
             if key is None:
-                claimed = (run.metadata or {}).get(KEY_FIELD)
-                if not isinstance(claimed, str) or claimed not in job.wanted:
-                    pass  # not ours
-                elif claimed in job.done:  # collected before this call (loaded from the checkpoint)
-                    if not prefix:
-                        waste += 1
-                elif run.run_id not in job.superseded:
-                    prefix = False  # ours in a moment: keep it ahead of the cursor
-                if prefix:
-                    self.cursor = event.event_id
-                continue
+                verdict = "settled"
+                if isinstance(claimed, str) and claimed in job.wanted:
+                    if run.run_id == job.run_of.get(claimed):  # collected before (its index is dropped)
+                        waste += 0 if prefix else 1
+                    else:
+                        verdict = job.claim(claimed, run, self.group_id)
+                if verdict == "wait":
+                    prefix = False  # ours in a moment, once its create's answer is in: keep it ahead
+                    continue
+                if verdict == "settled":
+                    if prefix:
+                        self.cursor = event.event_id
+                    continue
+                key = claimed  # adopted just now: a late commit, or a lost create found
             if run.is_active:
                 if key in job.done or run.run_id in self.stragglers:  # settled, or waited for alone
                     if prefix:
@@ -1087,8 +1365,19 @@ class _GroupCollector:
         )
         key = self.job.key_of_run.get(run_id)
         if key is not None:
+            self.job.check_owner(key, run)
             self.job.finish(key, run, output)
         self.wake()
+
+
+def _keep_pacing(cp: Checkpoint, stats: JobStats, learned: dict[str, Any]) -> None:
+    """Keep what the rate limiter learned in the checkpoint (a head start for a resume; never fatal)."""
+    try:
+        cp.record_pacing(learned)
+    except Exception as exc:
+        message = f"what was learned of the service's quota is not kept ({exc})"
+        if message not in stats.warnings:
+            stats.warnings.append(message)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -1122,6 +1411,7 @@ _BASIS = pl.List(
 def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
     done = job.done if job is not None else {}
     run_of = job.run_of if job is not None else {}
+    held = job.held_keys if job is not None else {}
     statuses: list[str] = []
     errors: list[str | None] = []
     run_ids: list[str | None] = []
@@ -1134,6 +1424,11 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
             statuses.append("pending")
             if key in run_of:
                 errors.append("not finished yet: run the same call again to collect it")
+            elif key in held:
+                errors.append(
+                    "its create's answer was lost and the service may still commit it: run the same call "
+                    "again to find it (or, past the commit horizon, to send it again)"
+                )
             elif job is not None and job.capped:
                 errors.append(f"not submitted: the max cost of ${job.max_cost:,.2f} was reached")
             else:
@@ -1238,6 +1533,7 @@ async def aenrich(
     transport: httpx.AsyncBaseTransport | None = None,
     stats: JobStats | None = None,
     request_timeout: float = 60.0,
+    commit_horizon: float | None = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -1270,6 +1566,11 @@ async def aenrich(
         raise UsageError("timeout must be a positive number of seconds (or None for no limit)")
     if not request_timeout > 0:
         raise UsageError("request_timeout must be a positive number of seconds")
+    horizon = 2 * request_timeout if commit_horizon is None else commit_horizon
+    if not (horizon >= 0 and math.isfinite(horizon)):
+        raise UsageError(
+            "commit_horizon must be a number of seconds of 0 or more (None: twice request_timeout)"
+        )
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise UsageError(f"concurrency must be a whole number of 1 or more, got {concurrency!r}")
     sink: ProgressSink | None
@@ -1300,10 +1601,13 @@ async def aenrich(
     try:
         # The service counts a request when it arrives, the limiter when it is sent: a window a little
         # longer than the service's keeps arrival jitter from turning a full budget into a 429.
+        # It starts from what the last process learned of the key's real quota (kept in the checkpoint).
         limiter = RateLimiter(
             requests_per_minute=rate_limit,
             runs_per_minute=run_rate,
             period=rate_window * (1 + _WINDOW_MARGIN),
+            learned=cp.pacing,
+            on_learn=functools.partial(_keep_pacing, cp, stats),
         )
         client = TaskClient(
             api_key,
@@ -1325,6 +1629,7 @@ async def aenrich(
             concurrency=concurrency,
             max_cost=max_cost,
             keep_basis=basis,
+            horizon=horizon,
         )
         job.load()
         stats.stages["load"] = time.monotonic() - t_load
@@ -1353,6 +1658,7 @@ async def aenrich(
     finally:
         if job is not None:
             stats.capped = job.capped
+            stats.held = len(job.held_keys)
         if client is not None:
             stats.requests = client.requests_sent
             stats.rate_limited = client.rate_limited_count
@@ -1362,12 +1668,18 @@ async def aenrich(
                 if job.committer is not None:
                     job.committer.close()
                 job.push_outcomes()
-            cp.close(forget=True)  # the join needs none of its tables: free them first
         except Exception as exc:  # never mask the job's own error, but never hide this one either
             stats.warnings.append(
                 f"the answers collected last are not saved in the checkpoint ({exc}); "
                 "the next run collects them again without paying twice"
             )
+        finally:
+            try:  # always: a checkpoint left open stays locked for the life of the process (a notebook)
+                cp.close(forget=True)  # the join needs none of its tables: free them first
+            except Exception as exc:
+                stats.warnings.append(
+                    f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost"
+                )
         stats.warnings.extend(cp.warnings)
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
@@ -1559,6 +1871,11 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         request_timeout: seconds to wait for a connection or for the next bytes of an answer (default
             60); an answer that takes longer counts as lost (a create is then reconciled, a read
             retried). The blocking result call adds its server-side wait to it.
+        commit_horizon: seconds after a create was sent during which the service may still commit it
+            although its answer was lost (a 502/504, a timeout, a killed process): until then its rows
+            are held, never sent again, and adopted if their runs appear (default: twice
+            `request_timeout`). A run that appears later still is recorded as a paid duplicate and never
+            joined.
 
     Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
     `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused
@@ -1594,7 +1911,8 @@ def _run_in_thread(make: Callable[[], Any]) -> Any:
     """
     result: dict[str, Any] = {}
     loop_ready = threading.Event()
-    state: dict[str, Any] = {}
+    finished = threading.Event()  # not Thread.join: on CPython <= 3.12 an interrupted join() can mark
+    state: dict[str, Any] = {}  # the thread stopped while it still runs (bpo-45274)
 
     def target() -> None:
         loop = asyncio.new_event_loop()
@@ -1609,19 +1927,25 @@ def _run_in_thread(make: Callable[[], Any]) -> Any:
         finally:
             loop_ready.set()
             loop.close()
+            finished.set()
 
     thread = threading.Thread(target=target, name="enrich", daemon=True)
     thread.start()
     try:
-        while thread.is_alive():
-            thread.join(0.1)
+        while not finished.wait(0.1):
+            pass
     except KeyboardInterrupt:
-        loop_ready.wait()
-        loop, task = state.get("loop"), state.get("task")
-        if loop is not None and task is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(task.cancel)
-        thread.join()
+        while True:  # the job flushes and closes its checkpoint first; a second Ctrl-C does not skip it
+            try:
+                loop_ready.wait()
+                loop, task = state.get("loop"), state.get("task")
+                if loop is not None and task is not None:
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(task.cancel)
+                finished.wait()
+                break
+            except KeyboardInterrupt:
+                continue
         raise
     if "error" in result:
         raise result["error"]

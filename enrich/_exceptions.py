@@ -8,6 +8,8 @@
         ├── TransportError           no HTTP answer: connect failure, dropped connection, timeout
         ├── OutcomeUnknownError      a request that creates runs was sent, but its answer was lost:
         │                            the runs may exist; find out before sending it again
+        ├── ForeignRunError          a run recorded for a row answers another input: the service
+        │                            does not hold this checkpoint's runs
         └── APIStatusError           the API answered with an error status
             ├── BadRequestError          400
             ├── AuthenticationError      401  bad or missing API key
@@ -38,6 +40,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ConflictError",
     "EnrichError",
+    "ForeignRunError",
     "NotFoundError",
     "OutcomeUnknownError",
     "PaymentRequiredError",
@@ -128,6 +131,21 @@ class OutcomeUnknownError(APIError):
     def __init__(self, message: str, *, cause: APIError, request: RequestInfo | None = None) -> None:
         super().__init__(message, request=request, ref_id=cause.ref_id, detail=cause.detail)
         self.cause = cause
+
+
+class ForeignRunError(APIError):
+    """A run the checkpoint recorded for a row carries another row's key (or none) in its metadata.
+
+    The service answering is not the one that created the checkpoint's runs (another address, an
+    emulator restarted without its seed): its answer is never joined. `run_id`, `row_key` (the row it
+    was recorded for) and `claimed` (the key its metadata carries) say which.
+    """
+
+    def __init__(self, message: str, *, run_id: str, row_key: str, claimed: object) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.row_key = row_key
+        self.claimed = claimed
 
 
 class APIStatusError(APIError):

@@ -22,6 +22,8 @@ out = enrich(
     # Small batches under a scaled window: many add-runs calls, so kills land between them.
     run_rate=50,
     rate_window=0.4,
+    # This emulator commits a create at once or never: a second is ample before a lost one is sent again.
+    commit_horizon=1.0,
 )
 out.write_parquet(target + ".tmp")
 import os  # noqa: E402

@@ -208,7 +208,10 @@ class _FakeGroup:
         *,
         default_task_spec: Any = None,
         retry_rate_limited: bool = True,
+        on_send: Any = None,
     ) -> AddRunsResponse:
+        if on_send is not None:
+            await on_send()
         ids = []
         for item in inputs:
             run_id = f"trun_{len(self.runs):032x}"
@@ -572,7 +575,8 @@ def test_a_lost_retry_never_adopts_an_older_failed_run(tmp_path: Path) -> None:
     first = run_job(app, df, CEO, checkpoint=cp)
     second = run_job(app, df, CEO, checkpoint=cp, retry_failed=True)
     stats = JobStats()
-    third = run_job(app, df, CEO, checkpoint=cp, retry_failed=True, stats=stats)
+    # the third add is lost and never created: held for the commit horizon, then sent again
+    third = run_job(app, df, CEO, checkpoint=cp, retry_failed=True, stats=stats, commit_horizon=0.3)
     assert app.adds >= 3
     old = {first["_run_id"][0], second["_run_id"][0]}
     assert third["_run_id"][0] not in old

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -319,14 +318,6 @@ def test_first_leaf_unwraps_nested_groups_and_skips_cancellations() -> None:
 # -- Ctrl-C through the sync bridge's worker thread ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    sys.version_info < (3, 13),
-    strict=True,
-    reason="bug: on CPython 3.9-3.12 a Thread.join() interrupted by KeyboardInterrupt marks the thread "
-    "stopped while it runs (threading._wait_for_tstate_lock, bpo-45274), so _run_in_thread's "
-    "thread.join() returns at once and the interrupt reaches the caller before the job has flushed and "
-    "closed (unlocked) its checkpoint",
-)
 def test_ctrl_c_in_a_running_loop_cancels_the_job_and_flushes_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -537,13 +528,6 @@ def test_full_disk_in_runs_mode_stops_sending_and_the_rerun_pays_nothing_twice(
     assert app.stats()["runs_created"] == 30 and app.stats()["duplicate_runs"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: aenrich's finally calls job.committer.close() and job.push_outcomes() before "
-    "cp.close(forget=True) in one try block; when the final receipts flush fails (full disk), cp.close "
-    "is skipped, so the checkpoint's directory fd and flock leak for the life of the process and a "
-    "rerun in the same process (a notebook) fails with 'in use by another enrich process'",
-)
 def test_after_a_full_disk_in_runs_mode_the_same_process_can_run_the_job_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -113,6 +113,10 @@ class Job:
             "--processor",
             "lite",
             "--yes",  # the large setting costs more than the $10 asked about without a terminal
+            # This emulator commits a create at once or never (unless a test says otherwise): a lost one
+            # is sent again a second after it was sent, not two minutes.
+            "--commit-horizon",
+            "1",
         ]
         self.cmd = [*head, *self.args, *extra]
         self.env = {
