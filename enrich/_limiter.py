@@ -59,7 +59,8 @@ _MAX_SPLITS = 3  # splits in a row before a refusal of a call is taken as one of
 _MAX_GAPS = 2  # smaller calls tried to fill a window before the first pause
 _PROBE_PERIODS = 4.0  # windows without a 429 before the learned limits are raised (at first) ...
 _PROBE_MIN, _PROBE_MAX = 1.0, 16.0  # ... and the range that interval moves in
-_PROBE_STEP = 1.1  # ... by this factor (the size of a call doubles)
+_PROBE_STEP = 1.1  # ... by this factor (the size of a call doubles) ...
+_PROBE_STEP_MAX = 2.0  # ... growing to this after probes that went through
 _HISTORY = 2.0  # periods of grants a measurement looks back on
 _MIN_CALLS = 10  # calls between two measurements that tell a rate
 
@@ -162,9 +163,11 @@ class RateLimiter:
         "_measured",
         "_n_waiting",
         "_on_learn",
+        "_paused_total",
         "_paused_until",
         "_period",
         "_probe_every",
+        "_probe_step",
         "_probed_at",
         "_quiet_until",
         "_readers",
@@ -232,7 +235,8 @@ class RateLimiter:
         # Every grant of the last `_HISTORY` periods, as granted (never re-timed): what a measurement
         # looks back on; and when the calls that measured were sent.
         self._history: deque[Grant] = deque()
-        self._marks: deque[float] = deque()
+        self._marks: deque[tuple[float, float]] = deque()  # (sent, _paused_total then)
+        self._paused_total = 0.0  # seconds the creates were paused, in all
         # The size of calls: `_size` the largest to make, `_largest_ok` the largest the service accepted,
         # `_size_refused` the smallest it refused although none of ours was in the window.
         self._size = self._runs_budget
@@ -251,6 +255,7 @@ class RateLimiter:
         self._last_change: float | None = None  # the last 429 or probe (None: not bound to a clock yet)
         self._probe_every = _PROBE_PERIODS  # periods from a 429 or a probe to the next probe
         self._probed_at: float | None = None  # the last probe, until a 429 follows it
+        self._probe_step = _PROBE_STEP
         if learned:
             self._restore(learned)
 
@@ -328,7 +333,10 @@ class RateLimiter:
         if event is not None and grant[0] - self._period >= event[0] and (runs or not event[1]):
             self._event = None
             self._trial = None
-            self._measure(grant, now, event)
+            if not self._measure(grant, now, event):
+                # Too soon to tell: the next request goes alone too, and measures again (all of them at
+                # once would only bounce off the same quota).
+                self._event = (now, *event[1:])
         if self._creators or self._readers:
             self._dispatch(now)
 
@@ -374,6 +382,7 @@ class RateLimiter:
         if new_event:
             if self._probed_at is not None and now - self._probed_at <= self._period:
                 self._probe_every = min(_PROBE_MAX, self._probe_every * 2)  # the probe went too far
+                self._probe_step = _PROBE_STEP
             self._probed_at = None
             self._strikes += 1
             share_requests = len(self._log) / self._requests_budget
@@ -386,12 +395,15 @@ class RateLimiter:
             # The server's word is fresh news even when the 429 is stale: honour it either way.
             until = now + max(0.0, retry_after)
         elif new_event:
+            # No word from the server: a sliding window may need most of a period, a token bucket a
+            # fraction of a second. Doubling from a sixtieth of the period overshoots either by 2x at most.
             until = now + min(_BACKOFF_CAP, _BACKOFF_BASE * 2.0 ** (self._strikes - 1)) * self._period
         else:
             until = -math.inf
+        self._paused_total += max(0.0, until - max(self._paused_until, now))
         self._paused_until = max(self._paused_until, until)
-        if not runs:  # a read was refused: the requests quota is spent, reads wait too
-            self._reads_paused_until = max(self._reads_paused_until, until)
+        if not runs:  # a read was refused: the requests quota is spent, reads wait too (as long as creates)
+            self._reads_paused_until = max(self._reads_paused_until, until, self._paused_until)
         self._quiet_until = max(
             self._quiet_until, self._paused_until, now + _COALESCE * self._period if new_event else -math.inf
         )
@@ -553,7 +565,7 @@ class RateLimiter:
 
     # -- internals: what a 429 teaches ------------------------------------------------------------------
 
-    def _measure(self, grant: Grant, now: float, event: tuple[float, int, float, float]) -> None:
+    def _measure(self, grant: Grant, now: float, event: tuple[float, int, float, float]) -> bool:
         """The first call accepted after a 429's pause: what the service let through in the span that
         ends with it. Each of our grants (of the last `_HISTORY` periods) before it may be where the
         service's window began (its expiry made room); the one that gives the highest rate is taken: the
@@ -591,10 +603,10 @@ class RateLimiter:
             # through since the trouble began is all there is to go by, for now.
             start = self._episode
             if start is None or sent <= start:
-                return
+                return best is None and start is None  # nothing of ours to go by: the pause did its work
             through = [r for e, r in self._history if start <= e - self._period < sent and (r or not by_runs)]
             if len(through) < _MIN_CALLS:
-                return  # too few to tell a rate
+                return False  # too few to tell a rate
             amount = (sum(through) + runs) if by_runs else (len(through) + 1)
             span = sent - start
             stretch = max(1.0, _MIN_SPAN * self._period / span)  # the same rate over a useful window
@@ -611,18 +623,19 @@ class RateLimiter:
         long_span, long_runs, long_requests = longest
         if long_span >= self._period:
             cap = (long_runs if by_runs else long_requests) / long_span
-        marks = [m for m in self._marks if m < sent]
+        marks = [m for m in self._marks if m[0] < sent]
         if marks:
-            mark = next((m for m in marks if sent - m >= _MIN_SPAN * self._period), marks[-1])
+            mark, paused = next((m for m in marks if sent - m[0] >= _MIN_SPAN * self._period), marks[-1])
             between = [r for e, r in self._history if mark < e - self._period < sent and (r or not by_runs)]
-            if len(between) >= _MIN_CALLS:  # else too few calls to tell a rate (adds of 1,000)
+            sending = (sent - mark) - (self._paused_total - paused)  # the time we were not paused
+            if len(between) >= _MIN_CALLS and sending > 0:  # else too few calls to tell a rate
                 since = sum(between) if by_runs else len(between)
-                cap = min(cap, (since + (runs if by_runs else 1)) / (sent - mark))
+                cap = min(cap, (since + (runs if by_runs else 1)) / sending)
         if cap < rate:
             amount_runs = max(1.0, amount_runs * cap / rate)
             amount_requests = max(1.0, amount_requests * cap / rate)
-        self._marks.append(sent)
-        while self._marks and self._marks[0] < sent - _HISTORY * self._period:
+        self._marks.append((sent, self._paused_total))
+        while self._marks and self._marks[0][0] < sent - _HISTORY * self._period:
             self._marks.popleft()
         window = span * (1 + _MARGIN)
         old = self._window
@@ -641,6 +654,7 @@ class RateLimiter:
         self._rebuild_recent(now)
         self._last_change = now
         self._learned_changed()
+        return True
 
     def _rebuild_recent(self, now: float) -> None:
         assert self._window is not None
@@ -653,19 +667,20 @@ class RateLimiter:
         """Raise the learned limits a step when no 429 came for `_probe_every` periods; True if raised.
 
         A probe followed by a 429 within a period failed: the next waits twice as long (up to 16
-        periods), so a job at its quota rarely hears a 429. A probe that led to none makes the next come
-        twice as soon (down to one period), so a job whose neighbour on the key went away takes its
-        share back quickly."""
+        periods) and steps by 10% again, so a job at its quota rarely hears a 429. A probe that led to
+        none makes the next come twice as soon (down to one period) and step further (up to 2x), so a
+        job whose neighbour on the key went away, or that measured its quota low, gets it back quickly."""
         assert self._last_change is not None
         if now - self._last_change < self._probe_every * self._period or self.learned is None:
             return False
-        if self._probed_at is not None:  # the last probe was not refused: probe sooner
+        if self._probed_at is not None:  # the last probe was not refused: probe sooner, further
             self._probe_every = max(_PROBE_MIN, self._probe_every / 2)
+            self._probe_step = min(_PROBE_STEP_MAX, 1 + (self._probe_step - 1) * 1.5)
         self._probed_at = now
         self._last_change = now
         if self._window is not None:
             # The same amounts in a shorter window: a faster pace that calls of the same size can use.
-            self._window /= _PROBE_STEP
+            self._window /= self._probe_step
             nominal_runs = self._runs_budget * self._window / self._period
             nominal_requests = self._requests_budget * self._window / self._period
             if self._window_runs >= nominal_runs and self._window_requests >= nominal_requests:
