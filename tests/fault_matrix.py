@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_fakes`, when run a
 from _fakes import Cut, Tap, is_add_runs, is_runs_stream, sse
 
 from enrich import Emulator, EmulatorConfig
+from enrich._checkpoint import Checkpoint
 from enrich._engine import JobStats, aenrich
 from enrich._inputs import build_inputs
 from enrich._schema import parse_output
@@ -65,9 +66,10 @@ MAX_429_SHARE = 0.05
 #: requests, so one 429 is 8 %; an add, the events stream and a poll can be in flight together.
 MAX_429_FLOOR = 3
 #: In its first window the engine learns: each 429 pauses every sender and lets one request through,
-#: whose answer measures the quota. At most this many 429s then (on a clock a hundredth of production's,
-#: a backoff without Retry-After takes a few tries to reach the end of a window).
-MAX_429_LEARNING = 12
+#: whose answer measures the quota. At most this many 429s then: the creates in flight when the first
+#: came back, and without Retry-After a backoff from a sixtieth of the window that doubles (about six
+#: tries to reach the end of a window). A limiter that does not back off sends hundreds.
+MAX_429_LEARNING = 20
 #: A call that runs longer than this (seconds) is stopped and its case fails.
 DEADLINE = 60.0
 #: Cases run at once, each in its own process.
@@ -280,6 +282,9 @@ class Case:
     engine: Mapping[str, Any] = field(default_factory=dict)
     rows: int = 0  # 0: 300 in group mode, 100 in runs mode (a create each, so ~1 request a row)
     resume: bool = False
+    #: Duplicates are expected (a commit later than the job's horizon): each must be counted by the job,
+    #: recorded in its checkpoint, and no row may carry one.
+    duplicates: bool = False
     seconds: float = 3.0  # a rough wall time, so that `run_all` starts the long cases first
 
     @property
@@ -353,6 +358,38 @@ def _quota(name: str, retry_after: bool) -> dict[str, Any]:
 
 
 _SMALL_ADDS = {"group": {"engine": {"run_rate": 100, "rate_window": 0.5}}}  # several add-runs calls
+
+# A quota the engine was not told, shaped unlike its own: a token bucket whose burst is below one add
+# (40 runs, refilled at 150 a second; the engine assumes 200 a second; in runs mode a second's worth),
+# and a window half as long as the engine's. Runs mode keeps 5 creates in flight.
+_UNTOLD = {
+    "burst": {
+        "group": (
+            {"run_rate_limit": 150, "run_burst": 40, "rate_window": 1.0},
+            {"run_rate": 200, "rate_window": 1.0},
+        ),
+        "runs": (
+            {"run_rate_limit": 50, "run_burst": 25, "rate_window": 2.0},
+            {"run_rate": 75, "rate_window": 2.0},
+        ),
+    },
+    "short-window": {
+        "group": ({"run_rate_limit": 60, "rate_window": 0.5}, {"run_rate": 200, "rate_window": 1.0}),
+        "runs": ({"run_rate_limit": 25, "rate_window": 1.0}, {"run_rate": 75, "rate_window": 2.0}),
+    },
+}
+
+
+def _untold(name: str, injected: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode, (emulator, engine) in _UNTOLD[name].items():
+        out[mode] = {
+            "emulator": {"rate_limit": None, **emulator},
+            "engine": {**engine, **({"concurrency": 5} if mode == "runs" else {})},
+            "injected": injected.format(**{**engine, **emulator}, engine_window=engine["rate_window"]),
+        }
+    return out
+
 
 CASES: list[Case] = [
     *_both("baseline", "nothing", "none"),
@@ -458,6 +495,53 @@ CASES: list[Case] = [
     ),
     *_both("failed-runs", "20% of runs fail", "failed", emulator={"failure_rate": 0.2}),
     *_both(
+        "late-commit",
+        "30% of creates answered with a gateway's HTML 504 at once and committed 1 s later; horizon 3 s",
+        "late",
+        emulator={"late_commit_seconds": 1.0, "late_commit_rate": 0.3},
+        engine={"commit_horizon": 3.0},
+        group=_SMALL_ADDS["group"],
+        seconds=4.0,
+    ),
+    *_both(
+        "late-commit-past-horizon",
+        "30% of creates answered 504 and committed 1 s later, past the job's horizon of 0.2 s "
+        "(runs take 2 s): the rows are sent again, the late runs are duplicates",
+        "late",
+        emulator={"late_commit_seconds": 1.0, "late_commit_rate": 0.3, "latency": 2.0},
+        engine={"commit_horizon": 0.2},
+        group=_SMALL_ADDS["group"],
+        duplicates=True,
+        seconds=5.0,
+    ),
+    *_both(
+        "stream-close",
+        "every SSE stream closed 0.3 s after it opened, whatever is active (runs take 1 s)",
+        "stream-close",
+        emulator={"stream_close_seconds": 0.3, "latency": 1.0},
+        seconds=4.0,
+    ),
+    *_both(
+        "quota-burst",
+        "",
+        "429",
+        **_untold(
+            "burst",
+            "runs: a token bucket of {run_burst} refilled at {run_rate_limit} per {rate_window:g} s "
+            "(engine: {run_rate} per {engine_window:g} s)",
+        ),
+    ),
+    *_both(
+        "quota-short-window",
+        "",
+        "429",
+        **_untold(
+            "short-window",
+            "runs: {run_rate_limit} per {rate_window:g} s window "
+            "(engine: {run_rate} per a window twice as long)",
+        ),
+    ),
+    *_both(
         "queued-past-timeout",
         "runs stay queued 0.8 s, the job's timeout is 0.3 s (rows pending); then the same call again",
         "pending",
@@ -488,6 +572,8 @@ class Result:
     requests: int = 0
     rate_limited: int = 0
     rate_limited_late: int = 0  # after the first window of the case's quota
+    counted_duplicates: int = 0  # JobStats.duplicates
+    recorded_duplicates: int = 0  # in the checkpoint
     injected: int = 0  # how many times the fault was injected
     reconciled: int = 0
     resubmitted_unknown: int = 0
@@ -582,6 +668,8 @@ def run_case(case: Case, workdir: Path | None = None) -> Result:
                     break
             result.seconds = time.monotonic() - started
         emulated = emulator.stats()
+        if (checkpoint / "manifest.json").exists():
+            result.recorded_duplicates = Checkpoint.read(checkpoint).counts().duplicates
     result.runs_created = emulated["runs_created"]
     result.duplicate_runs = emulated["duplicate_runs"]
     # A tap's canned answers (an outage's 503s) never reach the emulator: count requests where they arrive.
@@ -590,6 +678,7 @@ def run_case(case: Case, workdir: Path | None = None) -> Result:
     window = float(case.emulator.get("rate_window", 60.0))
     result.rate_limited_late = sum(1 for t in emulated["rate_limited_at"] if t > window)
     result.reconciled = sum(s.reconciled for s in stats)
+    result.counted_duplicates = sum(s.duplicates for s in stats)
     result.resubmitted_unknown = sum(s.resubmitted_unknown for s in stats)
     result.injected = _injected(case, emulated, tap, outs)
     if case.resume and outs:
@@ -616,6 +705,10 @@ async def _bounded(job: Any) -> Any:
 def _injected(case: Case, emulated: dict[str, Any], tap: Tap | None, outs: list[pl.DataFrame]) -> int:
     if case.fault == "429":
         return int(emulated["rate_limited"])
+    if case.fault == "late":
+        return int(emulated["late_commits"])
+    if case.fault == "stream-close":
+        return int(emulated["streams_closed_early"])
     if case.fault in emulated["faults"]:
         return int(emulated["faults"][case.fault])
     if case.fault == "tap":
@@ -670,7 +763,20 @@ def _judge(result: Result) -> None:
         result.problems.insert(0, f"the job raised {result.error}")
     elif result.correct != result.rows and not result.problems:
         result.problems.append(f"{result.rows - result.correct} rows wrong")
-    if result.runs_created != result.distinct or result.duplicate_runs:
+    if case.duplicates:
+        if not result.duplicate_runs:
+            result.problems.append("no duplicate was made: the case proves nothing")
+        elif (
+            result.counted_duplicates != result.duplicate_runs
+            or result.recorded_duplicates != result.duplicate_runs
+        ):
+            result.problems.append(
+                f"{result.duplicate_runs} duplicates made, {result.counted_duplicates} counted by the job, "
+                f"{result.recorded_duplicates} in its checkpoint"
+            )
+        elif result.runs_created != result.distinct + result.duplicate_runs:
+            result.problems.append(f"{result.runs_created} runs for {result.distinct} distinct inputs")
+    elif result.runs_created != result.distinct or result.duplicate_runs:
         result.problems.append(
             f"{result.runs_created} runs for {result.distinct} distinct inputs "
             f"({result.duplicate_runs} duplicates)"
@@ -737,9 +843,12 @@ truth. A case passes when:
   completed row holds exactly that input's deterministic answer (`synth_output`); a failed row's run
   really failed and `_error` says why in one line; a value that broke its schema is null and `_error`
   names the field;
-- the emulator created exactly one run per distinct input (no extra run, no duplicate);
-- 429s are at most {share:.0%} of the requests, or {floor} for a job of a dozen requests (group mode,
-  where an add, the events stream and a poll can be in flight together and each quota may bounce them);
+- the emulator created exactly one run per distinct input (no extra run, no duplicate), except where a
+  case makes duplicates on purpose (a commit later than the job's horizon): then each one is counted by
+  the job, recorded in its checkpoint, and no row carries it;
+- after the first window of the service's quota (while the engine learns a quota it was not told),
+  429s are at most {share:.0%} of the requests, or {floor}; in the first window at most {learning}
+  (a limiter that does not back off sends hundreds);
 - the trouble was really injected (a case that injects nothing proves nothing).
 
 Columns: *times* is how often the trouble was injected, counted per request or per run (emulator
@@ -762,6 +871,7 @@ def report(results: list[Result], *, wall: float, jobs: int, findings: str = "")
         deadline=DEADLINE,
         share=MAX_429_SHARE,
         floor=MAX_429_FLOOR,
+        learning=MAX_429_LEARNING,
     )
     return f"{intro}\n{table(results)}\n\n{findings.strip()}\n"
 
@@ -777,10 +887,11 @@ having created nothing. Before the fix, `429-runs[group]` (then a quota of 100 r
 adds of 150) ended that way after 100 s, with 101 429s in 103 requests; without Retry-After the backoff
 doubles up to 60 s and `429-both-no-retry-after[group]` had not ended after 150 s. Now `add_runs` takes
 `retry_rate_limited=False`, which reports the 429 to the limiter and hands it back (nothing was
-created); the engine sends the batch again in halves (its cap halves on each refused add and doubles
-on each accepted one, and the size also follows the limiter's pace), so one or two 429s split the adds
-until they fit. A call of one run is still retried by the client, so a quota that refuses everything
-still ends the job after 100 429s. Guarded by `test_add_runs_hands_a_429_back_when_asked` and
+created); the engine sends the batch again at the size the limiter learned the service accepts at
+once (`RateLimiter.max_runs`: halved when an add is refused with nothing else of ours in the window),
+so one or two 429s split the adds until they fit. A call of one run is still retried by the client, so
+a quota that refuses everything still ends the job after 100 429s. Guarded by
+`test_add_runs_hands_a_429_back_when_asked` and
 `test_an_add_larger_than_the_run_quota_is_split_not_retried_forever` (`tests/test_reliability.py`).
 
 **Added: `request_timeout=` on `aenrich()`/`enrich()`** (default 60 s, as before). The slow-answer cases
@@ -788,22 +899,21 @@ need a read timeout below the emulator's 1.5-s delay; 60 s could only be reached
 tests. An answer slower than that is lost like a dropped one: a create is reconciled (`slow[group]`
 found all 170 runs of its slow adds), a read is retried.
 
-**The 429 share is set by what is in flight when the first 429 comes.** In every 429 case the 429s come
-in one burst per quota: the requests already on their way when the first 429 arrives bounce too, then
-the limiter pauses and halves its pace and no further 429 follows. So the share is about (rows in flight) /
-(requests in the job). With the default `concurrency=100` against the scaled quota of 100 requests per
-2 s, that first bounce was about 50 requests (23 %); production's proportion is 100 in flight against
-2,000 requests a minute, so the runs-mode cases keep 5 in flight against 100 (1-3 %). Group mode sends a
-dozen requests, and its request quota here is 3 a second: one to three 429s are 8-33 %, hence the floor
-of 5 (a client that hammers gets dozens: before the fix above, `429-runs[group]` got 101).
+**Quotas the engine was not told (issue 10).** A 429 no longer halves a pace that recovers on
+successes. Every create pauses (Retry-After, or a backoff from a sixtieth of the window), one trial goes
+alone, and the first one accepted measures what the service let through: that becomes a learned window,
+so after the first window almost no 429 follows (`429-*`, `quota-burst`: a token bucket whose burst is
+below one add; `quota-short-window`: a window half the engine's). In the first window the creates in
+flight when the first 429 comes bounce too, and without Retry-After the backoff takes a few tries to
+reach the end of a window: about 5-15 429s there on these scaled clocks.
 
-**Sub-second Retry-After defeats the limiter's event counting (scaled windows only).** The limiter treats
-every 429 within 1 s of a counted one as the same congestion event (no further halving), while successes
-keep raising its pace (2 % per window/30). When the server's Retry-After is shorter than that second, as
-with a 0.5-s window, the pace climbs back over the quota inside the second and bounces again without
-being halved: a runs-mode case with a 0.5-s window (quota 25, engine 37) saw 12 % 429s, the same case
-with the 2-s window used here (quota 100, engine 150) about 3 %. With production's 60-s window the pause
-outlasts the second, so this does not arise; the limiter is unchanged and the cases use windows of 1-2 s.
+**Late commits (issue 10).** `late-commit` answers 30 % of the creates with a gateway's 504 at once and
+commits them a second later: the rows are held until the commit horizon (3 s here), their runs adopted
+when they appear, nothing sent twice. `late-commit-past-horizon` gives the job a horizon (0.2 s) shorter
+than the service's delay: the rows are sent again and the late runs are duplicates, each one counted by
+the job (`JobStats.duplicates`), recorded in its checkpoint, and never joined. `stream-close` ends every
+stream after 0.3 s with runs active: the events stream is reopened from its last event and the job ends
+with its runs.
 
 **Fixed: an outage during submission stopped the job.** `outage` takes the service down for 8 s (every
 request an HTML 503), longer than the client's own retries of one request (5 tries, at most 7.5 s of
@@ -821,7 +931,8 @@ request (creating its group) meets an outage still stops, having sent nothing.
 **Recovery costs seconds, not runs.** Every lost create was settled without paying twice: found by
 reading the group when the runs existed (`lost-create`, `slow`, `malformed-json`), sent again when
 nothing had been created (`html-5xx`, `drop`). Group-mode fault cases take 1-5 s against 0.3 s for
-the baseline: retry backoff, the events stream reopened after 2^n s, the collector's 3-s fallback poll.
+the baseline: retry backoff, the commit horizon (1 s here) before a lost create that created nothing
+is sent again, the collector's fallback poll.
 A lost answer to the group's own create (an empty group costs nothing) is retried like a read and can
 leave one empty group behind.
 
