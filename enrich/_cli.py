@@ -20,6 +20,7 @@ from enrich._exceptions import (
     APIError,
     CheckpointError,
     EnrichError,
+    ForeignRunError,
     RateLimitError,
     ServerError,
     TransportError,
@@ -534,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run the same command again"
             )
             return EXIT_INCOMPLETE
+        if isinstance(exc, ForeignRunError):  # the message says what to do: another checkpoint
+            return EXIT_API
         _say("the checkpoint is kept: fix the cause, then run the same command again")
         return EXIT_API
     except EnrichError as exc:

@@ -263,12 +263,14 @@ class TaskClient:
                     if timeout
                     else httpx.USE_CLIENT_DEFAULT,
                 )
-            except httpx.TransportError as exc:
+            except BaseException as exc:  # no answer; never leave a grant out (it may be a trial)
                 if self.limiter is not None:
                     if isinstance(exc, _NOT_SENT):
                         self.limiter.refund(grant)
                     else:
                         self.limiter.settle(grant)  # it may have been counted: keep it in the window
+                if not isinstance(exc, httpx.TransportError):
+                    raise
                 error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
                 sent = creates and not isinstance(exc, _NOT_SENT)
                 lost = "the request was sent but its answer was lost" if sent else None
@@ -477,6 +479,7 @@ class TaskClient:
             grant = await self.limiter.acquire(0) if self.limiter is not None else None
             self.requests_sent += 1
             server_wait: float | None = None
+            answered = False  # the grant handed back to the limiter
             try:
                 async with self._http.stream(
                     "GET",
@@ -491,6 +494,7 @@ class TaskClient:
                     if response.status_code >= 400:
                         await response.aread()
                         error = _error_from_response(response, info)
+                        answered = True
                         if isinstance(error, RateLimitError):
                             self.rate_limited_count += 1
                             if self.limiter is not None:
@@ -501,6 +505,7 @@ class TaskClient:
                         if not _is_retryable_status(error.status or 0):
                             raise error
                         raise _RetryStream(error, _parse_retry_after(response.headers))
+                    answered = True
                     if self.limiter is not None:
                         self.limiter.succeeded(grant)
                     decoder = SSEDecoder()
@@ -525,7 +530,14 @@ class TaskClient:
             except _RetryStream as retry:
                 error_: APIError = retry.error
                 server_wait = retry.server_wait
-            except httpx.TransportError as exc:
+            except BaseException as exc:  # no answer: never leave the grant out (it may be a trial)
+                if self.limiter is not None and not answered:
+                    if isinstance(exc, _NOT_SENT):
+                        self.limiter.refund(grant)
+                    else:
+                        self.limiter.settle(grant)
+                if not isinstance(exc, httpx.TransportError):
+                    raise
                 error_ = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
             failures += 1
             if failures >= self.retry.max_attempts:

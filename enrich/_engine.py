@@ -128,7 +128,8 @@ class JobStats:
     #: Runs found for a row that already had one (a create the service committed after the job had
     #: given it up and sent it again): paid for, recorded, never joined.
     duplicates: int = 0
-    #: Runs of lost creates found after all (late commits adopted, reconciliations included).
+    #: Runs of held rows (or of rows about to be sent again) adopted when they appeared: late commits.
+    #: (Lost creates found by reading the group right away are counted in `reconciled`.)
     found_late: int = 0
     #: Rows whose create's outcome was still unknown when the job ended (within the commit horizon).
     held: int = 0
@@ -281,6 +282,11 @@ def _prepare(
 # -- the running job ---------------------------------------------------------------------------------
 
 
+class _Adopted(Exception):
+    """Raised from a create's `on_send`: a row of it got its run (a late commit) while it waited for the
+    rate limiter, so it must not be sent."""
+
+
 class _Fatal(Exception):
     """Wraps an API answer that ends the job (bad key, no credit, refused spec)."""
 
@@ -336,6 +342,7 @@ class _Job:
         self.inflight: dict[str, str] = {}
         self.holds_changed = asyncio.Event()
         self._settling = asyncio.Lock()
+        self._late: list[Receipt] = []  # receipts of late runs adopted, not written yet (`flush_late`)
         # Per distinct key: the run that answers it, and its outcome once known.
         self.run_of: dict[str, str] = {}
         self.key_of_run: dict[str, str] = {}
@@ -438,7 +445,7 @@ class _Job:
             return n
         buffered = self.committer.buffered if self.committer is not None else 0  # created, not yet recorded
         # Held rows may yet be created by a late commit: counted as spent until they are settled.
-        spent = (self.cp.runs + buffered + self.reserved + len(self.held_keys)) * self.price
+        spent = (self.cp.runs + buffered + len(self._late) + self.reserved + len(self.held_keys)) * self.price
         room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True
@@ -454,7 +461,7 @@ class _Job:
         A run id names a run of the service that created it; another service (an emulator restarted
         without its seed hands out the same ids) may answer for the id with another input's run."""
         claimed = (run.metadata or {}).get(KEY_FIELD)
-        if claimed != key:
+        if claimed is not None and claimed != key:  # no key at all cannot be checked (nor reconciled)
             raise ForeignRunError(
                 f"run {run.run_id}, recorded for row {key}, carries the row key {claimed!r}: the service at "
                 f"{self.client.base_url} does not hold this checkpoint's runs (another address, or an "
@@ -467,7 +474,13 @@ class _Job:
     # ---- creates whose outcome is unknown: held until the commit horizon
 
     def hold(
-        self, batch_id: str, group_id: str | None, keys: Sequence[str], sent_at: datetime | None
+        self,
+        batch_id: str,
+        group_id: str | None,
+        keys: Sequence[str],
+        sent_at: datetime | None,
+        *,
+        say: bool = True,
     ) -> None:
         """Hold `keys`, whose create (sent at `sent_at`, UTC) may still be committed by the service.
 
@@ -485,16 +498,21 @@ class _Job:
         for k in keys:
             self.held_keys[k] = batch_id
         self.holds_changed.set()
+        if say:
+            self.say_held()
+
+    def say_held(self) -> None:
+        if not self.held:
+            return
+        deadline = max(h[2] for h in self.held.values())
         until = datetime.now() + (deadline - time.monotonic()) * timedelta(seconds=1)
         self.report(
             f"{len(self.held_keys):,} rows held until {until:%H:%M:%S}: their create's answer was lost and "
             "the service may still commit it (it is adopted if it does; sent again if not)"
         )
 
-    def found_late(self, key: str, run_id: str, group_id: str | None) -> None:
-        """A run of `key` appeared while its create's outcome was unknown (held), or before it was sent
-        again: it is the row's run. Recorded (under the intent's batch, which settles that row's doubt)
-        before it is adopted."""
+    def _unhold(self, key: str) -> str | None:
+        """`key` is held no longer (its run was found): returns the batch it was held for."""
         batch_id = self.held_keys.pop(key, None)
         if batch_id is not None:
             keys = self.held[batch_id][1]
@@ -502,19 +520,34 @@ class _Job:
             if not keys:
                 del self.held[batch_id]
             self.holds_changed.set()
-        receipt = Receipt(
-            row_key=key,
-            run_id=run_id,
-            group_id=group_id,
-            batch_id=batch_id or f"late-{uuid.uuid4().hex}",
-            created_at=datetime.now(UTC),
+        return batch_id
+
+    def found_late(self, key: str, run_id: str, group_id: str | None) -> None:
+        """A run of `key` appeared while its create's outcome was unknown (held), or before it was sent
+        again: it is the row's run. Its receipt (under the intent's batch, which settles that row's
+        doubt) is written with the others found in the same read (`flush_late`), before any outcome."""
+        batch_id = self._unhold(key)
+        self._late.append(
+            Receipt(
+                row_key=key,
+                run_id=run_id,
+                group_id=group_id,
+                batch_id=batch_id or f"late-{uuid.uuid4().hex}",
+                created_at=datetime.now(UTC),
+            )
         )
-        if self.committer is not None:
-            self.committer.flush_receipts()
-        self.cp.record_receipts([receipt])
         self.inputs.pop(key, None)
         self._adopt(key, run_id, group_id)
         self.stats.found_late += 1
+
+    def flush_late(self) -> None:
+        """Write the receipts of late runs adopted so far (after runs mode's buffered receipts). A crash
+        before this loses nothing: their intents are still in doubt, and the next run finds them."""
+        if self._late:
+            if self.committer is not None:
+                self.committer.flush_receipts()
+            late, self._late = self._late, []
+            self.cp.record_receipts(late)
 
     def claim(self, key: object, run: TaskRun, group_id: str | None) -> str:
         """What to make of a run of the group that carries row key `key` in its metadata and is not the
@@ -591,7 +624,7 @@ class _Job:
                 completed=completed,
                 failed=failed,
                 running=self.outstanding,
-                waiting=len(self.todo),
+                waiting=len(self.todo) + len(self.held_keys),
                 rate_limited=self.limiter.waiting,
                 message=message,
             )
@@ -666,6 +699,7 @@ class _Job:
 
     def push_outcomes(self) -> None:
         """Hand the outcomes gathered so far to the checkpoint (which flushes them to disk in batches)."""
+        self.flush_late()
         if self._outcomes:
             if self.committer is not None:
                 self.committer.flush_receipts()  # an outcome on disk never precedes its run's receipt
@@ -724,8 +758,6 @@ class _Job:
             again = await self.settle_holds()
             if again:
                 self.todo.extend(again)
-            # Rows adopted meanwhile (a late commit of a row about to be sent again) are not sent.
-            self.todo = [k for k in self.todo if k not in self.run_of and k not in self.done]
             if capped or not self.todo:
                 if not self.held:
                     break
@@ -734,14 +766,25 @@ class _Job:
                 continue
             # The size the service was seen to accept at once: a quota that counts runs may never fit
             # the full batch in one call (the limiter learns it from 429s).
-            size = min(self.batch_size, self.limiter.max_runs, len(self.todo))
-            batch = self.todo[: self.affordable(size)]
-            if not batch:
+            size = self.affordable(min(self.batch_size, self.limiter.max_runs, len(self.todo)))
+            if not size:
                 self.report(f"max cost ${self.max_cost:,.2f} reached: {len(self.todo):,} rows not submitted")
                 capped = True
                 continue
+            # Rows adopted meanwhile (a late commit of a row about to be sent again) are not sent.
+            batch: list[str] = []
+            taken = 0
+            for key in self.todo:
+                taken += 1
+                if key not in self.run_of and key not in self.done:
+                    batch.append(key)
+                    if len(batch) == size:
+                        break
+            if not batch:
+                del self.todo[:taken]
+                continue
             if await self.add_batch(group_id, batch, collector):
-                del self.todo[: len(batch)]
+                del self.todo[:taken]
 
     async def add_batch(self, group_id: str, batch: list[str], collector: _GroupCollector) -> bool:
         """Add `batch` to the group; False when it was refused with a 429 (nothing created: send it
@@ -754,6 +797,8 @@ class _Job:
         sent_at: list[datetime] = []
 
         async def on_send() -> None:
+            if any(k in self.run_of or k in self.done for k in batch):
+                raise _Adopted  # a late commit of one of these rows was adopted while this waited
             sent_at.append(datetime.now(UTC))
             self.cp.record_intents(batch_id, group_id, batch, sent_at=sent_at[-1])  # durable first
             self.inflight.update(dict.fromkeys(batch, batch_id))
@@ -766,7 +811,7 @@ class _Job:
                 retry_rate_limited=len(batch) == 1,  # a larger call is split by the caller instead
                 on_send=on_send,
             )
-        except RateLimitError:
+        except (RateLimitError, _Adopted):  # nothing was created: the loop forms the call again
             self._landed(batch)
             if sent_at:
                 self.cp.resolve_intents(batch_id)
@@ -848,7 +893,7 @@ class _Job:
                 # Sent less than the horizon ago (by a process that died): the service may still commit
                 # it. Its rows not found are held, not sent again, until the horizon has passed (rows no
                 # longer in the frame are not held: the intent stays in doubt for a later run).
-                self.hold(intent.batch_id, intent.group_id, intent.row_keys, intent.sent_at)
+                self.hold(intent.batch_id, intent.group_id, intent.row_keys, intent.sent_at, say=False)
             else:
                 self.cp.resolve_intents(intent.batch_id)
                 if intent.group_id is not None:  # never created: sent again (counted, and said)
@@ -859,6 +904,7 @@ class _Job:
                     )
         # Keys found are no longer to do; keys held wait; keys not found stay (they were never created).
         self.todo = [k for k in self.todo if k not in self.run_of and k not in self.held_keys]
+        self.say_held()
 
     async def reconcile(self, group_id: str, keys: Mapping[str, str]) -> dict[str, str]:
         """Read the group's runs; adopt (and record receipts for) runs that carry one of `keys`.
@@ -898,11 +944,13 @@ class _Job:
                 ]
             )
             for k, r in found.items():
+                self._unhold(k)
                 if k in self.wanted:  # a row no longer in the frame: recorded (paid for), not collected
                     self._adopt(k, r, group_id)
         for key, run in others:  # late commits of held rows, duplicates
             if run.run_id != self.run_of.get(key):
                 self.claim(key, run, group_id)
+        self.flush_late()
         return found
 
     # ---- runs mode
@@ -993,14 +1041,20 @@ class _Job:
         sent_at: list[datetime] = []
 
         async def on_send() -> None:  # each time the request goes out, after the rate limiter
+            if key in self.run_of or key in self.done:
+                raise _Adopted  # a late commit of this row was adopted while this waited
             sent_at.append(datetime.now(UTC))
+            self.inflight[key] = batch_id  # from now on a run of it is this create's (claim waits)
             await committer.intent(batch_id, group_id, key)  # durable before the request is sent
-            self.inflight[key] = batch_id
 
         try:
             answer = await self.client.add_runs(
                 group_id, [self.run_input(key)], default_task_spec=self.plan.task_spec, on_send=on_send
             )
+        except _Adopted:
+            if sent_at:  # recorded for an earlier send of this call, refused with a 429: nothing created
+                self.cp.resolve_intents(batch_id)
+            return
         except OutcomeUnknownError:
             try:  # on the wire still, as far as the collector knows, until the group is read for it
                 found = await reconciler.check(group_id, key, batch_id)
@@ -1168,6 +1222,7 @@ class _GroupCollector:
         self._last_poll_useful = True
         self._blocked: tuple[str | None, int] = (None, 0)  # the run holding the cursor, for how many polls
         self.late_seen = False  # the events stream told of a run of a held row: poll to adopt it
+        self.poll_now = False  # the events stream closed at once with nothing: the group is inactive
 
     def wake(self) -> None:
         self._wake.set()
@@ -1216,8 +1271,8 @@ class _GroupCollector:
             ended = len(self.ended & pending)
             now = time.monotonic()
             if outstanding == 0:
-                if self.job.submission_done.is_set():
-                    return
+                if self.job.submission_done.is_set() or self.late_seen:
+                    return  # (a late commit of a held row: a poll adopts it)
                 self._wake.clear()
                 await self._wake.wait()  # the next add-runs, or the end of submission, wakes us
                 start = time.monotonic()
@@ -1228,8 +1283,10 @@ class _GroupCollector:
             fallback = _FALLBACK_POLL - (now - start)
             # Ready once many ended, or all but a few (the last of a batch need not be waited for alone).
             few = max(1, min(10, outstanding // 100))
-            ready = self.late_seen or (
-                ended and (ended >= outstanding - few or ended >= max(_POLL_MIN_ENDED, outstanding // 2))
+            ready = (
+                self.late_seen
+                or self.poll_now
+                or (ended and (ended >= outstanding - few or ended >= max(_POLL_MIN_ENDED, outstanding // 2)))
             )
             if gap <= 0 and (ready or fallback <= 0):
                 return
@@ -1244,8 +1301,9 @@ class _GroupCollector:
 
         The stream ends when no run of the group is active, but also whenever the service or a proxy
         in between closes it on a timer of its own: it is reopened from its last event whenever runs are
-        outstanding or rows held, and never taken to mean that every run ended. One that closes at once
-        with nothing in it is reopened after a pause that doubles (the runs have ended: a poll follows).
+        outstanding or rows held, and never taken to mean that every run ended (at most twice a second).
+        One that closes at once with nothing in it is reopened after a pause that doubles: no run of the
+        group is active, so a poll follows at once.
         """
         failures = 0
         quick = 0
@@ -1281,14 +1339,17 @@ class _GroupCollector:
                 failures += 1
                 await asyncio.sleep(min(60.0, 2.0**failures))
                 continue
+            lived = time.monotonic() - opened
+            quick = quick + 1 if heard == 0 and lived < _REOPEN_QUICK else 0
+            if quick and self.outstanding:
+                self.poll_now = True  # closed at once with nothing: no run is active, a poll collects them
             self._wake.set()  # runs may have ended while it closed: let the collector look
-            quick = quick + 1 if heard == 0 and time.monotonic() - opened < _REOPEN_QUICK else 0
             if not (self.outstanding - self.ended) and not job.held_keys:
                 pause = _FALLBACK_POLL  # every run it waits for has ended: the poll collects them
             elif quick:
                 pause = min(_REOPEN_MAX, 0.5 * 2.0**quick)
-            else:
-                continue  # closed on a timer of its own with runs still active: reopen now
+            else:  # closed on a timer of its own with runs still active: reopen (at most twice a second)
+                pause = max(0.0, _REOPEN_QUICK / 2 - lived)
             if not self.finished():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
@@ -1307,7 +1368,7 @@ class _GroupCollector:
         waste = 0
         collected = 0
         blocker: str | None = None
-        self.late_seen = False
+        self.late_seen = self.poll_now = False
         async for event in job.client.stream_group_runs(
             self.group_id, last_event_id=self.cursor, include_output=True
         ):

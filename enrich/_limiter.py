@@ -20,7 +20,7 @@ full add-runs call. Each 429 is read for what it says:
   what was measured, a little under, and a burst limit (a token bucket) keeps adds apart when the
   service's window is shorter than the assumed one.
 
-Nothing is learned from counting successes. The pace recovers by time: after `probe_periods` windows
+Nothing is learned from counting successes. The pace recovers by time: after a few windows
 without a 429 while senders wait for budget, the learned limits are raised by a step, and a 429 sets them
 back to what was measured. What was learned can be saved (`learned`) and given to a new limiter
 (`RateLimiter(learned=...)`), so a resumed job starts where the last process left off.
@@ -50,7 +50,6 @@ _Ts = TypeVarTuple("_Ts")
 
 # What a 429 teaches (see the module docstring). Times are shares of `period` unless said otherwise.
 _MARGIN = 0.02  # a learned window is this much longer than the span measured: arrival jitter
-_MIN_SHARE = 0.01  # a learned budget never drops below 1% of the nominal one (nor below 1)
 _MIN_SPAN = 0.1  # a measurement spans at least this much of a period (a burst says nothing of a rate)
 _COALESCE = 1 / 60  # 429s within this long of a counted one (or during its pause) are the same event
 _BACKOFF_BASE = 1 / 60  # pause after a 429 without Retry-After; doubles per consecutive event ...
@@ -118,8 +117,9 @@ class RateLimiter:
         learned: what an earlier limiter learned of the same key's quota (`learned`), to start from.
         on_learn: called with `learned` (or `{}`) whenever what the limiter knows of the quota changes.
 
-    Guarantee: for every window [t, t + period), the requests granted in it number at most the requests
-    budget and the runs they spend sum to at most the runs budget. It is a sliding log of (expiry, runs),
+    Guarantee: for every window [t, t + period), the requests granted in it and not refused (a 429 leaves
+    the window) number at most the requests budget and the runs they spend sum to at most the runs
+    budget. It is a sliding log of (expiry, runs),
     not a token bucket: no burst on top of the rate. With many waiters the whole budget is used, since a
     waiter is let through at the very instant enough of the log expires. A learned quota adds a second
     sliding window of the same kind: at most `runs` runs and `requests` requests in any `window` seconds.
@@ -278,7 +278,8 @@ class RateLimiter:
             self._bind()
         now = self._now()
         queue = self._creators if runs else self._readers
-        if not queue and now >= self._pause_of(runs):
+        trial_due = self._event is not None and (runs or not self._event[1])
+        if not queue and now >= self._pause_of(runs) and not trial_due:
             self._evict(now)
             if self._fits_at(runs, now) <= now:
                 return self._grant(runs, now)
@@ -294,22 +295,30 @@ class RateLimiter:
         it. Only grants that spend runs are moved (they are answered at once); a long poll's GET would
         hold its request slot for minutes.
         """
-        if grant is self._trial:
+        was_trial = self._settle(grant)
+        if was_trial:
             self._end_trial()
+
+    def _settle(self, grant: Grant) -> bool:
+        """`settle` without waking anyone; True if `grant` was the trial (now ended)."""
+        was_trial = grant is self._trial
+        if was_trial:
+            self._trial = None
         if grant[1] == 0:
-            return
+            return was_trial
         try:
             self._log.remove(grant)  # O(window), once per run-creating request
         except ValueError:
-            return  # expired already
+            return was_trial  # expired already
         # Every entry was granted at or before now, so the log stays sorted by expiry.
         now = self._now()
         self._log.append((now + self._period, grant[1]))
         try:
             self._recent.remove(grant)
         except ValueError:
-            return
+            return was_trial
         self._recent.append((now + self._period, grant[1]))
+        return was_trial
 
     def succeeded(self, grant: Grant | None = None) -> None:
         """The request of `grant` was answered, not with a 429. Settles it (see `settle`).
@@ -323,7 +332,7 @@ class RateLimiter:
             if self._trial is not None:
                 self._end_trial()
             return
-        self.settle(grant)
+        self._settle(grant)  # (waiters are let go below, once what it measured is in force)
         runs = grant[1]
         if runs:
             self._splits = 0
@@ -456,7 +465,6 @@ class RateLimiter:
             "requests": _finite(self._window_requests),
             "size": _finite(self._size),
             "largest_accepted": self._largest_ok,
-            "smallest_refused": _finite(self._size_refused),
         }
 
     def __repr__(self) -> str:
@@ -659,8 +667,9 @@ class RateLimiter:
     def _rebuild_recent(self, now: float) -> None:
         assert self._window is not None
         start = now - self._window + self._period
-        # the main log: its entries are re-timed at their answers, as `_recent`'s are
-        self._recent = deque(entry for entry in self._log if entry[0] > start)
+        # From the history (the main log forgets what is older than a period, and a learned window may
+        # be longer); its entries are not re-timed at their answers, which `_recent`'s are from now on.
+        self._recent = deque(entry for entry in self._history if entry[0] > start)
         self._recent_runs = sum(r for _, r in self._recent)
 
     def _probe(self, now: float) -> bool:
@@ -707,8 +716,6 @@ class RateLimiter:
             self._size = max(1, min(self._runs_budget, size))
         if (largest := number("largest_accepted")) is not None:
             self._largest_ok = int(largest)
-        if (smallest := number("smallest_refused")) is not None:
-            self._size_refused = smallest
 
     def _end_trial(self) -> None:
         self._trial = None

@@ -68,8 +68,9 @@ MAX_429_FLOOR = 3
 #: In its first window the engine learns: each 429 pauses every sender and lets one request through,
 #: whose answer measures the quota. At most this many 429s then: the creates in flight when the first
 #: came back, and without Retry-After a backoff from a sixtieth of the window that doubles (about six
-#: tries to reach the end of a window). A limiter that does not back off sends hundreds.
-MAX_429_LEARNING = 20
+#: tries to reach the end of a window); timing moves it by half again on a loaded machine. A limiter
+#: that does not back off sends hundreds.
+MAX_429_LEARNING = 30
 #: A call that runs longer than this (seconds) is stopped and its case fails.
 DEADLINE = 60.0
 #: Cases run at once, each in its own process.

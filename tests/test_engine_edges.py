@@ -286,6 +286,29 @@ class _Harness:
         return self.job.done.get(self.plan.keys[i])
 
 
+def test_a_row_adopted_while_its_add_waits_for_the_limiter_is_not_sent(tmp_path: Path) -> None:
+    """A late commit of a row about to be sent again is adopted (a poll saw its run) while the add that
+    holds it waits for the rate limiter: the add must not go out, or the row is paid twice."""
+
+    async def scenario() -> tuple[bool, int, list[Any]]:
+        h = _Harness(tmp_path / "cp", 3)
+        real_add = h.fake.add_runs
+        first = h.plan.keys[0]
+
+        async def add_runs(*args: Any, **kw: Any) -> Any:
+            h.job.found_late(first, "trun_late", "tgrp_fake")  # while it waited for its grant
+            h.fake.release.set()
+            return await real_add(*args, **kw)
+
+        h.fake.add_runs = add_runs  # type: ignore[method-assign]
+        with h.cp:
+            sent = await h.add_all()
+            return sent, len(h.fake.runs), h.cp.in_doubt()
+
+    sent, created, doubts = asyncio.run(scenario())
+    assert sent is False and created == 0 and doubts == []  # not sent, nothing in doubt: formed again
+
+
 def test_a_poll_during_an_add_in_flight_does_not_lose_its_runs(tmp_path: Path) -> None:
     """Guards a fixed bug: poll() moved the cursor past runs whose key it did not know yet (their add-runs
     answer still on its way), so they were never collected."""
