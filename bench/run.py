@@ -610,20 +610,8 @@ def main() -> None:
     runs_sizes = sizes_of(args.runs_sizes, QUICK_RUNS_SIZES if args.quick else RUNS_SIZES, "--runs-sizes")
 
     emit = Report()
-    command = "python bench/run.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     started = time.monotonic()
-    emit(
-        [
-            f"# `{command}`",
-            "",
-            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; Python {platform.python_version()} "
-            f"({platform.machine()}, {platform.system()}), polars {pl.__version__}, "
-            f"httpx {httpx.__version__}, {os.cpu_count()} CPUs, load average {load()} "
-            "(the machine is shared: other jobs may run)",
-            git_state(),
-            "",
-        ]
-    )
+    command = heading(emit, "bench/run.py")
     sections: list[tuple[str, Callable[[], None]]] = []
     if not args.skip_engine:
         sections.append(
@@ -642,6 +630,33 @@ def main() -> None:
         sections.append(("compare", lambda: compare_section(args.quick, emit)))
     if not (args.skip_scale or args.quick):
         sections.append(("scale", lambda: scale_section(emit)))
+    run_sections(sections, emit, started, RESULTS, command)
+
+
+def heading(emit: Report, script: str, *more: str) -> str:
+    """Emit the report's heading (the command, date, versions, machine, load, commit); returns the
+    command line."""
+    command = f"python {script}" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    emit(
+        [
+            f"# `{command}`",
+            "",
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC; Python {platform.python_version()} "
+            f"({platform.machine()}, {platform.system()}), polars {pl.__version__}, "
+            f"httpx {httpx.__version__}, {os.cpu_count()} CPUs, load average {load()} "
+            "(the machine is shared: other jobs may run)",
+            git_state(),
+            *more,
+            "",
+        ]
+    )
+    return command
+
+
+def run_sections(
+    sections: list[tuple[str, Callable[[], None]]], emit: Report, started: float, results: Path, command: str
+) -> None:
+    """Run each section (a failure prints its traceback and the next one runs), then write `results`."""
     for name, section in sections:
         t0 = time.monotonic()
         try:
@@ -650,12 +665,13 @@ def main() -> None:
             emit([f"{name}: FAILED", *traceback.format_exc().rstrip().splitlines()])
         emit(["", f"({name}: {time.monotonic() - t0:.0f} s, load average after: {load()})", ""])
     emit([f"total {time.monotonic() - started:.0f} s"])
-    RESULTS.write_text(
-        "# bench/run.py: latest results\n\n"
+    script = command.split()[1]
+    results.write_text(
+        f"# {script}: latest results\n\n"
         f"Written by `{command}` (overwritten on each run). See `bench/README.md`.\n\n"
         "```\n" + "\n".join(emit.lines) + "\n```\n"
     )
-    print(f"\nwritten to {RESULTS}")
+    print(f"\nwritten to {results}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,8 @@ _IDLE_POLL_GAP = 2.0
 _POLL_MIN_ENDED = 1000
 # ... or until this many seconds passed since the last poll (the events stream may be down).
 _FALLBACK_POLL = 30.0
+# ... or, all but a few having ended, once no other has ended for this long (the few run late).
+_TAIL_QUIET = 1.0
 # Runs mode: how long the first intent of a group commit waits for others (a create's round trip is ~100x).
 _COMMIT_DELAY = 0.005
 # The events stream is reopened at once when it closes, unless it closed this soon after opening with
@@ -1223,6 +1225,7 @@ class _GroupCollector:
         self._blocked: tuple[str | None, int] = (None, 0)  # the run holding the cursor, for how many polls
         self.late_seen = False  # the events stream told of a run of a held row: poll to adopt it
         self.poll_now = False  # the events stream closed at once with nothing: the group is inactive
+        self._last_end = -math.inf  # when the events stream last told of an outstanding run's end
 
     def wake(self) -> None:
         self._wake.set()
@@ -1281,13 +1284,19 @@ class _GroupCollector:
             # Fallback, for when the events stream is down: every 30 s. Waiting costs no wall time: the
             # job ends with its last run, and a poll follows that run's end.
             fallback = _FALLBACK_POLL - (now - start)
-            # Ready once many ended, or all but a few (the last of a batch need not be waited for alone).
+            # Ready once all ended, or many; or all but a few once no other run has ended for a moment
+            # (the last runs of a batch, running late, are not waited for before the others are read).
             few = max(1, min(10, outstanding // 100))
+            quiet = self._last_end + _TAIL_QUIET - now
+            tail = bool(ended) and ended >= outstanding - few
             ready = (
                 self.late_seen
                 or self.poll_now
-                or (ended and (ended >= outstanding - few or ended >= max(_POLL_MIN_ENDED, outstanding // 2)))
+                or (ended and (ended >= outstanding or ended >= max(_POLL_MIN_ENDED, outstanding // 2)))
+                or (tail and quiet <= 0)
             )
+            if tail and not ready:
+                fallback = min(fallback, quiet)
             if gap <= 0 and (ready or fallback <= 0):
                 return
             limit = max(gap if ready else max(gap, fallback), 0.05)
@@ -1326,6 +1335,7 @@ class _GroupCollector:
                         run_id = event.run.run_id
                         self.ended.add(run_id)
                         if run_id in self.outstanding:
+                            self._last_end = time.monotonic()
                             self._wake.set()
                         elif run_id not in job.key_of_run and job.held_keys:
                             key = (event.run.metadata or {}).get(KEY_FIELD)
