@@ -473,6 +473,11 @@ class _Job:
                 claimed=claimed,
             )
 
+    def collectors(self) -> dict[str, _GroupCollector]:
+        """A collector for each group with runs outstanding or rows held (their late commits)."""
+        groups = {gid for gid, runs in self.pending.items() if runs} | {h[0] for h in self.held.values()}
+        return {gid: _GroupCollector(self, gid) for gid in groups if gid is not None}
+
     # ---- creates whose outcome is unknown: held until the commit horizon
 
     def hold(
@@ -730,10 +735,7 @@ class _Job:
 
     async def run_group_mode(self) -> None:
         await self.reconcile_in_doubt()
-        collectors: dict[str, _GroupCollector] = {}
-        for gid in {*self.pending, *(h[0] for h in self.held.values())}:
-            if gid is not None and (self.pending.get(gid) or any(h[0] == gid for h in self.held.values())):
-                collectors[gid] = _GroupCollector(self, gid)
+        collectors = self.collectors()
         async with asyncio.TaskGroup() as tg:
             for c in collectors.values():
                 tg.create_task(c.run())
@@ -971,8 +973,7 @@ class _Job:
         group_id = await self.ensure_group() if self.todo or self.held else None
         reconciler = _Reconciler(self)
         self.committer = committer = _Committer(self.cp)
-        groups = {gid for gid, runs in self.pending.items() if runs} | {h[0] for h in self.held.values()}
-        collectors = {gid: _GroupCollector(self, gid) for gid in groups if gid is not None}
+        collectors = self.collectors()
         if group_id is not None and group_id not in collectors:
             collectors[group_id] = _GroupCollector(self, group_id)
         queue = collections.deque(self.todo)
