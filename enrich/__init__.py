@@ -5,9 +5,11 @@ The public surface is what `__all__` lists; everything else lives in private mod
 Task API), `_exceptions` (the error tree), `_models` (typed API values).
 """
 
+from importlib import metadata as _metadata
+
 from enrich._client import TaskClient
 from enrich._emulator import Emulator, EmulatorConfig, create_app
-from enrich._engine import JobStats, aenrich, enrich
+from enrich._engine import JobPlan, JobStats, aenrich, cache_dir, enrich, plan
 from enrich._exceptions import (
     APIError,
     APIStatusError,
@@ -24,6 +26,7 @@ from enrich._exceptions import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    ServiceMismatchError,
     StillRunningError,
     TransportError,
     UsageError,
@@ -45,7 +48,10 @@ from enrich._processors import PROCESSORS
 from enrich._progress import Progress
 from enrich._retry import RetryPolicy
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("enrich")
+except _metadata.PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "PROCESSORS",
@@ -65,6 +71,7 @@ __all__ = [
     "FieldBasis",
     "ForeignRunError",
     "GroupStatus",
+    "JobPlan",
     "JobStats",
     "NotFoundError",
     "OutcomeUnknownError",
@@ -75,6 +82,7 @@ __all__ = [
     "RateLimiter",
     "RetryPolicy",
     "ServerError",
+    "ServiceMismatchError",
     "StillRunningError",
     "TaskClient",
     "TaskGroup",
@@ -85,6 +93,8 @@ __all__ = [
     "UsageError",
     "ValidationError",
     "aenrich",
+    "cache_dir",
     "create_app",
     "enrich",
+    "plan",
 ]

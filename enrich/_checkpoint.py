@@ -7,7 +7,8 @@ module is that memory; the engine decides what to do with it.
 
 On disk a checkpoint is one directory:
 
-    manifest.json                  {"format": 1, "job_id", "fingerprint", "created_at", "enrich_version"}
+    manifest.json                  {"format": 1, "job_id", "fingerprint", "service", "created_at",
+                                   "enrich_version"}
     groups-000000001.parquet       task groups created: group_id
     intents-000000002.parquet      rows about to be sent in one add-runs request: batch_id, group_id, row_key,
                                    sent_at (when the request went out: a late commit is possible until a
@@ -18,6 +19,8 @@ On disk a checkpoint is one directory:
     duplicates-000000006.parquet   runs found for a row that already had one (a create committed after the
                                    job gave it up): row_key, run_id, group_id, found_at; paid, never joined
     pacing.json                    what the limiter learned of the service's quota (replaced atomically)
+    warnings.json                  the service's warnings on the runs: message -> runs (replaced atomically)
+    last_call.json                 the last call that opened it: rows, distinct inputs, when (replaced)
 
 Every segment row also holds `_order`, its place in the history (see below).
 
@@ -31,6 +34,10 @@ Invariants, each chosen for "what if the process dies right here?":
   grows across kinds; a failed write may leave a gap. Nothing is deleted except by compaction (below).
 * Order. `_order` is `seq * 2**32 + i` for the i-th row of the write that first recorded it. "Latest" always
   means the greatest `_order`, never the file a row sits in, so compaction may move rows freely.
+* Service. The manifest names the service whose runs the checkpoint records (the base URL, or "emulator"):
+  run ids and answers of one service mean nothing to another, and answers of an emulator must never pass
+  for a real service's. Opening with another service raises `ServiceMismatchError`. A checkpoint of an
+  older enrich, which did not record it, adopts the service it is first opened with.
 * Identity. The manifest holds the job's fingerprint and `job_id`, a hash of it. Every segment holds the same
   `job_id` (and its kind, seq, tier and, for a merged segment, the seqs it replaces) in its Parquet key-value
   metadata. A segment of another job, or one that cannot be read (a torn write, a disk fault), is skipped and
@@ -91,7 +98,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._exceptions import CheckpointError, CheckpointMismatchError
+from ._exceptions import CheckpointError, CheckpointMismatchError, ServiceMismatchError
 
 if sys.platform != "win32":
     import fcntl
@@ -101,6 +108,8 @@ __all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
 FORMAT: Final = 1
 MANIFEST: Final = "manifest.json"
 PACING: Final = "pacing.json"
+SERVICE_WARNINGS: Final = "warnings.json"
+LAST_CALL: Final = "last_call.json"
 
 _ORDER = "_order"
 _BUFFERED_ORDER = 1 << 62  # outcomes not yet flushed sort after everything on disk
@@ -361,16 +370,20 @@ class Checkpoint:
         fingerprint: Mapping[str, Any],
         *,
         create: bool = True,
+        service: str | None = None,
         compact_fanout: int = 16,
         flush_rows: int = 1000,
         flush_seconds: float = 5.0,
     ) -> Checkpoint:
         """Open the checkpoint at `path` for writing, creating it (and missing parents) when `create` is true.
 
-        `fingerprint` is a JSON-able mapping that names the job (output schema, input mapping, processor,
-        mode, ...). A checkpoint made with a different fingerprint raises `CheckpointMismatchError`, whose one
-        line names the keys that differ. Outcomes given to `add_outcomes` are flushed once `flush_rows` are
-        buffered or the oldest has waited `flush_seconds` (checked when outcomes are added), and by
+        `fingerprint` is a JSON-able mapping that names the job (output schema, processor, mode, ...). A
+        checkpoint made with a different fingerprint raises `CheckpointMismatchError`, whose one line names
+        the keys that differ. A key of the stored fingerprint that `fingerprint` lacks is ignored: an older
+        enrich fingerprinted it, this one no longer does. `service` names the service the runs are created
+        on; a checkpoint of another service raises `ServiceMismatchError`. Outcomes given to
+        `add_outcomes` are flushed once `flush_rows` are buffered or the oldest has waited
+        `flush_seconds` (checked when outcomes are added), and by
         `flush()`/`close()`. `compact_fanout` is how many segments of one tier are merged into one.
 
         Raises `CheckpointError` when the directory cannot be read or written, is locked by another process,
@@ -404,10 +417,21 @@ class Checkpoint:
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
                     "enrich_version": _version(),
                 }
-                text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-                _write_atomic(root, dir_fd, MANIFEST, lambda f: f.write(text.encode()))
-            elif manifest["job_id"] != job_id:
-                raise CheckpointMismatchError(_mismatch_message(root, manifest["fingerprint"], canonical_fp))
+                if service is not None:
+                    manifest["service"] = service
+                _write_manifest(root, dir_fd, manifest)
+            else:
+                if _differences(manifest["fingerprint"], canonical_fp, known=True):
+                    raise CheckpointMismatchError(
+                        _mismatch_message(root, manifest["fingerprint"], canonical_fp)
+                    )
+                if service is not None:
+                    recorded = manifest.get("service")
+                    if recorded is None:  # written by an older enrich: it answers to this service now
+                        manifest = {**manifest, "service": service}
+                        _write_manifest(root, dir_fd, manifest)
+                    elif recorded != service:
+                        raise ServiceMismatchError(_service_message(root, recorded, service))
             return cls(
                 root,
                 manifest,
@@ -453,10 +477,26 @@ class Checkpoint:
         `open` checks this itself; a read-only checkpoint (a dry run) asks here.
         """
         canonical_fp = _normalise(fingerprint)
-        if _job_id(canonical_fp) != self._job_id:
+        if _differences(self._manifest["fingerprint"], canonical_fp, known=True):
             raise CheckpointMismatchError(
                 _mismatch_message(self._path, self._manifest["fingerprint"], canonical_fp)
             )
+
+    @property
+    def service(self) -> str | None:
+        """The service whose runs this checkpoint records (None: written by an older enrich, not opened
+        since)."""
+        service = self._manifest.get("service")
+        return service if isinstance(service, str) else None
+
+    def check_service(self, service: str) -> None:
+        """Raise `ServiceMismatchError` if this checkpoint records runs of another service than `service`.
+
+        `open` checks this itself; a read-only checkpoint (a dry run) asks here.
+        """
+        recorded = self.service
+        if recorded is not None and recorded != service:
+            raise ServiceMismatchError(_service_message(self._path, recorded, service))
 
     @property
     def job_id(self) -> str:
@@ -667,6 +707,45 @@ class Checkpoint:
         """What the rate limiter learned of the service's quota, as last recorded (`record_pacing`)."""
         with self._lock:
             return json.loads(json.dumps(self._pacing)) if self._pacing is not None else None
+
+    @property
+    def service_warnings(self) -> dict[str, int]:
+        """The warnings the service attached to the job's runs: each distinct message -> how many runs
+        carried it (`record_service_warnings`)."""
+        data = _read_json(self._path / SERVICE_WARNINGS) or {}
+        return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
+
+    @property
+    def last_call(self) -> dict[str, Any] | None:
+        """What `record_last_call` kept of the last call (rows, distinct inputs, ...), or None."""
+        return _read_json(self._path / LAST_CALL)
+
+    def record_last_call(self, info: Mapping[str, Any]) -> None:
+        """Keep a JSON-able summary of the call that has the checkpoint open (for `enrich status`)."""
+        text = json.dumps(dict(info), indent=2, sort_keys=True, default=str) + "\n"
+        with self._lock:
+            self._check_writable()
+            try:
+                _write_atomic(self._path, self._dir_fd, LAST_CALL, lambda f: f.write(text.encode()))
+            except OSError as exc:
+                raise CheckpointError(f"cannot write {self._path / LAST_CALL}: {_reason(exc)}") from exc
+
+    def record_service_warnings(self, counts: Mapping[str, int]) -> None:
+        """Add `counts` (message -> runs that carried it) to the warnings kept; durable on return."""
+        if not counts:
+            return
+        with self._lock:
+            self._check_writable()
+            data = self.service_warnings
+            for message, n in counts.items():
+                data[message] = data.get(message, 0) + int(n)
+            text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+            try:
+                _write_atomic(self._path, self._dir_fd, SERVICE_WARNINGS, lambda f: f.write(text.encode()))
+            except OSError as exc:
+                raise CheckpointError(
+                    f"cannot write {self._path / SERVICE_WARNINGS}: {_reason(exc)}"
+                ) from exc
 
     def record_pacing(self, pacing: Mapping[str, Any]) -> None:
         """Keep what the rate limiter learned (a JSON-able mapping), replacing what was kept; durable on
@@ -1236,8 +1315,13 @@ def _read_table(path: Path, columns: list[str], kind: str) -> pl.DataFrame:
 
 def _read_pacing(root: Path) -> dict[str, Any] | None:
     """The pacing file's mapping, or None when it is missing or unreadable (it is only a head start)."""
+    return _read_json(root / PACING)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file's mapping, or None when it is missing or unreadable."""
     try:
-        data = json.loads((root / PACING).read_bytes())
+        data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -1342,10 +1426,12 @@ def _job_id(fingerprint: dict[str, Any]) -> str:
 _ABSENT: Final = object()
 
 
-def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+def _differences(old: Any, new: Any, path: str = "", *, known: bool = False) -> list[tuple[str, Any, Any]]:
+    """Where `old` and `new` differ; with `known`, top-level keys `new` lacks are not compared (an older
+    enrich put them in the fingerprint, this one does not)."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
-        for key in sorted(set(old) | set(new)):
+        for key in sorted((set(new) if known else set(old)) | set(new)):
             where = f"{path}.{key}" if path else key
             found.extend(_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), where))
         return found
@@ -1370,6 +1456,19 @@ def _mismatch_message(root: Path, old: dict[str, Any], new: dict[str, Any]) -> s
         f"checkpoint {root} was made for a different job ({shown}); to start over, use another checkpoint "
         f"path or delete {root} (the results it holds are then lost)"
     )
+
+
+def _service_message(root: Path, recorded: str, service: str) -> str:
+    return (
+        f"checkpoint {root} holds runs of {recorded}, not of {service}: its answers are never used for "
+        f"another service; use a new checkpoint for this one (--checkpoint DIR, or checkpoint=), or point "
+        f"back at {recorded}"
+    )
+
+
+def _write_manifest(root: Path, dir_fd: int | None, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    _write_atomic(root, dir_fd, MANIFEST, lambda f: f.write(text.encode()))
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -45,7 +46,10 @@ exit codes:
   4  a fatal API answer (bad key, no credit, forbidden, refused task); the checkpoint is kept
 """
 
-_TYPES = ("string", "integer", "number", "boolean", "array", "object")
+_TYPES = ("string", "integer", "number", "boolean", "array")
+FORMAT_CHOICES = ("csv", "parquet", "jsonl", "ndjson", "json")
+#: What a checkpoint of `enrich run --emulator` records as its service: never a real one.
+EMULATOR_SERVICE = "the in-process emulator of enrich run --emulator (synthetic answers)"
 
 
 def _say(message: str) -> None:
@@ -62,6 +66,11 @@ def _parse_field(spec: str) -> tuple[str, Any]:
     if not kind:
         return name, description.strip()
     base = kind.rstrip("?")
+    if base == "object":
+        raise UsageError(
+            f"--field {spec!r}: an object needs its fields, which a flag cannot hold; describe it in a "
+            "JSON Schema file and pass --schema FILE.json"
+        )
     if base not in _TYPES and not base.startswith("array["):
         raise UsageError(f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}")
     return name, (kind, description.strip())
@@ -110,26 +119,55 @@ def _confirm(cost: float) -> None:
         raise UsageError(
             f"this job would cost about ${cost:,.2f}; pass --yes to confirm it without a terminal"
         )
-    print(
-        f"enrich: this job will cost about ${cost:,.2f}. Submit it? [y/N] ",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
-    answer = sys.stdin.readline().strip().lower()
+    try:
+        print(
+            f"enrich: this job will cost about ${cost:,.2f}. Submit it? [y/N] ",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+        answer = _read_answer().strip().lower()
+    except KeyboardInterrupt:  # Ctrl-C at the prompt is a no
+        print(file=sys.stderr)
+        answer = ""
     if answer not in ("y", "yes"):
         raise UsageError("not confirmed: nothing was sent")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from enrich._engine import JobStats, enrich, plan
-    from enrich._io import check_output_path, read_table, write_table
+def _read_answer() -> str:
+    """A line from the terminal, which Ctrl-C interrupts.
 
-    output_path = check_output_path(args.output, input_path=args.input)
+    A blocking read would not be: the signal may land on one of polars' threads, and the main thread
+    then sleeps in read() until Enter. Waiting in short selects lets Python run its handler.
+    """
+    if os.name == "nt":  # select() takes only sockets there; a console read is interruptible
+        return sys.stdin.readline()
+    import select
+
+    while not select.select([sys.stdin], [], [], 0.2)[0]:
+        pass
+    return sys.stdin.readline()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from enrich._client import service_of
+    from enrich._engine import JobStats, enrich, plan
+    from enrich._io import check_checkpoint_dir, check_output_path, read_tables, write_table
+
+    # Everything that can be refused is refused here, before a request: the output and the checkpoint
+    # must be writable (a job paid for and then not written is the worst way to learn it).
+    output_path = check_output_path(args.output, input_path=args.input, format=args.output_format)
     output = _output_arg(args)
-    df = read_table(args.input)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else Path(str(output_path) + ".enrich")
+    if args.checkpoint:
+        checkpoint: Path | None = check_checkpoint_dir(args.checkpoint)
+    elif str(output_path) == "-":
+        checkpoint = None  # stdout has no "beside": the default checkpoint under the user cache directory
+    else:
+        checkpoint = check_checkpoint_dir(Path(str(output_path) + ".enrich"))
+    df = read_tables(args.input, infer_types=args.infer_types, stdin_format=args.input_format or "csv")
+    args.service_name = EMULATOR_SERVICE if args.emulator else service_of(args.base_url)
     job: dict[str, Any] = {
+        "service": args.service_name,
         "columns": args.columns,
         "prompt": args.prompt,
         "processor": args.processor,
@@ -141,7 +179,9 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.commit_horizon is not None and args.commit_horizon < 0:
         raise UsageError("--commit-horizon must be a number of seconds of 0 or more")
-    the_plan = plan(df, output, **job)
+    the_plan = plan(df, output, base_url=args.base_url, **job)
+    if checkpoint is None and the_plan.checkpoint is not None:
+        checkpoint = Path(the_plan.checkpoint)
     if args.dry_run:
         print("\n".join(["dry run: nothing was sent", *the_plan.lines()]))
         if args.max_cost is not None and the_plan.cost is not None and the_plan.spent is not None:
@@ -187,6 +227,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.verbose or not stats.requests:
                 raise  # nothing was sent: a checkpoint that cannot be used is a usage error (exit 2)
             stopped, result = exc, None  # a write failed mid-job (a full disk): submission stopped
+        except APIError:
+            args.answered = stats.answered  # main() tells "never reached" from "stopped answering"
+            raise
     for warning in stats.warnings:
         _say(f"warning: {warning}")
     if stopped is not None:
@@ -196,10 +239,17 @@ def _run(args: argparse.Namespace) -> int:
         )
         return EXIT_INCOMPLETE
     if interrupted or result is None:
-        _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
+        if args.emulator:
+            _say(
+                f"interrupted: the in-process emulator ended with this command, so the runs it had not "
+                f"finished cannot be collected; delete {checkpoint} to start over, or use `enrich emulate` "
+                "with --base-url for jobs you stop and resume"
+            )
+        else:
+            _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
         return EXIT_INCOMPLETE
     try:
-        write_table(result, output_path)
+        write_table(result, output_path, format=args.output_format)
     except OSError as exc:
         if args.verbose:
             raise
@@ -211,10 +261,10 @@ def _run(args: argparse.Namespace) -> int:
     counts = result["_status"].value_counts()
     by = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
     done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
-    _say(
-        f"{done:,} completed, {failed:,} failed, {pending:,} pending of {result.height:,} rows "
-        f"({stats.submitted:,} runs submitted now, {stats.requests:,} requests); wrote {output_path}"
-    )
+    wrote = "stdout" if str(output_path) == "-" else output_path
+    _say(_summary(result.height, done, failed, pending, stats) + f"; wrote {wrote} (checkpoint {checkpoint})")
+    for message, runs in sorted(stats.service_warnings.items(), key=lambda kv: -kv[1]):
+        _say(f"the service warns ({runs:,} runs): {message}")
     if stats.duplicates:
         _say(
             f"{stats.duplicates:,} duplicate runs: the service committed creates whose answers were lost "
@@ -222,10 +272,45 @@ def _run(args: argparse.Namespace) -> int:
             "never joined"
         )
     if pending:
-        why = "--max-cost reached" if stats.capped else "not finished"
-        _say(f"incomplete ({why}): run the same command again to resume from {checkpoint}")
+        _say(_next_step(args, stats, checkpoint, pending))
         return EXIT_INCOMPLETE
     return EXIT_OK
+
+
+def _summary(rows: int, done: int, failed: int, pending: int, stats: Any) -> str:
+    """The job's one-line account: rows by status, runs created or found now, requests, 429s, spend."""
+    distinct = f" ({stats.distinct:,} distinct inputs)" if stats.distinct != rows else ""
+    now = f"{stats.runs_now:,} runs created or found now"
+    found = stats.reconciled + stats.found_late
+    if found:
+        now += f" ({stats.submitted:,} submitted, {found:,} found after a lost answer)"
+    limited = f", {stats.rate_limited:,} rate-limited (429)" if stats.rate_limited else ""
+    spent = (
+        f"; ${stats.spent:,.2f} spent on this job so far ({stats.runs_total:,} runs)"
+        if stats.spent is not None
+        else f"; {stats.runs_total:,} runs on this job so far"
+    )
+    return (
+        f"{done:,} completed, {failed:,} failed, {pending:,} pending of {rows:,} rows{distinct}; "
+        f"{now}, {stats.requests:,} requests{limited}{spent}"
+    )
+
+
+def _next_step(args: argparse.Namespace, stats: Any, checkpoint: Path, pending: int) -> str:
+    """What to do about rows left pending: the step that works, not a generic "run it again"."""
+    if stats.capped:
+        spent = f"${stats.spent:,.2f}" if stats.spent is not None else "the cap"
+        return (
+            f"incomplete: --max-cost reached ({spent} spent of ${args.max_cost:,.2f}); raise --max-cost "
+            "and run the same command again to go on (nothing is paid twice)"
+        )
+    if args.emulator:
+        return (
+            f"incomplete: {pending:,} rows were not finished, and the in-process emulator ended with this "
+            f"command, so their runs cannot be collected; delete {checkpoint} and run again with a longer "
+            "--timeout (or none), or use `enrich emulate` with --base-url for jobs you stop and resume"
+        )
+    return f"incomplete (not finished): run the same command again to resume from {checkpoint}"
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -257,9 +342,11 @@ def _status(args: argparse.Namespace) -> int:
     last = state["finished_at"].max() if state.height else None
     report = {
         "checkpoint": str(path),
+        "service": cp.service,
         "processor": processor,
         "mode": fingerprint.get("mode"),
-        "rows": {
+        # Counts of distinct inputs (one run each): rows with the same input share one.
+        "inputs": {
             "completed": counts.completed,
             "failed": counts.failed,
             "submitted": counts.submitted,
@@ -273,16 +360,27 @@ def _status(args: argparse.Namespace) -> int:
         "first_submitted": first.isoformat() if first is not None else None,
         "last_finished": last.isoformat() if last is not None else None,
         "last_errors": errors,
+        "service_warnings": cp.service_warnings,
+        "rows": (cp.last_call or {}).get("rows"),  # of the last call's input; None before this version
         "warnings": cp.warnings,
     }
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
     spent = "unknown" if price is None else f"${counts.runs * price:,.2f}"
+    last_call = cp.last_call or {}
+    rows_line = (
+        f"rows:        {last_call['rows']:,} in the last call's input, {last_call['distinct']:,} distinct "
+        "(rows with one input share its run)"
+        if isinstance(last_call.get("rows"), int) and isinstance(last_call.get("distinct"), int)
+        else None
+    )
     lines = [
         f"checkpoint:  {path}",
+        f"service:     {cp.service or 'unknown (written by an older enrich)'}",
         f"processor:   {processor} ({report['mode']} mode)",
-        f"rows:        {counts.completed:,} completed, {counts.failed:,} failed, "
+        *([rows_line] if rows_line else []),
+        f"inputs:      {counts.completed:,} completed, {counts.failed:,} failed, "
         f"{counts.submitted:,} submitted and not collected, {counts.in_doubt:,} in doubt",
         f"runs:        {counts.runs:,} created; spent {spent} at list prices"
         + (
@@ -295,6 +393,10 @@ def _status(args: argparse.Namespace) -> int:
         f"last finished {report['last_finished'] or '-'}",
     ]
     lines += [f"last error:  {e}" for e in errors]
+    lines += [
+        f"service warns ({n:,} runs): {m}"
+        for m, n in sorted(cp.service_warnings.items(), key=lambda kv: -kv[1])
+    ]
     lines += [f"warning:     {w}" for w in cp.warnings]
     print("\n".join(lines))
     return EXIT_OK
@@ -328,11 +430,34 @@ def _emulate(args: argparse.Namespace) -> int:
         config = EmulatorConfig(**fields)  # type: ignore[arg-type]
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
+    _check_port_free(args.host, args.port)
     key = args.api_key or "any non-empty key"
     _say(f"Task API emulator on http://{args.host}:{args.port} (key: {key}); its answers are synthetic.")
     _say(f"export PARALLEL_BASE_URL=http://{args.host}:{args.port}   (Ctrl-C stops it)")
     serve(config, host=args.host, port=args.port)
     return EXIT_OK
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """One line instead of uvicorn's traceback when the address cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(f"--host {host}: cannot resolve it ({exc.strerror or exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = "it is in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+            raise UsageError(
+                f"cannot listen on {host}:{port}: {why}; choose another --port (or stop what uses it)"
+            ) from None
 
 
 def _seed(text: str) -> int | None:
@@ -345,12 +470,19 @@ def _seed(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or none, got {text!r}") from None
 
 
+def _version() -> str:
+    from enrich import __version__
+
+    return __version__
+
+
 def _parser() -> argparse.ArgumentParser:
     common: dict[str, Any] = {"epilog": _EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
     parser = argparse.ArgumentParser(
         prog="enrich", description="Enrich tables through Parallel's Task API.", **common
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"enrich {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
@@ -360,15 +492,37 @@ def _parser() -> argparse.ArgumentParser:
         "Running the same command again resumes from the checkpoint without paying twice.",
         **common,
     )
-    run.add_argument("input", help="input table: .csv, .parquet, .jsonl or .ndjson")
-    run.add_argument("-o", "--output", required=True, help="output table (same formats); written atomically")
+    run.add_argument(
+        "input",
+        nargs="+",
+        help="input tables of one set of columns: .csv, .parquet, .jsonl/.ndjson, .json (an array), "
+        "each maybe .gz; glob patterns such as 'parts/*.csv.gz'; - for stdin",
+    )
+    run.add_argument(
+        "-o", "--output", required=True, help="output table (same formats), written atomically; - for stdout"
+    )
+    run.add_argument(
+        "--infer-types",
+        action="store_true",
+        help="read CSV columns as numbers and dates where they look like them (default: as text, so "
+        "02134 stays 02134 and the output holds your values unchanged)",
+    )
+    run.add_argument(
+        "--input-format", choices=FORMAT_CHOICES, help="the format of stdin (-) as input (default csv)"
+    )
+    run.add_argument(
+        "--output-format",
+        choices=FORMAT_CHOICES,
+        help="the output's format when it is - (stdout, default csv) or its name has no known extension",
+    )
     run.add_argument("--schema", help="output JSON Schema file (an object with properties)")
     run.add_argument(
         "--field",
         action="append",
         metavar="SPEC",
         help="an output column: NAME=DESCRIPTION, or NAME:TYPE=DESCRIPTION with TYPE one of "
-        "string, integer, number, boolean, array, object (a trailing ? makes it nullable); repeatable",
+        "string, integer, number, boolean, array, array[T] (a trailing ? makes it nullable); repeatable; "
+        "objects need --schema",
     )
     run.add_argument("--columns", help="input columns to send, comma-separated (default: all)")
     run.add_argument(
@@ -528,6 +682,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         _say(f"error: {exc}")
+        if isinstance(exc, TransportError) and getattr(args, "answered", None) == 0:
+            # Not one answer came back: a wrong address, not an outage of a service that was there.
+            _say(
+                f"could not reach {args.service_name}: check --base-url or PARALLEL_BASE_URL (nothing was "
+                "created; the checkpoint is kept)"
+            )
+            return EXIT_USAGE
         if isinstance(exc, (TransportError, ServerError, RateLimitError)):
             # The service stayed unreachable or overloaded: nothing is wrong with the job itself.
             _say(

@@ -54,9 +54,27 @@ from enrich._models import (
 from enrich._retry import RetryPolicy
 from enrich._sse import SSEDecoder
 
-__all__ = ["DEFAULT_BASE_URL", "MAX_RUNS_PER_ADD", "Limiter", "TaskClient"]
+__all__ = ["DEFAULT_BASE_URL", "MAX_RUNS_PER_ADD", "Limiter", "TaskClient", "service_of"]
 
 DEFAULT_BASE_URL = "https://api.parallel.ai"
+
+
+def service_of(base_url: str | None) -> str:
+    """The name of the service a base URL reaches, as a checkpoint records it: scheme, host, port (when
+    not the scheme's default) and path, never a user name or password.
+
+    >>> service_of("HTTPS://api.parallel.ai:443/")
+    'https://api.parallel.ai'
+    >>> service_of("http://user:secret@127.0.0.1:8787/v1/")
+    'http://127.0.0.1:8787/v1'
+    """
+    url = httpx.URL(base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL)
+    scheme = url.scheme.lower()
+    port = f":{url.port}" if url.port not in (None, {"http": 80, "https": 443}.get(scheme)) else ""
+    host = f"[{url.host}]" if ":" in url.host else url.host.lower()
+    return f"{scheme}://{host}{port}{url.path.rstrip('/')}"
+
+
 #: The API refuses add-runs requests with more inputs than this.
 MAX_RUNS_PER_ADD = 1000
 _GROUPS = "/v1/tasks/groups"
@@ -204,6 +222,7 @@ class TaskClient:
         )
         #: Requests sent, by kind: a bulk job reads its requests-per-row from these.
         self.requests_sent = 0
+        self.answers_received = 0  # HTTP answers of any status: 0 means the service was never reached
         self.rate_limited_count = 0
 
     def __repr__(self) -> str:
@@ -276,6 +295,7 @@ class TaskClient:
                 lost = "the request was sent but its answer was lost" if sent else None
                 failures = await self._retry_or_raise(error, exc, failures, lost=lost, info=info)
                 continue
+            self.answers_received += 1
             if response.status_code != 429 and self.limiter is not None:
                 self.limiter.succeeded(grant)
             if response.status_code < 400:

@@ -24,10 +24,14 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
+import logging
 import math
 import os
+import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -42,11 +46,12 @@ import httpx
 import polars as pl
 
 from enrich._checkpoint import Checkpoint, Outcome, Receipt
-from enrich._client import MAX_RUNS_PER_ADD, TaskClient
+from enrich._client import MAX_RUNS_PER_ADD, TaskClient, service_of
 from enrich._exceptions import (
     APIStatusError,
     AuthenticationError,
     ForeignRunError,
+    NotFoundError,
     OutcomeUnknownError,
     PaymentRequiredError,
     PermissionDeniedError,
@@ -70,11 +75,12 @@ from enrich._models import FieldBasis, RunStateEvent, TaskOutput, TaskRun
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
-from enrich._schema import OutputSpec, check_collisions, parse_output
+from enrich._schema import RESERVED_COLUMNS, OutputSpec, check_collisions, parse_output
 
 __all__ = ["JobPlan", "JobStats", "aenrich", "enrich", "plan"]
 
 _T = TypeVar("_T")
+_log = logging.getLogger("enrich")
 
 #: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
 KEY_FIELD = "enrich_key"
@@ -124,6 +130,8 @@ class JobStats:
     reconciled: int = 0
     resubmitted_unknown: int = 0
     requests: int = 0
+    #: HTTP answers received, of any status: 0 after requests means the service was never reached.
+    answered: int = 0
     rate_limited: int = 0
     polls: int = 0
     stragglers: int = 0
@@ -136,6 +144,12 @@ class JobStats:
     #: Rows whose create's outcome was still unknown when the job ended (within the commit horizon).
     held: int = 0
     capped: bool = False
+    #: Runs the checkpoint records in all (every call, duplicates included), and their list price
+    #: (None: the processor has no known price): what the job has spent so far.
+    runs_total: int = 0
+    spent: float | None = None
+    #: The service's warnings on the job's runs (every call): each distinct message -> runs that carried it.
+    service_warnings: dict[str, int] = field(default_factory=dict)
     checkpoint: str = ""
     elapsed: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -144,6 +158,12 @@ class JobStats:
     #: "collect" (from then until the last answer), "join" (the result frame). Stages that did not run
     #: are absent.
     stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def runs_now(self) -> int:
+        """Runs this call created or adopted: submitted, found again after a lost answer, or committed
+        late and found."""
+        return self.submitted + self.reconciled + self.found_late
 
 
 # -- preparation ---------------------------------------------------------------------------------------
@@ -165,6 +185,12 @@ class _Plan:
     local_errors: dict[str, str]  # key -> why it is not sent
     fingerprint: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
+    notes: list[str] = field(default_factory=list)  # said once in the job's warnings
+
+    @property
+    def added(self) -> list[str]:
+        """The columns the job adds to the caller's frame."""
+        return [*self.spec.columns, *RESERVED_COLUMNS]
 
 
 def _allowed_processors() -> set[str]:
@@ -222,6 +248,16 @@ def _prepare(
         columns = [c.strip() for c in columns.split(",") if c.strip()]
     df, kind = to_polars(data)
     spec = parse_output(output)
+    notes: list[str] = []
+    earlier = [c for c in df.columns if c in RESERVED_COLUMNS]
+    if (
+        earlier
+    ):  # an enriched frame enriched again: its own columns are never sent, and this job's replace them
+        df = df.drop(earlier)
+        notes.append(
+            f"the input holds an earlier enrichment's {', '.join(earlier)}: they are not sent and are "
+            "replaced by this job's (rename them first to keep both)"
+        )
     check_collisions(spec, df.columns)
     if input_schema is not None and (
         not isinstance(input_schema, Mapping) or input_schema.get("type") != "object"
@@ -254,12 +290,12 @@ def _prepare(
         for key, problem in zip(keys, problems, strict=True):
             if problem and key not in local_errors:
                 local_errors[key] = f"input does not match input_schema: {problem}"
+    # What makes two calls one job. Not the input mapping (columns, prompt): each row's key is a hash of
+    # the input it sends, so a row whose input did not change keeps its run whatever the mapping.
     fingerprint = {
         "task_spec": task_spec,
         "processor": processor,
         "mode": mode,
-        "columns": list(columns) if columns is not None else None,
-        "prompt": prompt,
         "metadata": meta,
     }
     timings = {"key": t1 - t0, "dedupe": time.monotonic() - t1}
@@ -278,6 +314,7 @@ def _prepare(
         local_errors=local_errors,
         fingerprint=fingerprint,
         timings=timings,
+        notes=notes,
     )
 
 
@@ -355,6 +392,9 @@ class _Job:
         self.done: dict[str, tuple[str, str | int | None, str | None, str | None]] = {}
         self.loaded_outputs = pl.Series("output", [], dtype=pl.String)
         self.failed_count = 0
+        self.recorded_groups: frozenset[str] = frozenset()  # groups of earlier calls (set by load)
+        # The service's warnings on the runs finished in this call: message -> runs that carried it.
+        self.service_warnings: collections.Counter[str] = collections.Counter()
         self._outcomes: list[Outcome] = []  # finished, not yet handed to the checkpoint
         self._outcomes_since = 0.0
         self.todo: list[str] = []
@@ -372,7 +412,24 @@ class _Job:
 
     # ---- state from the checkpoint
 
+    def unknown_group(self, group_id: str) -> ForeignRunError:
+        """The service answered 404 for a group the checkpoint recorded: its runs are not there."""
+        return ForeignRunError(
+            f"the service at {self.client.base_url} does not know task group {group_id}, recorded in "
+            f"checkpoint {self.cp.path}: it does not hold this checkpoint's runs (an emulator restarted, "
+            "or another service at the same address); its answers are not used: use a new checkpoint"
+        )
+
+    def explain(self, exc: BaseException) -> BaseException:
+        """A 404 for a group the checkpoint recorded becomes `unknown_group`; any other error is kept."""
+        if isinstance(exc, NotFoundError) and exc.request is not None:
+            for group_id in self.recorded_groups:
+                if f"/{group_id}" in exc.request.url:
+                    return self.unknown_group(group_id)
+        return exc
+
     def load(self) -> None:
+        self.recorded_groups = frozenset(self.cp.groups)
         state = self.cp.state(basis=self.keep_basis)  # the basis is most of the bytes: read it if asked
         self.cp.drop_cache()  # its cached light state (~130 MB at 1M rows) is not needed again
         if state.height:  # (a filter copies the frame: at a million rows, 300 MB more at the peak)
@@ -625,15 +682,19 @@ class _Job:
         self._last_report = now
         failed = self.failed_count
         completed = len(self.done) - failed
+        price = PROCESSORS[self.plan.processor].price_per_run if self.plan.processor in PROCESSORS else None
         self.sink(
             Progress(
                 total=len(self.plan.keys),
                 completed=completed,
                 failed=failed,
                 running=self.outstanding,
-                waiting=len(self.todo) + len(self.held_keys),
+                # by definition, not by a queue: rows taken off a queue and not sent (a timeout) still wait
+                waiting=max(0, len(self.plan.keys) - len(self.done) - self.outstanding),
                 rate_limited=self.limiter.waiting,
                 message=message,
+                refused=self.client.rate_limited_count,
+                spent=self.cp.runs * price if price is not None else None,
             )
         )
 
@@ -648,6 +709,10 @@ class _Job:
         """
         if self.run_of.get(key) != run.run_id or key in self.done:
             return
+        for warning in run.warnings:
+            if warning.message not in self.service_warnings:
+                _log.warning("the service warns: %s", warning.message)
+            self.service_warnings[warning.message] += 1
         self.pending.get(self.group_of.pop(key, None), set()).discard(run.run_id)
         # A finished run needs no reverse index: the collector knows it by the key in its metadata.
         self.key_of_run.pop(run.run_id, None)
@@ -1251,7 +1316,12 @@ class _GroupCollector:
                     await self.wait_for_work()
                     if self.finished():
                         break
-                    blocker = await self.job.patiently(self.poll, "reading the group's runs")
+                    try:
+                        blocker = await self.job.patiently(self.poll, "reading the group's runs")
+                    except NotFoundError:
+                        if self.group_id in self.job.recorded_groups:
+                            raise self.job.unknown_group(self.group_id) from None
+                        raise
                     if blocker is not None and blocker not in self.stragglers:
                         self.stragglers.add(blocker)
                         self.job.stats.stragglers += 1
@@ -1346,6 +1416,12 @@ class _GroupCollector:
                 failures = 0
             except _FATAL:
                 raise
+            except NotFoundError:
+                if self.group_id in job.recorded_groups:
+                    raise job.unknown_group(self.group_id) from None
+                failures += 1  # a group created just now: the service may not list it yet
+                await asyncio.sleep(min(60.0, 2.0**failures))
+                continue
             except Exception:  # the timer fallback keeps the job going while the stream is down
                 failures += 1
                 await asyncio.sleep(min(60.0, 2.0**failures))
@@ -1440,6 +1516,13 @@ class _GroupCollector:
             self.job.check_owner(key, run)
             self.job.finish(key, run, output)
         self.wake()
+
+
+async def _tick(job: _Job) -> None:
+    """Report the counts twice a second: while rows wait for the rate limiter, nothing else does."""
+    while True:
+        await asyncio.sleep(0.5)
+        job.report(force=True)
 
 
 def _keep_pacing(cp: Checkpoint, stats: JobStats, learned: dict[str, Any]) -> None:
@@ -1589,12 +1672,13 @@ async def aenrich(
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     processor: str = "core",
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | bool | None = None,
     mode: str = "group",
     basis: bool = False,
     retry_failed: bool = False,
     api_key: str | None = None,
     base_url: str | None = None,
+    service: str | None = None,
     rate_limit: int = 2000,
     run_rate: int = 2000,
     rate_window: float = 60.0,
@@ -1653,21 +1737,30 @@ async def aenrich(
         sink = None
     else:
         sink = progress
-    temp_note = None
-    if checkpoint is None:
-        path = Path(tempfile.mkdtemp(prefix="enrich-"))
-        temp_note = (
-            f"no checkpoint= given: keeping state in {path} (pass checkpoint= to resume after a crash)"
-        )
-    else:
-        path = Path(checkpoint)
+    svc = service if service is not None else service_of(base_url)
+    if service is not None and (not isinstance(service, str) or not service.strip()):
+        raise UsageError("service must be a non-empty name, or None for the base URL")
+    stats.warnings.extend(plan.notes)
+    if not plan.keys:  # an empty table (a quiet day): the typed empty result; nothing sent or recorded
+        if owned_bar is not None:
+            owned_bar.close()
+        stats.elapsed = time.monotonic() - started
+        return from_polars(_join(plan, None, basis=basis), plan.kind, plan.original, added=plan.added)
+    path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc)
+    temp_note = (
+        f"checkpoint=False: keeping state in {path}, removed when the call ends with every row finished"
+        if temporary
+        else None
+        if checkpoint is not None
+        else f"checkpoint: {path} (the same call resumes from it; checkpoint=False for none)"
+    )
     stats.rows = plan.df.height
     stats.distinct = len(plan.keys)
     stats.checkpoint = str(path)
     stats.stages.update(plan.timings)
     # Everything above is local; an API key is needed only now, and only if there is work to send.
     t_load = time.monotonic()
-    cp = Checkpoint.open(path, plan.fingerprint)
+    cp = Checkpoint.open(path, plan.fingerprint, service=svc)
     job: _Job | None = None
     client: TaskClient | None = None
     try:
@@ -1704,6 +1797,9 @@ async def aenrich(
             horizon=horizon,
         )
         job.load()
+        cp.record_last_call(
+            {"rows": plan.df.height, "distinct": len(plan.keys), "at": datetime.now(UTC).isoformat()}
+        )
         stats.stages["load"] = time.monotonic() - t_load
         if temp_note:
             job.report(temp_note)
@@ -1711,6 +1807,7 @@ async def aenrich(
         work = job.run_group_mode if plan.mode == "group" else job.run_runs_mode
         if job.todo or job.outstanding or cp.in_doubt():
             t_work = time.monotonic()
+            ticker = asyncio.create_task(_tick(job))  # counts move while nothing finishes (rate waits)
             try:
                 async with asyncio.timeout(timeout):
                     await work()
@@ -1718,10 +1815,13 @@ async def aenrich(
                 job.report(f"timeout after {timeout:g} s: unfinished rows come back as pending")
             except BaseExceptionGroup as group:
                 leaf = _first_leaf(group)
-                raise (leaf.error if isinstance(leaf, _Fatal) else leaf) from None
+                raise job.explain(leaf.error if isinstance(leaf, _Fatal) else leaf) from None
             except _Fatal as fatal:
-                raise fatal.error from None
+                raise job.explain(fatal.error) from None
+            except NotFoundError as exc:
+                raise job.explain(exc) from None
             finally:
+                ticker.cancel()
                 end = time.monotonic()
                 submitted = job.submitted_at if job.submitted_at is not None else end
                 stats.stages["submit"] = submitted - t_work
@@ -1733,6 +1833,7 @@ async def aenrich(
             stats.held = len(job.held_keys)
         if client is not None:
             stats.requests = client.requests_sent
+            stats.answered = client.answers_received
             stats.rate_limited = client.rate_limited_count
             await client.aclose()
         try:
@@ -1740,6 +1841,8 @@ async def aenrich(
                 if job.committer is not None:
                     job.committer.close()
                 job.push_outcomes()
+                job.report(force=True)  # the bar's last word is the truth, also after Ctrl-C or an error
+                cp.record_service_warnings(job.service_warnings)
         except Exception as exc:  # never mask the job's own error, but never hide this one either
             stats.warnings.append(
                 f"the answers collected last are not saved in the checkpoint ({exc}); "
@@ -1753,11 +1856,25 @@ async def aenrich(
                     f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost"
                 )
         stats.warnings.extend(cp.warnings)
+        stats.runs_total = cp.runs
+        price = PROCESSORS[plan.processor].price_per_run if plan.processor in PROCESSORS else None
+        stats.spent = cp.runs * price if price is not None else None
+        with contextlib.suppress(Exception):
+            stats.service_warnings = cp.service_warnings
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
             owned_bar.close()
+    if temporary and job is not None:
+        if len(job.done) == len(plan.keys):
+            shutil.rmtree(path, ignore_errors=True)
+            stats.checkpoint = ""
+        else:
+            stats.warnings.append(
+                f"rows are unfinished: their runs are recorded in {path}; pass checkpoint={str(path)!r} "
+                "to collect them without paying twice"
+            )
     t_join = time.monotonic()
-    result = from_polars(_join(plan, job, basis=basis), plan.kind, plan.original)
+    result = from_polars(_join(plan, job, basis=basis), plan.kind, plan.original, added=plan.added)
     stats.stages["join"] = time.monotonic() - t_join
     return result
 
@@ -1806,6 +1923,40 @@ class JobPlan:
         ]
 
 
+def cache_dir() -> Path:
+    """Where default checkpoints live: env `ENRICH_CACHE_DIR`, else the platform's user cache directory
+    (`~/.cache/enrich` on Linux, `~/Library/Caches/enrich` on macOS, `%LOCALAPPDATA%\\enrich\\Cache` on
+    Windows)."""
+    configured = os.environ.get("ENRICH_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("enrich", appauthor=False))
+
+
+def _checkpoint_path(
+    checkpoint: str | os.PathLike[str] | bool | None, fingerprint: Mapping[str, Any], service: str
+) -> tuple[Path, bool]:
+    """(the checkpoint directory, whether it is temporary) for the `checkpoint=` argument.
+
+    None (or True): a directory under `cache_dir()` named by the job and the service, so the same call
+    made again (a notebook cell run twice) resumes instead of paying twice. False: a new temporary one.
+    """
+    if checkpoint is False:
+        return Path(tempfile.mkdtemp(prefix="enrich-")), True
+    if checkpoint is None or checkpoint is True:
+        text = json.dumps({"job": fingerprint, "service": service}, sort_keys=True, default=str)
+        name = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise UsageError(
+            f"checkpoint must be a directory path, None (a default one) or False (none), "
+            f"got {type(checkpoint).__name__}"
+        )
+    return Path(checkpoint), False
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"about {seconds:.0f} s"
@@ -1823,9 +1974,11 @@ def plan(
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     processor: str = "core",
-    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | bool | None = None,
     mode: str = "group",
     retry_failed: bool = False,
+    base_url: str | None = None,
+    service: str | None = None,
     rate_limit: int = 2000,
     run_rate: int = 2000,
     rate_window: float = 60.0,
@@ -1857,9 +2010,12 @@ def plan(
     done = running = 0
     runs_created = 0
     wanted = set(job.keys) - set(job.local_errors)
-    if checkpoint is not None and (Path(checkpoint) / "manifest.json").exists():
-        cp = Checkpoint.read(checkpoint)
+    svc = service if service is not None else service_of(base_url)
+    path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc)[0]
+    if path is not None and (path / "manifest.json").exists():
+        cp = Checkpoint.read(path)
         cp.check_fingerprint(job.fingerprint)
+        cp.check_service(svc)
         runs_created = cp.runs
         state = cp.state(outputs=False)
         state = state.filter(pl.col("row_key").is_in(list(wanted)))
@@ -1892,7 +2048,7 @@ def plan(
         spent=runs_created * price if price is not None else None,
         cost=to_submit * price if price is not None else None,
         seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
-        checkpoint=str(checkpoint) if checkpoint is not None else None,
+        checkpoint=str(path) if path is not None else None,
     )
 
 
@@ -1921,13 +2077,19 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         processor: "lite", "base", "core" (default), "core2x", "pro", "ultra"..., or a `-fast` variant.
             A newer processor can be allowed with env `ENRICH_EXTRA_PROCESSORS=name`.
         checkpoint: a directory that records the job; calling again with the same arguments resumes it.
-            Default: a temporary directory (said in the progress output): pass one for long jobs.
+            Default (None): one under the user cache directory (`~/.cache/enrich/checkpoints/...` on
+            Linux; env `ENRICH_CACHE_DIR` moves it) named by the job and the service, so a notebook cell
+            run twice resumes instead of paying twice; its path is said in the progress output and in
+            `JobStats.checkpoint`. False: a temporary one, removed when every row finished. A checkpoint
+            records the service it ran on and is never used with another one.
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
             create per row, each sent as soon as the budget allows; collected through the job's group).
         basis: add the `_basis` column.
         retry_failed: submit again the rows whose run failed (only those).
         api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else
             `https://api.parallel.ai`.
+        service: the name the checkpoint records for the service (default: the base URL without
+            credentials); a checkpoint of another service raises `ServiceMismatchError`.
         rate_limit: requests per `rate_window` (default 2,000 per 60 s). run_rate: runs created per
             `rate_window` (default 2,000). Both budgets are enforced; 429s slow the job down.
         timeout: seconds for the whole job (None: no limit); unfinished rows come back "pending" with
@@ -2002,6 +2164,13 @@ def _run_in_thread(make: Callable[[], Any]) -> Any:
             finished.set()
 
     thread = threading.Thread(target=target, name="enrich", daemon=True)
+    # The caller's loop may have its own SIGINT handler (asyncio.run's cancels the loop's main task,
+    # which cannot run while this call blocks it, so Ctrl-C would wait for the job's end): while the
+    # job runs, Ctrl-C raises KeyboardInterrupt here, as in a plain script.
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, TypeError):
+            restore = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread.start()
     try:
         while not finished.wait(0.1):
@@ -2019,6 +2188,9 @@ def _run_in_thread(make: Callable[[], Any]) -> Any:
             except KeyboardInterrupt:
                 continue
         raise
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
     if "error" in result:
         raise result["error"]
     return result["value"]

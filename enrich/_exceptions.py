@@ -48,6 +48,7 @@ __all__ = [
     "RateLimitError",
     "RequestInfo",
     "ServerError",
+    "ServiceMismatchError",
     "StillRunningError",
     "TransportError",
     "UsageError",
@@ -72,6 +73,11 @@ class CheckpointError(EnrichError):
 
 class CheckpointMismatchError(UsageError):
     """The checkpoint belongs to a different job; the message says what differs."""
+
+
+class ServiceMismatchError(CheckpointMismatchError):
+    """The checkpoint records runs of another service (another base URL, or the emulator): its run ids
+    and answers are never used for this one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +144,13 @@ class ForeignRunError(APIError):
 
     The service answering is not the one that created the checkpoint's runs (another address, an
     emulator restarted without its seed): its answer is never joined. `run_id`, `row_key` (the row it
-    was recorded for) and `claimed` (the key its metadata carries) say which.
+    was recorded for) and `claimed` (the key its metadata carries) say which. Also raised, with those
+    None, when the service does not know a task group the checkpoint recorded (404).
     """
 
-    def __init__(self, message: str, *, run_id: str, row_key: str, claimed: object) -> None:
+    def __init__(
+        self, message: str, *, run_id: str | None = None, row_key: str | None = None, claimed: object = None
+    ) -> None:
         super().__init__(message)
         self.run_id = run_id
         self.row_key = row_key

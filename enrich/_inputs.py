@@ -2,7 +2,7 @@
 
 The path of a frame through enrich:
 
-    to_polars(data)            polars / lazy / pandas frame → (polars DataFrame, kind)
+    to_polars(data)            polars / lazy / pandas frame / arrow table → (polars DataFrame, kind)
     build_inputs(df, ...)      each row → a JSON-safe dict of its columns, or a prompt string
     row_keys(inputs, spec, p)  each row → a 32-hex content key (sha256 of input + task spec + processor)
     dedupe(keys)               distinct keys once, and each row's index into them
@@ -97,12 +97,14 @@ def _is_pandas_frame(data: object) -> bool:
 
 
 def to_polars(data: object) -> tuple[pl.DataFrame, str]:
-    """The caller's frame as a polars DataFrame, and its kind (`"polars"` or `"pandas"`) for `from_polars`.
+    """The caller's frame as a polars DataFrame, and its kind (`"polars"`, `"pandas"` or `"arrow"`) for
+    `from_polars`.
 
-    Accepts a polars DataFrame, a polars LazyFrame (collected here) or a pandas DataFrame (its index is
-    left out of the inputs; `from_polars` puts it back). Refused with `UsageError`: any other type,
-    a frame with no rows or no columns, duplicate column names, pandas columns with several levels,
-    and pandas columns polars cannot read (mixed types in one object column).
+    Accepts a polars DataFrame, a polars LazyFrame (collected here), a pandas DataFrame (its index is
+    left out of the inputs; `from_polars` puts it back) or a pyarrow Table. A frame with no rows is
+    fine (the result is empty, with every column typed). Refused with `UsageError`: any other type,
+    a frame with no columns, duplicate column names, pandas columns with several levels, and pandas
+    columns polars cannot read (mixed types in one object column).
 
     >>> df, kind = to_polars(pl.DataFrame({"company": ["Acme"]}))
     >>> kind, df.columns
@@ -114,19 +116,32 @@ def to_polars(data: object) -> tuple[pl.DataFrame, str]:
         df, kind = data.collect(), "polars"
     elif _is_pandas_frame(data):
         df, kind = _from_pandas(data), "pandas"
+    elif _is_arrow_table(data):
+        names = list(data.column_names)  # type: ignore[attr-defined]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise UsageError(
+                f"duplicate column names: {', '.join(map(repr, dupes))}; give every column a distinct name"
+            )
+        frame = pl.from_arrow(data)
+        assert isinstance(frame, pl.DataFrame)
+        df, kind = frame, "arrow"
     else:
         hint = ""
         if isinstance(data, pl.Series) or type(data).__name__ == "Series":
             hint = " (for a Series, pass series.to_frame())"
         raise UsageError(
-            "data must be a polars DataFrame or LazyFrame, or a pandas DataFrame; "
+            "data must be a polars DataFrame or LazyFrame, a pandas DataFrame or a pyarrow Table; "
             f"got {type(data).__name__}{hint}"
         )
     if df.width == 0:
         raise UsageError("data has no columns; nothing to send")
-    if df.height == 0:
-        raise UsageError("data has no rows; nothing to enrich")
     return df, kind
+
+
+def _is_arrow_table(data: object) -> bool:
+    pa = sys.modules.get("pyarrow")
+    return pa is not None and isinstance(data, pa.Table)
 
 
 def _from_pandas(data: Any) -> pl.DataFrame:
@@ -181,15 +196,22 @@ def _kind(value: object) -> str:
     return type(value).__name__
 
 
-def from_polars(df: pl.DataFrame, kind: str, original: object = None) -> Any:
+def from_polars(
+    df: pl.DataFrame, kind: str, original: object = None, *, added: Sequence[str] | None = None
+) -> Any:
     """The result `df` as the caller's frame type: `kind` and `original` come from `to_polars`.
 
+    `added` names the columns the job made (default: those not in `original`); every other column
+    of `df` is one of the caller's, given back as the caller gave it.
+
     polars in → the polars DataFrame itself (also for a LazyFrame: the result is computed data).
-    pandas in → a pandas DataFrame. When `original` (the caller's pandas frame) is given and has as
-    many rows as `df`, its columns come back untouched (same labels, dtypes and values) with its index,
-    and the new columns are added after conversion: integer and boolean columns become pandas nullable
-    dtypes (`Int64`, `boolean`, so nulls do not turn integers into floats), floats `float64` (null →
-    NaN), strings pandas' string dtype, lists and structs object columns of Python lists and dicts.
+    pyarrow in → a pyarrow Table: the caller's columns as they were (same types and chunks), then the
+    added ones. pandas in → a pandas DataFrame. When `original` (the caller's pandas frame) is given and
+    has as many rows as `df`, its columns come back untouched (same labels, dtypes and values) with its
+    index, and the new columns are added after conversion: integer and boolean columns become pandas
+    nullable dtypes (`Int64`, `boolean`, so nulls do not turn integers into floats), floats `float64`
+    (null → NaN), strings pandas' string dtype, lists and structs object columns of Python lists and
+    dicts.
 
     >>> out = from_polars(pl.DataFrame({"a": [1]}), "polars")
     >>> out.shape
@@ -197,6 +219,17 @@ def from_polars(df: pl.DataFrame, kind: str, original: object = None) -> Any:
     """
     if kind == "polars":
         return df
+    if kind == "arrow":
+        import pyarrow as pa
+
+        if not isinstance(original, pa.Table) or original.num_rows != df.height:
+            return df.to_arrow()
+        names = original.column_names
+        new = [c for c in df.columns if (c in added if added is not None else c not in names)]
+        table = original.select([c for c in df.columns if c not in new])
+        for name, column in zip(new, df.select(new).to_arrow().columns, strict=True):
+            table = table.append_column(name, column)
+        return table.select(df.columns)
     if kind != "pandas":
         raise ValueError(f"unknown frame kind {kind!r}")
     import pandas as pd
@@ -204,11 +237,12 @@ def from_polars(df: pl.DataFrame, kind: str, original: object = None) -> Any:
     if not isinstance(original, pd.DataFrame) or len(original) != df.height:
         return _to_pandas(df)
     labels = {str(c): c for c in original.columns}
-    kept = [c for c in df.columns if c in labels]
-    new = [c for c in df.columns if c not in labels]
+    fresh = set(added) if added is not None else set()
+    kept = [c for c in df.columns if c in labels and c not in fresh]
+    new = [c for c in df.columns if c not in kept]
     left = original[[labels[c] for c in kept]].reset_index(drop=True)
     out = pd.concat([left, _to_pandas(df.select(new))], axis=1) if new else left
-    out = out[[labels.get(c, c) for c in df.columns]]
+    out = out[[labels[c] if c in kept else c for c in df.columns]]
     out.index = original.index
     out.columns.name = original.columns.name
     return out

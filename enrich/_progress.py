@@ -21,7 +21,9 @@ class Progress:
 
     `total` distinct inputs; `completed` and `failed` are finished; `running` are submitted and not
     finished; `waiting` are not submitted yet; `rate_limited` is the number of requests waiting for the
-    rate limiter. `message` carries a one-off notice (a temporary checkpoint, a reconciliation) or None.
+    rate limiter now; `refused` the number of answers 429 (rate limited) so far; `spent` the dollars
+    spent on the job so far, every run the checkpoint records at list prices (None: no known price).
+    `message` carries a one-off notice (where the checkpoint is, a reconciliation) or None.
     """
 
     total: int
@@ -31,6 +33,8 @@ class Progress:
     waiting: int
     rate_limited: int = 0
     message: str | None = None
+    refused: int = 0
+    spent: float | None = None
 
     @property
     def finished(self) -> int:
@@ -41,7 +45,8 @@ ProgressSink = Callable[[Progress], None]
 
 
 class TqdmSink:
-    """A tqdm.auto bar: finished of total, with failed, running and rate-limited counts and an ETA."""
+    """A tqdm.auto bar: finished of total with an ETA, then failed, running, waiting, requests waiting
+    for the rate limiter, 429 answers, and the dollars spent so far."""
 
     def __init__(self, desc: str = "enrich", file: Any = None) -> None:
         self._desc = desc
@@ -60,14 +65,20 @@ class TqdmSink:
             bar.write(f"enrich: {progress.message}", file=self._file)
         if bar.total != progress.total:
             bar.total = progress.total
-        bar.n = progress.finished
-        bar.set_postfix(
-            failed=progress.failed,
-            running=progress.running,
-            waiting=progress.waiting,
-            limited=progress.rate_limited,
-            refresh=False,
-        )
+        if progress.finished >= bar.n:
+            bar.update(progress.finished - bar.n)  # update(), not n=: tqdm's rate and ETA follow it
+        else:
+            bar.n = progress.finished
+        postfix: dict[str, Any] = {
+            "failed": progress.failed,
+            "running": progress.running,
+            "waiting": progress.waiting,
+            "rate-wait": progress.rate_limited,
+            "429s": progress.refused,
+        }
+        if progress.spent is not None:
+            postfix["spent"] = f"${progress.spent:,.2f}"
+        bar.set_postfix(postfix, refresh=False)
         bar.refresh()
 
     def close(self) -> None:

@@ -59,13 +59,18 @@ def test_run_csv_to_parquet_and_resume(
     assert code == 0
     df = pl.read_parquet(out)
     assert df["company"].to_list() == [f"Company {i}" for i in range(12)]
-    assert df.schema["listed"] == pl.Date  # dates in the CSV stay dates
+    assert df.schema["listed"] == pl.Utf8  # CSV values come back as written: text
+    assert df["listed"].to_list() == pl.read_csv(table, infer_schema=False)["listed"].to_list()
     assert df.schema["founded"] == pl.Int64 and df.schema["tags"] == pl.List(pl.Utf8)
     assert set(df["_status"]) == {"completed"}
     assert "12 completed, 0 failed, 0 pending" in capsys.readouterr().err
     assert (table.parent / "out.parquet.enrich" / "manifest.json").exists()
     assert main(["run", str(table), "-o", str(out), *FIELDS, "--processor", "lite", "--no-progress"]) == 0
     assert emu.stats()["runs_created"] == 12  # the rerun sent nothing new
+    typed = table.with_name("typed.parquet")  # --infer-types: dates as dates (and other inputs: new runs)
+    args = ["run", str(table), "-o", str(typed), *FIELDS, "--processor", "lite", "--no-progress"]
+    assert main([*args, "--infer-types"]) == 0
+    assert pl.read_parquet(typed).schema["listed"] == pl.Date
 
 
 def test_parquet_to_csv_flattens_nested_columns(table: Path, emu: Emulator) -> None:
@@ -235,7 +240,7 @@ def test_status(table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]) 
     capsys.readouterr()
     assert main(["status", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["rows"]["completed"] == 12 and report["runs_created"] == 12
+    assert report["inputs"]["completed"] == 12 and report["runs_created"] == 12
     assert report["spent_usd"] == pytest.approx(0.12) and len(report["groups"]) == 1
     assert report["last_finished"] is not None
     assert main(["status", str(table.parent / "out.parquet.enrich")]) == 0

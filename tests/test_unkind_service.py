@@ -215,17 +215,19 @@ def test_answers_are_collected_while_adds_wait_for_run_budget(tmp_path: Path) ->
 def test_a_service_that_does_not_hold_the_checkpoints_runs_is_refused(tmp_path: Path) -> None:
     """A job stops with its runs pending; the emulator is restarted with the same seed, so it hands out
     the same group and run ids to another job. The resumed job meets runs with the ids it recorded and
-    other rows' keys: it stops with ForeignRunError, joins nothing, and loses nothing it recorded."""
+    other rows' keys: it stops with ForeignRunError, joins nothing, and loses nothing it recorded.
+    (Both are named one service, as a proxy in front of two would be: else the checkpoint's service check
+    refuses the second before anything is sent.)"""
     df, other = companies(20), companies(20, prefix="Other")
     cp = tmp_path / "cp"
     with Emulator(latency=5.0, seed=8) as first:
-        pending = job(first, df, cp, timeout=0.5)
+        pending = job(first, df, cp, timeout=0.5, service="one-name")
         assert set(pending["_status"]) == {"pending"}
     recorded = Checkpoint.read(cp).counts()
     with Emulator(latency=0.1, seed=8) as second:
         job(second, other, tmp_path / "other")  # the same ids, for other inputs
         with pytest.raises(ForeignRunError, match="does not hold this checkpoint's runs"):
-            job(second, df, cp, timeout=20)
+            job(second, df, cp, timeout=20, service="one-name")
     after = Checkpoint.read(cp).counts()
     assert after.completed == 0 and after.submitted == recorded.submitted == 20
 
