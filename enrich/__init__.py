@@ -5,6 +5,7 @@ The public surface is what `__all__` lists; everything else lives in private mod
 Task API), `_exceptions` (the error tree), `_models` (typed API values).
 """
 
+import logging as _logging
 from importlib import metadata as _metadata
 
 from enrich._client import TaskClient
@@ -47,6 +48,9 @@ from enrich._models import (
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress
 from enrich._retry import RetryPolicy
+
+# The library's log ("enrich") reaches the handlers an application configures, never stderr by itself.
+_logging.getLogger("enrich").addHandler(_logging.NullHandler())
 
 try:
     __version__ = _metadata.version("enrich")

@@ -431,7 +431,11 @@ class Checkpoint:
                         manifest = {**manifest, "service": service}
                         _write_manifest(root, dir_fd, manifest)
                     elif recorded != service:
-                        raise ServiceMismatchError(_service_message(root, recorded, service))
+                        if any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root)):
+                            raise ServiceMismatchError(_service_message(root, recorded, service))
+                        # It recorded nothing (a wrong address, refused before any group): no run binds it.
+                        manifest = {**manifest, "service": service}
+                        _write_manifest(root, dir_fd, manifest)
             return cls(
                 root,
                 manifest,
@@ -495,7 +499,7 @@ class Checkpoint:
         `open` checks this itself; a read-only checkpoint (a dry run) asks here.
         """
         recorded = self.service
-        if recorded is not None and recorded != service:
+        if recorded is not None and recorded != service and any(self._segments.values()):
             raise ServiceMismatchError(_service_message(self._path, recorded, service))
 
     @property

@@ -39,7 +39,7 @@ CONFIRM_ABOVE = 10.0  # dollars: a bigger job asks first
 _EPILOG = """\
 exit codes:
   0  every row finished (completed or failed; the summary line counts both)
-  2  a usage or input error: nothing was sent
+  2  a usage or input error, or an address that never answered: nothing was created
   3  incomplete (timeout, interrupt, --max-cost reached, the service unreachable for a long while, or
      the checkpoint or the output could not be written once the job had started): run the same
      command again to resume
@@ -72,7 +72,7 @@ def _parse_field(spec: str) -> tuple[str, Any]:
             "JSON Schema file and pass --schema FILE.json"
         )
     if base not in _TYPES and not base.startswith("array["):
-        raise UsageError(f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}")
+        raise UsageError(f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}, array[T]")
     return name, (kind, description.strip())
 
 
@@ -262,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
     by = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
     done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
     wrote = "stdout" if str(output_path) == "-" else output_path
-    _say(_summary(result.height, done, failed, pending, stats) + f"; wrote {wrote} (checkpoint {checkpoint})")
+    kept = f" (checkpoint {checkpoint})" if stats.checkpoint else ""  # an empty input records nothing
+    _say(_summary(result.height, done, failed, pending, stats, args.emulator) + f"; wrote {wrote}{kept}")
     for message, runs in sorted(stats.service_warnings.items(), key=lambda kv: -kv[1]):
         _say(f"the service warns ({runs:,} runs): {message}")
     if stats.duplicates:
@@ -277,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _summary(rows: int, done: int, failed: int, pending: int, stats: Any) -> str:
+def _summary(rows: int, done: int, failed: int, pending: int, stats: Any, emulator: bool = False) -> str:
     """The job's one-line account: rows by status, runs created or found now, requests, 429s, spend."""
     distinct = f" ({stats.distinct:,} distinct inputs)" if stats.distinct != rows else ""
     now = f"{stats.runs_now:,} runs created or found now"
@@ -290,6 +291,8 @@ def _summary(rows: int, done: int, failed: int, pending: int, stats: Any) -> str
         if stats.spent is not None
         else f"; {stats.runs_total:,} runs on this job so far"
     )
+    if emulator and stats.spent is not None:
+        spent = f"; ${stats.spent:,.2f} at list prices, not billed: the emulator ({stats.runs_total:,} runs)"
     return (
         f"{done:,} completed, {failed:,} failed, {pending:,} pending of {rows:,} rows{distinct}; "
         f"{now}, {stats.requests:,} requests{limited}{spent}"
@@ -310,7 +313,8 @@ def _next_step(args: argparse.Namespace, stats: Any, checkpoint: Path, pending: 
             f"command, so their runs cannot be collected; delete {checkpoint} and run again with a longer "
             "--timeout (or none), or use `enrich emulate` with --base-url for jobs you stop and resume"
         )
-    return f"incomplete (not finished): run the same command again to resume from {checkpoint}"
+    why = f"--timeout {args.timeout:g} s reached" if stats.timed_out else "not finished"
+    return f"incomplete ({why}): run the same command again to resume from {checkpoint}"
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -324,6 +328,11 @@ def _status(args: argparse.Namespace) -> int:
         candidate = Path(str(path) + ".enrich")
         if (candidate / "manifest.json").exists():
             path = candidate
+    if not (path / "manifest.json").exists():
+        raise CheckpointError(
+            f"no checkpoint at {args.path} (nor at {args.path}.enrich): give the checkpoint directory "
+            "(the one --checkpoint named, or OUTPUT.enrich beside the output)"
+        )
     cp = Checkpoint.read(path)
     fingerprint = cp.fingerprint
     counts = cp.counts()
@@ -432,16 +441,17 @@ def _emulate(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: a port is a number from 0 to 65535 (0: any free one)")
-    _check_port_free(args.host, args.port)
+    port = _check_port_free(args.host, args.port)
     key = args.api_key or "any non-empty key"
-    _say(f"Task API emulator on http://{args.host}:{args.port} (key: {key}); its answers are synthetic.")
-    _say(f"export PARALLEL_BASE_URL=http://{args.host}:{args.port}   (Ctrl-C stops it)")
-    serve(config, host=args.host, port=args.port)
+    _say(f"Task API emulator on http://{args.host}:{port} (key: {key}); its answers are synthetic.")
+    _say(f"export PARALLEL_BASE_URL=http://{args.host}:{port}   (Ctrl-C stops it)")
+    serve(config, host=args.host, port=port)
     return EXIT_OK
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """One line instead of uvicorn's traceback when the address cannot be bound."""
+def _check_port_free(host: str, port: int) -> int:
+    """One line instead of uvicorn's traceback when the address cannot be bound; the port to serve on
+    (a free one for 0, so the address printed is the one served)."""
     import socket
 
     try:
@@ -458,6 +468,7 @@ def _check_port_free(host: str, port: int) -> None:
             raise UsageError(
                 f"cannot listen on {host}:{port}: {why}; choose another --port (or stop what uses it)"
             ) from None
+        return int(probe.getsockname()[1])
 
 
 def _seed(text: str) -> int | None:
@@ -681,14 +692,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except APIError as exc:
         if args.verbose:
             raise
-        _say(f"error: {exc}")
         if isinstance(exc, TransportError) and getattr(args, "answered", None) == 0:
             # Not one answer came back: a wrong address, not an outage of a service that was there.
             _say(
-                f"could not reach {args.service_name}: check --base-url or PARALLEL_BASE_URL (nothing was "
-                "created; the checkpoint is kept)"
+                f"error: could not reach {args.service_name} ({exc.message}): check --base-url or "
+                "PARALLEL_BASE_URL; nothing was created"
             )
             return EXIT_USAGE
+        _say(f"error: {exc}")
         if isinstance(exc, (TransportError, ServerError, RateLimitError)):
             # The service stayed unreachable or overloaded: nothing is wrong with the job itself.
             _say(

@@ -68,7 +68,13 @@ def service_of(base_url: str | None) -> str:
     >>> service_of("http://user:secret@127.0.0.1:8787/v1/")
     'http://127.0.0.1:8787/v1'
     """
-    url = httpx.URL(base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL)
+    text = base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
+    if not text.lower().startswith(("http://", "https://")):
+        raise UsageError(f"base URL {text!r} must start with http:// or https://")
+    try:
+        url = httpx.URL(text)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"base URL {text!r} is not a URL: {exc}") from None
     scheme = url.scheme.lower()
     port = f":{url.port}" if url.port not in (None, {"http": 80, "https": 443}.get(scheme)) else ""
     host = f"[{url.host}]" if ":" in url.host else url.host.lower()
@@ -252,12 +258,15 @@ class TaskClient:
         timeout: float | None = None,
         retry_429: bool = True,
         on_send: Callable[[], Awaitable[object]] | None = None,
+        on_refused: Callable[[], object] | None = None,
     ) -> Any:
         """Send one request, retrying what is safe to retry; returns the decoded JSON body.
 
         With `retry_429=False` a 429 is reported to the limiter, then raised at once (nothing was done).
         `on_send` is awaited each time the request is about to go out, after the rate limiter let it
-        through (a caller records there when it was sent); if it raises, nothing is sent.
+        through (a caller records there when it was sent); if it raises, nothing is sent. `on_refused`
+        is called when a 429 answers it: nothing was done, and until the next `on_send` nothing is on
+        the wire (a caller cancelled while the request waits to go again knows nothing was created).
         """
         info = RequestInfo(method, self.base_url + path + _query(params))
         failures = 0
@@ -312,6 +321,8 @@ class TaskClient:
             if isinstance(error_, RateLimitError):
                 self.rate_limited_count += 1
                 rate_limited += 1
+                if on_refused is not None:
+                    on_refused()
                 if self.limiter is not None:
                     self.limiter.rate_limited(error_.retry_after, grant)
                 if rate_limited > self.retry.max_rate_limited:
@@ -428,6 +439,7 @@ class TaskClient:
         refresh_status: bool = False,
         retry_rate_limited: bool = True,
         on_send: Callable[[], Awaitable[object]] | None = None,
+        on_refused: Callable[[], object] | None = None,
     ) -> AddRunsResponse:
         """Add up to 1,000 runs to a group in one request; `run_ids` come back in input order.
 
@@ -436,7 +448,8 @@ class TaskClient:
         With `retry_rate_limited=False` a 429 is reported to the limiter and raised as `RateLimitError`
         instead of retried: nothing was created, and the caller may send the inputs again in smaller calls
         (a quota that counts runs may never fit this many in one call). `on_send` is awaited each time
-        the request is about to go out (see `_request`): a caller records there that it was sent.
+        the request is about to go out (see `_request`): a caller records there that it was sent, and
+        `on_refused` is called on each 429.
         """
         if not inputs:
             raise UsageError("add_runs needs at least one input")
@@ -454,6 +467,7 @@ class TaskClient:
             creates=True,
             retry_429=retry_rate_limited,
             on_send=on_send,
+            on_refused=on_refused,
         )
         return AddRunsResponse.from_json(data)
 

@@ -144,6 +144,8 @@ class JobStats:
     #: Rows whose create's outcome was still unknown when the job ended (within the commit horizon).
     held: int = 0
     capped: bool = False
+    #: The call stopped at its `timeout`.
+    timed_out: bool = False
     #: Runs the checkpoint records in all (every call, duplicates included), and their list price
     #: (None: the processor has no known price): what the job has spent so far.
     runs_total: int = 0
@@ -363,6 +365,7 @@ class _Job:
         self.retry_failed = retry_failed
         self.max_cost = max_cost
         self.keep_basis = keep_basis  # hold each row's basis for the join (the checkpoint always has it)
+        self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
         processor_ = PROCESSORS.get(plan.processor)
         self.price = processor_.price_per_run if processor_ is not None else None
         self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
@@ -524,7 +527,7 @@ class _Job:
             raise ForeignRunError(
                 f"run {run.run_id}, recorded for row {key}, carries the row key {claimed!r}: the service at "
                 f"{self.client.base_url} does not hold this checkpoint's runs (another address, or an "
-                "emulator restarted without its seed); its answers are not used: use a new checkpoint",
+                "emulator restarted); its answers are not used: use a new checkpoint",
                 run_id=run.run_id,
                 row_key=key,
                 claimed=claimed,
@@ -865,12 +868,18 @@ class _Job:
         inputs = [self.run_input(k) for k in batch]
         sent_at: list[datetime] = []
 
+        wire: list[bool] = [False]  # the request is out, its answer not in (cleared by a 429)
+
         async def on_send() -> None:
             if any(k in self.run_of or k in self.done for k in batch):
                 raise _Adopted  # a late commit of one of these rows was adopted while this waited
             sent_at.append(datetime.now(UTC))
+            wire[0] = True
             self.cp.record_intents(batch_id, group_id, batch, sent_at=sent_at[-1])  # durable first
             self.inflight.update(dict.fromkeys(batch, batch_id))
+
+        def on_refused() -> None:
+            wire[0] = False
 
         try:
             answer = await self.client.add_runs(
@@ -879,7 +888,13 @@ class _Job:
                 default_task_spec=self.plan.task_spec,
                 retry_rate_limited=len(batch) == 1,  # a larger call is split by the caller instead
                 on_send=on_send,
+                on_refused=on_refused,
             )
+        except asyncio.CancelledError:  # stopped while waiting to go again after a 429: none created
+            if sent_at and not wire[0]:
+                with contextlib.suppress(Exception):
+                    self.cp.resolve_intents(batch_id)
+            raise
         except (RateLimitError, _Adopted):  # nothing was created: the loop forms the call again
             self._landed(batch)
             if sent_at:
@@ -1108,17 +1123,34 @@ class _Job:
         assert committer is not None
         sent_at: list[datetime] = []
 
+        wire: list[bool] = [False]  # the request is out, its answer not in (cleared by a 429)
+
         async def on_send() -> None:  # each time the request goes out, after the rate limiter
             if key in self.run_of or key in self.done:
                 raise _Adopted  # a late commit of this row was adopted while this waited
             sent_at.append(datetime.now(UTC))
+            wire[0] = True
             self.inflight[key] = batch_id  # from now on a run of it is this create's (claim waits)
             await committer.intent(batch_id, group_id, key)  # durable before the request is sent
 
+        def on_refused() -> None:
+            wire[0] = False
+
         try:
             answer = await self.client.add_runs(
-                group_id, [self.run_input(key)], default_task_spec=self.plan.task_spec, on_send=on_send
+                group_id,
+                [self.run_input(key)],
+                default_task_spec=self.plan.task_spec,
+                on_send=on_send,
+                on_refused=on_refused,
             )
+        except asyncio.CancelledError:
+            # Stopped (Ctrl-C, a timeout) while the create waited to go again after a 429: the service
+            # refused every send, so nothing exists and the row is not in doubt (nor held on resume).
+            if sent_at and not wire[0]:
+                with contextlib.suppress(Exception):
+                    self.cp.resolve_intents(batch_id)
+            raise
         except _Adopted:
             if sent_at:  # recorded for an earlier send of this call, refused with a 429: nothing created
                 self.cp.resolve_intents(batch_id)
@@ -1578,7 +1610,12 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
         if outcome is None:
             statuses.append("pending")
             if key in run_of:
-                errors.append("not finished yet: run the same call again to collect it")
+                errors.append(
+                    "not finished yet: run the same call again to collect it"
+                    if job is None or not job.temporary
+                    else f"not finished yet: its run is recorded in {job.cp.path}; pass "
+                    f"checkpoint={str(job.cp.path)!r} to collect it without paying twice"
+                )
             elif key in held:
                 errors.append(
                     "its create's answer was lost and the service may still commit it: run the same call "
@@ -1746,7 +1783,7 @@ async def aenrich(
             owned_bar.close()
         stats.elapsed = time.monotonic() - started
         return from_polars(_join(plan, None, basis=basis), plan.kind, plan.original, added=plan.added)
-    path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc)
+    path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
     temp_note = (
         f"checkpoint=False: keeping state in {path}, removed when the call ends with every row finished"
         if temporary
@@ -1796,6 +1833,7 @@ async def aenrich(
             keep_basis=basis,
             horizon=horizon,
         )
+        job.temporary = temporary
         job.load()
         cp.record_last_call(
             {"rows": plan.df.height, "distinct": len(plan.keys), "at": datetime.now(UTC).isoformat()}
@@ -1812,6 +1850,7 @@ async def aenrich(
                 async with asyncio.timeout(timeout):
                     await work()
             except TimeoutError:
+                stats.timed_out = True
                 job.report(f"timeout after {timeout:g} s: unfinished rows come back as pending")
             except BaseExceptionGroup as group:
                 leaf = _first_leaf(group)
@@ -1936,18 +1975,25 @@ def cache_dir() -> Path:
 
 
 def _checkpoint_path(
-    checkpoint: str | os.PathLike[str] | bool | None, fingerprint: Mapping[str, Any], service: str
+    checkpoint: str | os.PathLike[str] | bool | None,
+    fingerprint: Mapping[str, Any],
+    service: str,
+    keys: Iterable[str] = (),
 ) -> tuple[Path, bool]:
     """(the checkpoint directory, whether it is temporary) for the `checkpoint=` argument.
 
-    None (or True): a directory under `cache_dir()` named by the job and the service, so the same call
-    made again (a notebook cell run twice) resumes instead of paying twice. False: a new temporary one.
+    None (or True): a directory under `cache_dir()` named by the job, the service and the distinct
+    inputs (`keys`), so the same call made again (a notebook cell run twice) resumes instead of paying
+    twice, and a call on other data is another job (its own max_cost, its own lock). False: a new
+    temporary one.
     """
     if checkpoint is False:
         return Path(tempfile.mkdtemp(prefix="enrich-")), True
     if checkpoint is None or checkpoint is True:
-        text = json.dumps({"job": fingerprint, "service": service}, sort_keys=True, default=str)
-        name = hashlib.sha256(text.encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps({"job": fingerprint, "service": service}, sort_keys=True).encode())
+        for key in sorted(keys):  # the rows too: other data with the same columns is another job
+            digest.update(key.encode())
+        name = digest.hexdigest()[:16]
         return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(
@@ -2011,7 +2057,7 @@ def plan(
     runs_created = 0
     wanted = set(job.keys) - set(job.local_errors)
     svc = service if service is not None else service_of(base_url)
-    path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc)[0]
+    path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc, job.keys)[0]
     if path is not None and (path / "manifest.json").exists():
         cp = Checkpoint.read(path)
         cp.check_fingerprint(job.fingerprint)

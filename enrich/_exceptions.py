@@ -143,7 +143,7 @@ class ForeignRunError(APIError):
     """A run the checkpoint recorded for a row carries another row's key (or none) in its metadata.
 
     The service answering is not the one that created the checkpoint's runs (another address, an
-    emulator restarted without its seed): its answer is never joined. `run_id`, `row_key` (the row it
+    emulator restarted): its answer is never joined. `run_id`, `row_key` (the row it
     was recorded for) and `claimed` (the key its metadata carries) say which. Also raised, with those
     None, when the service does not know a task group the checkpoint recorded (404).
     """

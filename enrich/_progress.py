@@ -57,8 +57,13 @@ class TqdmSink:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(
-                total=progress.total, desc=self._desc, unit="run", file=self._file, dynamic_ncols=True
+            self._bar = tqdm(  # rows already done (a resume) start the bar: they are no part of its rate
+                total=progress.total,
+                initial=progress.finished,
+                desc=self._desc,
+                unit="run",
+                file=self._file,
+                dynamic_ncols=True,
             )
         bar = self._bar
         if progress.message:

@@ -209,6 +209,7 @@ class _FakeGroup:
         default_task_spec: Any = None,
         retry_rate_limited: bool = True,
         on_send: Any = None,
+        on_refused: Any = None,
     ) -> AddRunsResponse:
         if on_send is not None:
             await on_send()

@@ -188,10 +188,16 @@ def test_the_services_warnings_are_shown_once_with_their_count(
     src, out = tmp_path / "in.csv", tmp_path / "out.parquet"
     companies(4).write_csv(src)
     fields = [x for i in range(7) for x in ("--field", f"f{i}=Fact {i}")]
-    assert main(["run", str(src), "-o", str(out), *fields, "--processor", "base", "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    warned = [line for line in err.splitlines() if "the service warns (4 runs)" in line]
-    assert len(warned) == 1 and "processor" in warned[0], err
+    done = subprocess.run(  # a process of its own: no test harness catches the library's log records
+        [sys.executable, "-m", "enrich", "run", str(src), "-o", str(out), *fields, "--processor", "base"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PARALLEL_BASE_URL": emu.url, "PARALLEL_API_KEY": KEY},
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "warns" in line]
+    assert len(warned) == 1 and "the service warns (4 runs)" in warned[0] and "processor" in warned[0]
     assert main(["status", str(out)]) == 0
     assert "service warns (4 runs)" in capsys.readouterr().out
     assert main(["status", str(out), "--json"]) == 0
@@ -443,3 +449,67 @@ def test_an_emulator_restarted_at_the_same_address_is_named_not_waited_for(tmp_p
     ):
         enrich(df, CEO, api_key=second.api_key, base_url=second.url, timeout=20, **kw)
     assert Checkpoint.read(cp).counts().submitted == 3  # nothing recorded is lost
+
+
+@pytest.mark.parametrize("mode", ["runs", "group"])
+def test_creates_refused_with_429_are_not_in_doubt_after_a_stop(tmp_path: Path, mode: str) -> None:
+    """Stopped while creates wait to go again after a 429: the service refused them, so nothing exists.
+    They must not be in doubt, or the resume holds their rows for the whole commit horizon (2 min)."""
+    cp = tmp_path / "cp"
+    quota = {"rate_limit": None, "run_rate_limit": 5, "rate_window": 1.0}
+    with Emulator(api_key=KEY, latency=0.05, **quota) as emu:
+        out = enrich(
+            companies(60),
+            CEO,
+            api_key=KEY,
+            base_url=emu.url,
+            checkpoint=cp,
+            progress=False,
+            processor="lite",
+            mode=mode,
+            run_rate=100,
+            rate_window=1.0,
+            timeout=2.0,
+        )
+        assert "pending" in set(out["_status"]) and emu.stats()["rate_limited"] >= 1
+    assert Checkpoint.read(cp).counts().in_doubt <= 2  # at most what was on the wire at the stop
+
+
+def test_a_wrong_address_leaves_nothing_that_blocks_the_right_one(
+    tmp_path: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, out = tmp_path / "in.csv", tmp_path / "out.parquet"
+    companies(3).write_csv(src)
+    assert run(str(src), "-o", str(out), "--field", "ceo=CEO", "--base-url", "127.0.0.1:8787") == 2
+    assert run(str(src), "-o", str(out), "--field", "ceo=CEO", "--base-url", "http://127.0.0.1:9") == 2
+    assert "could not reach http://127.0.0.1:9" in capsys.readouterr().err
+    assert run(str(src), "-o", str(out), "--field", "ceo=CEO", "--timeout", "30") == 0, (
+        capsys.readouterr().err
+    )
+    assert Checkpoint.read(tmp_path / "out.parquet.enrich").service == emu.url
+
+
+def test_the_default_checkpoint_is_the_calls_own(emu: Emulator) -> None:
+    """Other data with the same output is another job: its own spend under max_cost, its own lock."""
+    first, second = JobStats(), JobStats()
+    enrich(companies(4), CEO, progress=False, processor="lite", stats=first)
+    out = enrich(companies(3).reverse(), CEO, progress=False, processor="lite", stats=second, max_cost=0.02)
+    assert first.checkpoint != second.checkpoint and set(out["_status"]) == {"completed"}
+    assert second.spent == pytest.approx(0.015)
+
+
+def test_a_temporary_checkpoint_names_itself_in_the_rows_left_pending(tmp_path: Path) -> None:
+    with Emulator(api_key=KEY, latency=30) as emu:
+        out = enrich(
+            companies(2), CEO, api_key=KEY, base_url=emu.url, progress=False, processor="lite",
+            checkpoint=False, timeout=1,
+        )  # fmt: skip
+    error = out["_error"][0]
+    where = error.split("checkpoint=")[1].split(" ")[0].strip("'")
+    assert "run the same call again" not in error and Checkpoint.read(where).counts().submitted == 2
+
+
+def test_emulate_on_port_0_names_the_port_it_serves() -> None:
+    from enrich._cli import _check_port_free
+
+    assert _check_port_free("127.0.0.1", 0) > 0
