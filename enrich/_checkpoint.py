@@ -379,8 +379,8 @@ class Checkpoint:
 
         `fingerprint` is a JSON-able mapping that names the job (output schema, processor, mode, ...). A
         checkpoint made with a different fingerprint raises `CheckpointMismatchError`, whose one line names
-        the keys that differ. A key of the stored fingerprint that `fingerprint` lacks is ignored: an older
-        enrich fingerprinted it, this one no longer does. `service` names the service the runs are created
+        the keys that differ. The keys an older enrich fingerprinted and this one does not (`_RETIRED`)
+        are ignored. `service` names the service the runs are created
         on; a checkpoint of another service raises `ServiceMismatchError`. Outcomes given to
         `add_outcomes` are flushed once `flush_rows` are buffered or the oldest has waited
         `flush_seconds` (checked when outcomes are added), and by
@@ -427,9 +427,12 @@ class Checkpoint:
                     )
                 if service is not None:
                     recorded = manifest.get("service")
-                    if recorded is None:  # written by an older enrich: it answers to this service now
+                    no_runs = not any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root))
+                    if recorded is None and no_runs:  # an older enrich's, with nothing in it: this one's
                         manifest = {**manifest, "service": service}
                         _write_manifest(root, dir_fd, manifest)
+                    elif recorded is None:  # an older enrich's: the engine checks a run, then `adopt_service`
+                        pass
                     elif recorded != service:
                         if any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root)):
                             raise ServiceMismatchError(_service_message(root, recorded, service))
@@ -492,6 +495,20 @@ class Checkpoint:
         since)."""
         service = self._manifest.get("service")
         return service if isinstance(service, str) else None
+
+    def adopt_service(self, service: str) -> None:
+        """Record `service` in a checkpoint written before services were recorded (the caller has
+        checked that the service knows the checkpoint's runs); durable on return."""
+        with self._lock:
+            self._check_writable()
+            if self.service is not None:
+                raise CheckpointError(f"checkpoint {self._path} already records {self.service}")
+            manifest = {**self._manifest, "service": service}
+            try:
+                _write_manifest(self._path, self._dir_fd, manifest)
+            except OSError as exc:
+                raise CheckpointError(f"cannot write {self._path / MANIFEST}: {_reason(exc)}") from exc
+            self._manifest = manifest
 
     def check_service(self, service: str) -> None:
         """Raise `ServiceMismatchError` if this checkpoint records runs of another service than `service`.
@@ -1430,12 +1447,20 @@ def _job_id(fingerprint: dict[str, Any]) -> str:
 _ABSENT: Final = object()
 
 
+#: Keys an older enrich put in the fingerprint and this one does not (rows are keyed by the input they
+#: send, so the mapping that built it names no job): ignored when a stored fingerprint is compared.
+_RETIRED: Final = frozenset({"columns", "prompt"})
+
+
 def _differences(old: Any, new: Any, path: str = "", *, known: bool = False) -> list[tuple[str, Any, Any]]:
-    """Where `old` and `new` differ; with `known`, top-level keys `new` lacks are not compared (an older
-    enrich put them in the fingerprint, this one does not)."""
+    """Where `old` and `new` differ; with `known`, the `_RETIRED` top-level keys that `new` lacks are not
+    compared."""
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
-        for key in sorted((set(new) if known else set(old)) | set(new)):
+        keys = set(old) | set(new)
+        if known:
+            keys -= {k for k in _RETIRED if k not in new}
+        for key in sorted(keys):
             where = f"{path}.{key}" if path else key
             found.extend(_differences(old.get(key, _ABSENT), new.get(key, _ABSENT), where))
         return found

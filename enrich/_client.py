@@ -265,8 +265,9 @@ class TaskClient:
         With `retry_429=False` a 429 is reported to the limiter, then raised at once (nothing was done).
         `on_send` is awaited each time the request is about to go out, after the rate limiter let it
         through (a caller records there when it was sent); if it raises, nothing is sent. `on_refused`
-        is called when a 429 answers it: nothing was done, and until the next `on_send` nothing is on
-        the wire (a caller cancelled while the request waits to go again knows nothing was created).
+        is called when a 429 answers it or it could not be sent (no connection): nothing was done, and
+        until the next `on_send` nothing is on the wire (a caller cancelled while the request waits to
+        go again knows nothing was created).
         """
         info = RequestInfo(method, self.base_url + path + _query(params))
         failures = 0
@@ -299,6 +300,8 @@ class TaskClient:
                         self.limiter.settle(grant)  # it may have been counted: keep it in the window
                 if not isinstance(exc, httpx.TransportError):
                     raise
+                if isinstance(exc, _NOT_SENT) and on_refused is not None:
+                    on_refused()  # never sent: nothing on the wire while it waits to be sent again
                 error = TransportError(f"{type(exc).__name__}: {exc}".rstrip(": "), request=info)
                 sent = creates and not isinstance(exc, _NOT_SENT)
                 lost = "the request was sent but its answer was lost" if sent else None

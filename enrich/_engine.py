@@ -57,6 +57,7 @@ from enrich._exceptions import (
     PermissionDeniedError,
     RateLimitError,
     ServerError,
+    ServiceMismatchError,
     TransportError,
     UsageError,
     ValidationError,
@@ -366,6 +367,7 @@ class _Job:
         self.max_cost = max_cost
         self.keep_basis = keep_basis  # hold each row's basis for the join (the checkpoint always has it)
         self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
+        self.default_checkpoint = False  # checkpoint=None: so do they (other rows, another directory)
         processor_ = PROCESSORS.get(plan.processor)
         self.price = processor_.price_per_run if processor_ is not None else None
         self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
@@ -1550,6 +1552,26 @@ class _GroupCollector:
         self.wake()
 
 
+async def _adopt_service(cp: Checkpoint, client: TaskClient, job: _Job, service: str) -> None:
+    """A checkpoint of an older enrich, with runs, records no service: one of its runs is looked up on
+    this service first (one read, nothing created). Unknown there (an emulator's run, another address):
+    `ServiceMismatchError`. Known: the service is recorded."""
+    run_id = next(iter(job.run_of.values()), None)
+    if run_id is None and cp.runs:  # none of this call's rows: any run of the checkpoint will do
+        recorded = cp.state(outputs=False, basis=False)["run_id"].drop_nulls()
+        run_id = recorded[0] if len(recorded) else None
+    if run_id is not None:
+        try:
+            await job.patiently(lambda: client.get_run(run_id), "checking the checkpoint's service")
+        except NotFoundError:
+            raise ServiceMismatchError(
+                f"checkpoint {cp.path} was written before enrich recorded services, and its run {run_id} "
+                f"is unknown to {service}: its answers came from another service (an emulator?) and are "
+                "never used for this one; use a new checkpoint (--checkpoint DIR, or checkpoint=)"
+            ) from None
+    cp.adopt_service(service)
+
+
 async def _tick(job: _Job) -> None:
     """Report the counts twice a second: while rows wait for the rate limiter, nothing else does."""
     while True:
@@ -1612,7 +1634,7 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
             if key in run_of:
                 errors.append(
                     "not finished yet: run the same call again to collect it"
-                    if job is None or not job.temporary
+                    if job is None or not (job.temporary or job.default_checkpoint)
                     else f"not finished yet: its run is recorded in {job.cp.path}; pass "
                     f"checkpoint={str(job.cp.path)!r} to collect it without paying twice"
                 )
@@ -1774,7 +1796,12 @@ async def aenrich(
         sink = None
     else:
         sink = progress
-    svc = service if service is not None else service_of(base_url)
+    if service is not None:
+        svc = service
+    elif transport is not None:  # an in-process app (the emulator, in tests) is not the base URL's service
+        svc = f"a custom transport at {service_of(base_url)}"
+    else:
+        svc = service_of(base_url)
     if service is not None and (not isinstance(service, str) or not service.strip()):
         raise UsageError("service must be a non-empty name, or None for the base URL")
     stats.warnings.extend(plan.notes)
@@ -1834,7 +1861,10 @@ async def aenrich(
             horizon=horizon,
         )
         job.temporary = temporary
+        job.default_checkpoint = checkpoint is None or checkpoint is True
         job.load()
+        if cp.service is None:  # written before services were recorded: its runs must be this service's
+            await _adopt_service(cp, client, job, svc)
         cp.record_last_call(
             {"rows": plan.df.height, "distinct": len(plan.keys), "at": datetime.now(UTC).isoformat()}
         )
@@ -2146,7 +2176,8 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         max_cost: a hard cap in dollars on what the job ever spends, across resumes: no run is submitted
             that would take the cost of all runs created so far over it (rows left out come back
             "pending"). Prices are the per-processor list prices.
-        transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`).
+        transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`); the checkpoint
+            then records "a custom transport at BASE_URL" as its service, never the base URL's own.
         stats: a `JobStats` to fill with what the job did (requests, reconciliations, ...).
         request_timeout: seconds to wait for a connection or for the next bytes of an answer (default
             60); an answer that takes longer counts as lost (a create is then reconciled, a read

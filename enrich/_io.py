@@ -120,6 +120,7 @@ def _parse(source: Path | io.BytesIO, fmt: str, infer_types: bool, label: str, g
         if gz and isinstance(source, Path):
             source = io.BytesIO(gzip.decompress(source.read_bytes()))
         if fmt == "csv":
+            _check_csv_header(source, label)
             if infer_types:
                 return pl.read_csv(source, try_parse_dates=True, infer_schema_length=10_000)
             return pl.read_csv(source, infer_schema=False)
@@ -140,6 +141,21 @@ def _parse(source: Path | io.BytesIO, fmt: str, infer_types: bool, label: str, g
     except (pl.exceptions.PolarsError, OSError, ValueError, EOFError, zlib.error) as exc:
         kind = f"gzip-compressed {fmt}" if gz else fmt
         raise UsageError(f"input {label}: cannot read it as {kind}: {_first_line(exc)}") from exc
+
+
+def _check_csv_header(source: Path | io.BytesIO, label: str) -> None:
+    """Refuse a header that names a column twice: polars would rename one (`a_duplicated_0`), and that
+    made-up name would be sent and written as if it were the user's."""
+    header = pl.read_csv(source, has_header=False, n_rows=1, infer_schema=False)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    names = [str(v) for v in header.row(0)] if header.height else []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(
+            f"input {label}: the header names {', '.join(map(repr, twice))} more than once; give every "
+            "column a distinct name"
+        )
 
 
 def _read_stdin(fmt: str, infer_types: bool) -> pl.DataFrame:

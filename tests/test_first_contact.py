@@ -513,3 +513,43 @@ def test_emulate_on_port_0_names_the_port_it_serves() -> None:
     from enrich._cli import _check_port_free
 
     assert _check_port_free("127.0.0.1", 0) > 0
+
+
+def test_an_older_checkpoint_of_an_emulator_never_passes_for_another_service(tmp_path: Path) -> None:
+    """A checkpoint written before services were recorded is checked before it is adopted: one of its
+    runs is looked up on the new service, and an unknown run refuses it (its answers were synthetic)."""
+    df, cp = companies(3), tmp_path / "cp"
+    kw: dict[str, Any] = {"checkpoint": cp, "progress": False, "processor": "lite"}
+    with Emulator(api_key=KEY, latency=0.05) as first:
+        enrich(df, CEO, api_key=KEY, base_url=first.url, **kw)
+    manifest = json.loads((cp / "manifest.json").read_text())
+    del manifest["service"]  # as an older enrich wrote it
+    (cp / "manifest.json").write_text(json.dumps(manifest))
+    with Emulator(api_key=KEY, latency=0.05) as second:
+        with pytest.raises(ServiceMismatchError, match="written before enrich recorded services"):
+            enrich(df, CEO, api_key=KEY, base_url=second.url, **kw)
+        assert second.stats()["runs_created"] == 0
+    assert Checkpoint.read(cp).service is None  # not adopted
+
+
+def test_an_in_process_transport_is_not_the_base_urls_service(tmp_path: Path) -> None:
+    import httpx
+
+    from enrich import create_app
+
+    transport = httpx.ASGITransport(app=create_app())
+    enrich(companies(2), CEO, api_key=KEY, transport=transport, checkpoint=tmp_path / "cp", progress=False)
+    assert Checkpoint.read(tmp_path / "cp").service == "a custom transport at https://api.parallel.ai"
+
+
+def test_only_the_retired_fingerprint_keys_are_ignored(tmp_path: Path) -> None:
+    from enrich import CheckpointMismatchError
+
+    with Checkpoint.open(tmp_path / "a", {"processor": "lite", "columns": ["company"], "prompt": None}):
+        pass
+    with Checkpoint.open(tmp_path / "a", {"processor": "lite"}):  # an older enrich's mapping: the same job
+        pass
+    with Checkpoint.open(tmp_path / "b", {"processor": "lite", "from_the_future": 1}):
+        pass
+    with pytest.raises(CheckpointMismatchError, match="from_the_future"):
+        Checkpoint.open(tmp_path / "b", {"processor": "lite"})

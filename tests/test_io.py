@@ -483,3 +483,14 @@ def test_checkpoint_dir_that_cannot_be_made_is_refused(
     (tmp_path / "cp").mkdir()
     with pytest.raises(UsageError, match=r"cp: cannot write in it: Permission denied; choose another"):
         check_checkpoint_dir(tmp_path / "cp")
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
+    """polars would rename the second `a` to `a_duplicated_0`, a name the user never wrote."""
+    src = tmp_path / "dup.csv"
+    src.write_text("a,a,b\n1,2,3\n")
+    with pytest.raises(UsageError, match="the header names 'a' more than once"):
+        read_table(src)
+    quoted = tmp_path / "quoted.csv"
+    quoted.write_text('"a,b",a\n1,2\n')  # a comma inside a quoted name is one column
+    assert read_table(quoted).columns == ["a,b", "a"]
