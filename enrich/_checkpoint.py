@@ -36,8 +36,9 @@ Invariants, each chosen for "what if the process dies right here?":
   means the greatest `_order`, never the file a row sits in, so compaction may move rows freely.
 * Service. The manifest names the service whose runs the checkpoint records (the base URL, or "emulator"):
   run ids and answers of one service mean nothing to another, and answers of an emulator must never pass
-  for a real service's. Opening with another service raises `ServiceMismatchError`. A checkpoint of an
-  older enrich, which did not record it, adopts the service it is first opened with.
+  for a real service's. Opening with another service raises `ServiceMismatchError`. A checkpoint that
+  recorded nothing takes the service it is opened with; one of an older enrich, which did not record it,
+  takes it once the engine found one of its runs there (`adopt_service`).
 * Identity. The manifest holds the job's fingerprint and `job_id`, a hash of it. Every segment holds the same
   `job_id` (and its kind, seq, tier and, for a merged segment, the seqs it replaces) in its Parquet key-value
   metadata. A segment of another job, or one that cannot be read (a torn write, a disk fault), is skipped and
@@ -419,26 +420,22 @@ class Checkpoint:
                 }
                 if service is not None:
                     manifest["service"] = service
-                _write_manifest(root, dir_fd, manifest)
+                _write_json(root, dir_fd, MANIFEST, manifest)
             else:
                 if _differences(manifest["fingerprint"], canonical_fp, known=True):
                     raise CheckpointMismatchError(
                         _mismatch_message(root, manifest["fingerprint"], canonical_fp)
                     )
-                if service is not None:
-                    recorded = manifest.get("service")
-                    no_runs = not any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root))
-                    if recorded is None and no_runs:  # an older enrich's, with nothing in it: this one's
+                recorded = manifest.get("service")
+                if service is not None and recorded != service:
+                    if not any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root)):
+                        # It recorded nothing (a wrong address refused before any group, or an older
+                        # enrich's never used): no run binds it to a service.
                         manifest = {**manifest, "service": service}
-                        _write_manifest(root, dir_fd, manifest)
-                    elif recorded is None:  # an older enrich's: the engine checks a run, then `adopt_service`
-                        pass
-                    elif recorded != service:
-                        if any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root)):
-                            raise ServiceMismatchError(_service_message(root, recorded, service))
-                        # It recorded nothing (a wrong address, refused before any group): no run binds it.
-                        manifest = {**manifest, "service": service}
-                        _write_manifest(root, dir_fd, manifest)
+                        _write_json(root, dir_fd, MANIFEST, manifest)
+                    elif recorded is not None:
+                        raise ServiceMismatchError(_service_message(root, recorded, service))
+                    # else an older enrich's, with runs: the engine looks one up, then `adopt_service`
             return cls(
                 root,
                 manifest,
@@ -504,10 +501,7 @@ class Checkpoint:
             if self.service is not None:
                 raise CheckpointError(f"checkpoint {self._path} already records {self.service}")
             manifest = {**self._manifest, "service": service}
-            try:
-                _write_manifest(self._path, self._dir_fd, manifest)
-            except OSError as exc:
-                raise CheckpointError(f"cannot write {self._path / MANIFEST}: {_reason(exc)}") from exc
+            self._write_json(MANIFEST, manifest)
             self._manifest = manifest
 
     def check_service(self, service: str) -> None:
@@ -743,13 +737,9 @@ class Checkpoint:
 
     def record_last_call(self, info: Mapping[str, Any]) -> None:
         """Keep a JSON-able summary of the call that has the checkpoint open (for `enrich status`)."""
-        text = json.dumps(dict(info), indent=2, sort_keys=True, default=str) + "\n"
         with self._lock:
             self._check_writable()
-            try:
-                _write_atomic(self._path, self._dir_fd, LAST_CALL, lambda f: f.write(text.encode()))
-            except OSError as exc:
-                raise CheckpointError(f"cannot write {self._path / LAST_CALL}: {_reason(exc)}") from exc
+            self._write_json(LAST_CALL, dict(info))
 
     def record_service_warnings(self, counts: Mapping[str, int]) -> None:
         """Add `counts` (message -> runs that carried it) to the warnings kept; durable on return."""
@@ -760,28 +750,21 @@ class Checkpoint:
             data = self.service_warnings
             for message, n in counts.items():
                 data[message] = data.get(message, 0) + int(n)
-            text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            try:
-                _write_atomic(self._path, self._dir_fd, SERVICE_WARNINGS, lambda f: f.write(text.encode()))
-            except OSError as exc:
-                raise CheckpointError(
-                    f"cannot write {self._path / SERVICE_WARNINGS}: {_reason(exc)}"
-                ) from exc
+            self._write_json(SERVICE_WARNINGS, data)
 
     def record_pacing(self, pacing: Mapping[str, Any]) -> None:
         """Keep what the rate limiter learned (a JSON-able mapping), replacing what was kept; durable on
         return. A resume starts from it instead of the defaults."""
         data = dict(pacing)
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         with self._lock:
             self._check_writable()
             if data == self._pacing:
                 return
-            try:
-                _write_atomic(self._path, self._dir_fd, PACING, lambda f: f.write(text.encode()))
-            except OSError as exc:
-                raise CheckpointError(f"cannot write {self._path / PACING}: {_reason(exc)}") from exc
+            self._write_json(PACING, data)
             self._pacing = data
+
+    def _write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        _write_json(self._path, self._dir_fd, name, data)
 
     def add_outcomes(self, outcomes: Iterable[Outcome] | pl.DataFrame) -> None:
         """Buffer finished runs; they are written by the next flush (see `open` for when that happens).
@@ -1495,9 +1478,13 @@ def _service_message(root: Path, recorded: str, service: str) -> str:
     )
 
 
-def _write_manifest(root: Path, dir_fd: int | None, manifest: dict[str, Any]) -> None:
-    text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    _write_atomic(root, dir_fd, MANIFEST, lambda f: f.write(text.encode()))
+def _write_json(root: Path, dir_fd: int | None, name: str, data: Mapping[str, Any]) -> None:
+    """Replace the JSON file `name` (the manifest, pacing.json, ...) atomically; durable on return."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+    try:
+        _write_atomic(root, dir_fd, name, lambda f: f.write(text.encode()))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {root / name}: {_reason(exc)}") from exc
 
 
 def _read_manifest(root: Path) -> dict[str, Any] | None:

@@ -687,7 +687,6 @@ class _Job:
         self._last_report = now
         failed = self.failed_count
         completed = len(self.done) - failed
-        price = PROCESSORS[self.plan.processor].price_per_run if self.plan.processor in PROCESSORS else None
         self.sink(
             Progress(
                 total=len(self.plan.keys),
@@ -699,7 +698,7 @@ class _Job:
                 rate_limited=self.limiter.waiting,
                 message=message,
                 refused=self.client.rate_limited_count,
-                spent=self.cp.runs * price if price is not None else None,
+                spent=self.cp.runs * self.price if self.price is not None else None,
             )
         )
 
@@ -1926,8 +1925,8 @@ async def aenrich(
                 )
         stats.warnings.extend(cp.warnings)
         stats.runs_total = cp.runs
-        price = PROCESSORS[plan.processor].price_per_run if plan.processor in PROCESSORS else None
-        stats.spent = cp.runs * price if price is not None else None
+        proc = PROCESSORS.get(plan.processor)
+        stats.spent = cp.runs * proc.price_per_run if proc is not None else None
         with contextlib.suppress(Exception):
             stats.service_warnings = cp.service_warnings
         stats.elapsed = time.monotonic() - started
