@@ -252,10 +252,9 @@ def _prepare(
     df, kind = to_polars(data)
     spec = parse_output(output)
     notes: list[str] = []
+    # An enriched frame enriched again: its own columns are never sent, and this job's replace them.
     earlier = [c for c in df.columns if c in RESERVED_COLUMNS]
-    if (
-        earlier
-    ):  # an enriched frame enriched again: its own columns are never sent, and this job's replace them
+    if earlier:
         df = df.drop(earlier)
         notes.append(
             f"the input holds an earlier enrichment's {', '.join(earlier)}: they are not sent and are "
@@ -1349,12 +1348,7 @@ class _GroupCollector:
                     await self.wait_for_work()
                     if self.finished():
                         break
-                    try:
-                        blocker = await self.job.patiently(self.poll, "reading the group's runs")
-                    except NotFoundError:
-                        if self.group_id in self.job.recorded_groups:
-                            raise self.job.unknown_group(self.group_id) from None
-                        raise
+                    blocker = await self.job.patiently(self.poll, "reading the group's runs")
                     if blocker is not None and blocker not in self.stragglers:
                         self.stragglers.add(blocker)
                         self.job.stats.stragglers += 1
@@ -1810,13 +1804,13 @@ async def aenrich(
         stats.elapsed = time.monotonic() - started
         return from_polars(_join(plan, None, basis=basis), plan.kind, plan.original, added=plan.added)
     path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
-    temp_note = (
-        f"checkpoint=False: keeping state in {path}, removed when the call ends with every row finished"
-        if temporary
-        else None
-        if checkpoint is not None
-        else f"checkpoint: {path} (the same call resumes from it; checkpoint=False for none)"
-    )
+    temp_note = None
+    if temporary:
+        temp_note = (
+            f"checkpoint=False: keeping state in {path}, removed when the call ends with every row finished"
+        )
+    elif checkpoint is None:
+        temp_note = f"checkpoint: {path} (the same call resumes from it; checkpoint=False for none)"
     stats.rows = plan.df.height
     stats.distinct = len(plan.keys)
     stats.checkpoint = str(path)
