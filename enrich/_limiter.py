@@ -232,9 +232,11 @@ class RateLimiter:
         self._window_requests = math.inf
         self._recent: deque[Grant] = deque()
         self._recent_runs = 0
-        # Every grant of the last `_HISTORY` periods, as granted (never re-timed): what a measurement
-        # looks back on; and when the calls that measured were sent.
-        self._history: deque[Grant] = deque()
+        # Every grant of the last `_HISTORY` periods: [expiry as granted, runs, expiry as counted (moved
+        # to its answer by `settle`)]. A measurement looks back on when calls were sent (the first); a
+        # learned window is rebuilt from when they were counted (the last). And when the calls that
+        # measured were sent.
+        self._history: deque[list[Any]] = deque()
         self._marks: deque[tuple[float, float]] = deque()  # (sent, _paused_total then)
         self._paused_total = 0.0  # seconds the creates were paused, in all
         # The size of calls: `_size` the largest to make, `_largest_ok` the largest the service accepted,
@@ -306,18 +308,22 @@ class RateLimiter:
             self._trial = None
         if grant[1] == 0:
             return was_trial
+        expiry = self._now() + self._period
         try:
             self._log.remove(grant)  # O(window), once per run-creating request
         except ValueError:
             return was_trial  # expired already
         # Every entry was granted at or before now, so the log stays sorted by expiry.
-        now = self._now()
-        self._log.append((now + self._period, grant[1]))
+        moved = (expiry, grant[1])
+        self._log.append(moved)
+        entry = self._sent(grant)
+        if entry is not None:
+            entry[2] = expiry
         try:
             self._recent.remove(grant)
         except ValueError:
             return was_trial
-        self._recent.append((now + self._period, grant[1]))
+        self._recent.append(moved)
         return was_trial
 
     def succeeded(self, grant: Grant | None = None) -> None:
@@ -528,7 +534,7 @@ class RateLimiter:
         self._log.append(grant)
         self._runs_used += runs
         history = self._history
-        history.append(grant)
+        history.append([grant[0], runs, grant[0]])
         while history[0][0] < now - (_HISTORY - 1) * self._period:
             history.popleft()
         if self._window is not None:
@@ -543,13 +549,24 @@ class RateLimiter:
         except ValueError:
             return  # already expired
         self._runs_used -= grant[1]
-        for entries in (self._history, self._recent):
-            try:
-                entries.remove(grant)
-            except ValueError:
-                continue
-            if entries is self._recent:
-                self._recent_runs -= grant[1]
+        entry = self._sent(grant)
+        if entry is not None:
+            self._history.remove(entry)
+        try:
+            self._recent.remove(grant)
+        except ValueError:
+            pass
+        else:
+            self._recent_runs -= grant[1]
+
+    def _sent(self, grant: Grant) -> list[Any] | None:
+        """The history's entry of `grant` (looked for from the newest: grants are answered soon)."""
+        for entry in reversed(self._history):
+            if entry[0] == grant[0] and entry[1] == grant[1]:
+                return entry
+            if entry[0] < grant[0]:
+                return None
+        return None
 
     def _fits_at(self, runs: int, now: float) -> float:
         """The first instant at which one request and `runs` runs fit, given what the logs hold now."""
@@ -586,7 +603,7 @@ class RateLimiter:
         candidates: list[tuple[float, float, float, float]] = []  # (rate, span, runs, requests)
         after_runs = after_requests = 0
         longest: tuple[float, float, float] | None = None  # (span, runs, requests) back to the oldest
-        for expires, spent in reversed(self._history):
+        for expires, spent, _ in reversed(self._history):
             t = expires - self._period
             if t >= sent:
                 continue  # this call itself, or sent after it
@@ -612,7 +629,9 @@ class RateLimiter:
             start = self._episode
             if start is None or sent <= start:
                 return best is None and start is None  # nothing of ours to go by: the pause did its work
-            through = [r for e, r in self._history if start <= e - self._period < sent and (r or not by_runs)]
+            through = [
+                r for e, r, _c in self._history if start <= e - self._period < sent and (r or not by_runs)
+            ]
             if len(through) < _MIN_CALLS:
                 return False  # too few to tell a rate
             amount = (sum(through) + runs) if by_runs else (len(through) + 1)
@@ -634,7 +653,9 @@ class RateLimiter:
         marks = [m for m in self._marks if m[0] < sent]
         if marks:
             mark, paused = next((m for m in marks if sent - m[0] >= _MIN_SPAN * self._period), marks[-1])
-            between = [r for e, r in self._history if mark < e - self._period < sent and (r or not by_runs)]
+            between = [
+                r for e, r, _c in self._history if mark < e - self._period < sent and (r or not by_runs)
+            ]
             sending = (sent - mark) - (self._paused_total - paused)  # the time we were not paused
             if len(between) >= _MIN_CALLS and sending > 0:  # else too few calls to tell a rate
                 since = sum(between) if by_runs else len(between)
@@ -668,8 +689,8 @@ class RateLimiter:
         assert self._window is not None
         start = now - self._window + self._period
         # From the history (the main log forgets what is older than a period, and a learned window may
-        # be longer); its entries are not re-timed at their answers, which `_recent`'s are from now on.
-        self._recent = deque(entry for entry in self._history if entry[0] > start)
+        # be longer), each grant as counted: a request answered late may still be in the service's window.
+        self._recent = deque(sorted((e[2], e[1]) for e in self._history if e[2] > start))
         self._recent_runs = sum(r for _, r in self._recent)
 
     def _probe(self, now: float) -> bool:
