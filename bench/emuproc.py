@@ -4,7 +4,8 @@ In a thread of the bench's process the emulator shares the GIL, the peak RSS and
 the engine under test; at 100k or 1M rows that hides what the client costs. `EmulatorProcess` serves
 `enrich._emulator.serve(EmulatorConfig(**config))` in a spawned interpreter on a free port of 127.0.0.1,
 reads its counters over HTTP (`GET /_emulator/stats`), and its CPU and peak RSS from /proc (Linux;
-None elsewhere).
+None elsewhere). `config` is any `EmulatorConfig` field whose value JSON carries: `basis_bytes=4000`
+gives answers the size of real core/pro ones (several KB of basis per field).
 
     with EmulatorProcess(latency=2.0, rate_limit=2000, run_rate_limit=2000, rate_window=6.0) as emu:
         await aenrich(df, fields, base_url=emu.url, api_key=emu.api_key, ...)
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from enrich._emulator import STATS_PATH
+from enrich._emulator import STATS_PATH, EmulatorConfig
 
 API_KEY = "bench-key"
 
@@ -56,6 +57,7 @@ class EmulatorProcess:
 
     def __init__(self, **config: Any) -> None:
         config.setdefault("api_key", API_KEY)
+        EmulatorConfig(**config)  # a bad value fails here, with its message, not as a child's exit code
         self.config = config
         self.api_key: str = config["api_key"]
         self.port = _free_port()

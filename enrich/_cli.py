@@ -432,6 +432,7 @@ def _emulate(args: argparse.Namespace) -> int:
         "late_commit_answer": args.late_commit_answer,
         "stream_close_seconds": args.stream_close,
         "seed": args.seed,
+        "basis_bytes": args.basis_bytes,
     }
     if faults is not None:
         fields["faults"] = faults
@@ -666,6 +667,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N|none",
         help="seed of every random choice; none (the default): ids differ on every start, other draws "
         "as seed 0",
+    )
+    emu.add_argument(
+        "--basis-bytes",
+        type=int,
+        metavar="N",
+        help="make each field's basis about N bytes of JSON (512-1000000), with several citations, "
+        "excerpts and a reasoning, as real answers are (default: compact, a few hundred bytes)",
     )
     emu.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")
     emu.set_defaults(func=_emulate)

@@ -2,7 +2,8 @@
 
 It serves the run and group endpoints with the real wire shapes, status codes, limits and SSE framing,
 so a client that works against it works against `https://api.parallel.ai`. Outputs are synthetic and
-deterministic (`enrich._synth`). On top of the API it can inject what production does to a client:
+deterministic (`enrich._synth`); their basis is compact unless `basis_bytes` makes it the size of real
+answers (several KB per field). On top of the API it can inject what production does to a client:
 failed runs, rate limits (429 + Retry-After), exhausted credit (402), and transport faults (HTML 5xx,
 dropped connections, slow answers, and creates whose answer is lost although the runs exist). It can
 also be unkind the way real services and their proxies are, each behaviour off by default
@@ -84,7 +85,7 @@ import uvicorn
 
 from enrich._jsonschema import UNSUPPORTED_KEYWORDS
 from enrich._processors import PROCESSORS, Processor
-from enrich._synth import PREMIUM_TIERS, output_of
+from enrich._synth import PREMIUM_TIERS, check_basis_bytes, output_of
 from enrich._synth import _canonical as _synth_canonical
 
 __all__ = [
@@ -228,6 +229,16 @@ class EmulatorConfig:
       late commits) is then seeded as if `seed=0`. An int seeds everything, ids included, so two
       emulators with one seed hand out the same ids. Outputs never depend on the seed.
     - `keepalive_seconds`: interval of `: keepalive` comments on the long group events stream.
+    - `basis_bytes`: the size of answers. None (the default): a compact basis per field (one to three
+      citations with one-line excerpts, a one-line reasoning), a few hundred bytes. An int in
+      [512, 1,000,000]: each basis entry (each top-level field, or the text output's one) is about that
+      many bytes of compact UTF-8 JSON (a few % under; up to 15 % under at small sizes with long
+      names), as real core/pro answers are (several KB): several citations with distinct plausible
+      https URLs and titles derived from the input, excerpt passages of varied length, and a
+      reasoning paragraph. `lite`/`base` keep their rule of no
+      excerpts and no confidence: their size comes from more citations and a longer reasoning. The
+      content is the same either way, and the bytes depend only on (input, task spec, processor tier,
+      basis_bytes), like every output (`enrich._synth.expected_output(..., basis_bytes=N)`).
     """
 
     api_key: str | None = None
@@ -250,8 +261,10 @@ class EmulatorConfig:
     stream_close_seconds: float | None = None
     seed: int | None = None
     keepalive_seconds: float = 15.0
+    basis_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        check_basis_bytes(self.basis_bytes)
         for name in ("failure_rate", "fault_rate", "late_commit_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -641,7 +654,9 @@ class EmulatorState:
         if cached is None:
             schema = spec.spec.get("output_schema") if spec.spec else None
             cached = spec.output = (schema, _synth_canonical(schema))
-        return output_of(json.loads(run.body)["input"], cached[0], cached[1], run.processor)
+        return output_of(
+            json.loads(run.body)["input"], cached[0], cached[1], run.processor, self.config.basis_bytes
+        )
 
     def stats(self) -> dict[str, Any]:
         self.advance()
