@@ -937,11 +937,53 @@ class Checkpoint:
             )
         return self._light
 
-    def _heavy(self, light: pl.DataFrame, *, basis: bool = True) -> pl.DataFrame:
+    def answers(
+        self,
+        run_ids: pl.Series,
+        *,
+        basis: bool = True,
+        each: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+    ) -> pl.DataFrame:
+        """run_id, output, basis (JSON text) of the recorded outcomes of `run_ids`, buffered ones included.
+
+        Read segment by segment; `each` transforms each segment's part as it is read (the engine decodes
+        the basis there into typed columns), so no more than one segment's text is in memory at a time
+        besides what `each` returns. The basis is left null, unread, with `basis=False`.
+        """
+        with self._lock:
+            if self._forgotten:
+                raise CheckpointError(
+                    f"checkpoint {self._path} was closed and its tables dropped; open it again"
+                )
+            # From the outcome records themselves, not the latest receipt per row: a run that answers a
+            # row may not be its latest receipt (a duplicate committed late is recorded after it).
+            outcomes = self._outcomes.frame()
+            if self._buffer:
+                outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
+            wanted = outcomes.filter(
+                pl.col("run_id").is_in(run_ids.implode()) & pl.col("run_id").is_last_distinct()
+            )
+            light = wanted.select("run_id", pl.col(_ORDER).alias("_outcome_order"))
+            return self._heavy(light, basis=basis, each=each)
+
+    def _heavy(
+        self,
+        light: pl.DataFrame,
+        *,
+        basis: bool = True,
+        each: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+    ) -> pl.DataFrame:
         """output and basis of the outcomes `light` uses, read from the outcome segments and the buffer
-        (the basis left null, unread, with `basis=False`)."""
+        (the basis left null, unread, with `basis=False`); `each` as in `answers`."""
         heavy_columns = _HEAVY if basis else ("output",)
         columns = ["run_id", *heavy_columns, _ORDER]
+
+        def part(frame: pl.DataFrame) -> pl.DataFrame:
+            if not basis:
+                frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("basis"))
+            frame = frame.select("run_id", *_HEAVY)
+            return each(frame) if each is not None else frame
+
         # Only the outcomes `light` points at, filtered segment by segment as they are read, so that no
         # more than one segment's superseded or unwanted outputs are in memory at a time.
         wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
@@ -953,15 +995,14 @@ class Checkpoint:
             except (OSError, pa.ArrowException, ValueError) as exc:
                 self._warn(f"outputs in {segment.name} could not be read ({_reason(exc)}); they show as null")
                 continue
-            frames.append(_wanted(_conform(pl.from_arrow(table), columns, "outcomes"), wanted))
+            frames.append(part(_wanted(_conform(pl.from_arrow(table), columns, "outcomes"), wanted)))
             del table
         if self._buffer:
-            frames.append(_wanted(self._buffered_frame().select(columns), wanted))
-        heavy = pl.concat(frames) if frames else _empty("outcomes").select(columns)
-        heavy = heavy.unique("run_id", keep="any")
-        if not basis:
-            heavy = heavy.with_columns(pl.lit(None, dtype=pl.String).alias("basis"))
-        return heavy.select("run_id", *_HEAVY)
+            frames.append(part(_wanted(self._buffered_frame().select(columns), wanted)))
+        if not frames:
+            frames.append(part(_empty("outcomes").select(columns)))
+        heavy = pl.concat(frames) if len(frames) > 1 else frames[0]
+        return heavy.unique("run_id", keep="any", maintain_order=True)
 
     # -- internals: writing ------------------------------------------------------------------------
 

@@ -102,7 +102,9 @@ _OUTAGE_SECONDS = 1800.0
 _OUTCOME_BATCH = 1000
 # The join decodes and types this many answers at a time.
 _JOIN_CHUNK = 100_000
+_DECODE_BYTES = 4 << 20  # JSON text of the basis decoded at a time
 _STATUS = {"completed": "completed", "failed": "failed"}  # one str object per status, not one per row
+_COMPLETED = ("completed", None)
 # A poll that collected nothing is not repeated sooner than this (seconds), whatever wakes the collector.
 _IDLE_POLL_GAP = 2.0
 # A poll of the runs stream waits until this many runs ended (or half of those outstanding, or all),
@@ -364,7 +366,7 @@ class _Job:
         self.concurrency = concurrency
         self.retry_failed = retry_failed
         self.max_cost = max_cost
-        self.keep_basis = keep_basis  # hold each row's basis for the join (the checkpoint always has it)
+        self.keep_basis = keep_basis  # the join reads each row's basis (the checkpoint always has it)
         self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
         self.default_checkpoint = False  # checkpoint=None: so do they (other rows, another directory)
         processor_ = PROCESSORS.get(plan.processor)
@@ -390,11 +392,10 @@ class _Job:
         self.run_of: dict[str, str] = {}
         self.key_of_run: dict[str, str] = {}
         self.group_of: dict[str, str | None] = {}
-        # key -> (status, output, basis JSON or None, error). The output is JSON text, or for an answer
-        # loaded from the checkpoint its index in `loaded_outputs`; never decoded objects. A million
-        # decoded answers and bases took gigabytes; the join decodes the answers a chunk at a time.
-        self.done: dict[str, tuple[str, str | int | None, str | None, str | None]] = {}
-        self.loaded_outputs = pl.Series("output", [], dtype=pl.String)
+        # key -> (status, error). Never the answer: the checkpoint has it, and the join reads it from
+        # there a segment at a time into typed columns. Answers and bases held here until the join took
+        # gigabytes (100,000 rows with citations: 9 GB).
+        self.done: dict[str, tuple[str, str | None]] = {}
         self.failed_count = 0
         self.recorded_groups: frozenset[str] = frozenset()  # groups of earlier calls (set by load)
         # The service's warnings on the runs finished in this call: message -> runs that carried it.
@@ -434,15 +435,15 @@ class _Job:
 
     def load(self) -> None:
         self.recorded_groups = frozenset(self.cp.groups)
-        state = self.cp.state(basis=self.keep_basis)  # the basis is most of the bytes: read it if asked
+        state = self.cp.state(outputs=False)  # the answers are read by the join, not held here
         self.cp.drop_cache()  # its cached light state (~130 MB at 1M rows) is not needed again
         if state.height:  # (a filter copies the frame: at a million rows, 300 MB more at the peak)
             wanted = state["row_key"].is_in(pl.Series(self.plan.keys, dtype=pl.String).implode())
             if not wanted.all():
                 state = state.filter(wanted)
         # Column-wise, into dicts built in bulk: a Python step per row is most of a 1M-row resume's time.
-        # Answers stay JSON text until the join. Finished rows need no reverse index (run -> key): the
-        # collector tells them by the key in their run's metadata.
+        # Finished rows need no reverse index (run -> key): the collector tells them by the key in their
+        # run's metadata.
         status = pl.col("status")
         if self.retry_failed:
             self.superseded.update(state.filter(status == "failed")["run_id"].to_list())
@@ -450,24 +451,9 @@ class _Job:
         else:
             ended = state["status"].is_in(["completed", "failed"])
         finished = state if ended.all() else state.filter(ended)
-        # The answers stay in one Series (`loaded_outputs`); `done` holds each one's index in it rather
-        # than a Python string: ~230 MB less at a million rows. Statuses are shared constants.
-        self.loaded_outputs = finished["output"]
         keys = finished["row_key"].to_list()
-        statuses = [_STATUS.get(x, x) for x in finished["status"].to_list()]
-        self.done = dict(
-            zip(
-                keys,
-                zip(
-                    statuses,
-                    range(len(keys)),
-                    finished["basis"].to_list() if self.keep_basis else itertools.repeat(None),
-                    finished["error"].to_list(),
-                    strict=False,  # the repeat is endless; the others all have len(keys) items
-                ),
-                strict=True,
-            )
-        )
+        statuses = [_STATUS.get(x, x) for x in finished["status"].to_list()]  # shared constants
+        self.done = dict(zip(keys, zip(statuses, finished["error"].to_list(), strict=True), strict=True))
         self.run_of = dict(zip(keys, finished["run_id"].to_list(), strict=True))
         del finished
         running = state.filter(~status.is_in(["completed", "failed"]) & pl.col("run_id").is_not_null())
@@ -476,7 +462,7 @@ class _Job:
         self.stats.already_done = len(self.done)
         for key in self.plan.keys:
             if key in self.plan.local_errors:
-                self.done[key] = ("failed", None, None, self.plan.local_errors[key])
+                self.done[key] = ("failed", self.plan.local_errors[key])
                 self.failed_count += 1
             elif key not in self.done and key not in self.run_of:
                 self.todo.append(key)
@@ -723,7 +709,7 @@ class _Job:
         if run.status == "completed" and output is not None:
             text = json.dumps(output.content, ensure_ascii=False)
             basis = json.dumps(list(output.basis_json), ensure_ascii=False)  # as sent; the join normalizes
-            self.done[key] = ("completed", text, basis if self.keep_basis else None, None)
+            self.done[key] = _COMPLETED
             outcome = Outcome(
                 row_key=key,
                 run_id=run.run_id,
@@ -740,7 +726,7 @@ class _Job:
                 error = "the run completed without an output"
             else:
                 error = f"the run ended with status {run.status!r}"
-            self.done[key] = ("failed", None, None, error)
+            self.done[key] = ("failed", error)
             self.failed_count += 1
             outcome = Outcome(row_key=key, run_id=run.run_id, status="failed", error=error, finished_at=now)
         if not self._outcomes:
@@ -1608,22 +1594,41 @@ _BASIS = pl.List(
         {"field": pl.Utf8, "reasoning": pl.Utf8, "confidence": pl.Utf8, "citations": pl.List(_CITATION)}
     )
 )
+# What `FieldBasis.from_json(...).to_json()` makes of a decoded entry: text fields "" and lists [] when
+# missing (the confidence and a citation's title stay null: "not given").
+_NORMAL_BASIS = pl.col("basis").list.eval(
+    pl.element().struct.with_fields(
+        pl.field("field").fill_null(""),
+        pl.field("reasoning").fill_null(""),
+        pl.field("citations")
+        .fill_null(pl.lit([], dtype=pl.List(_CITATION)))
+        .list.eval(
+            pl.element().struct.with_fields(
+                pl.field("url").fill_null(""),
+                pl.field("excerpts").fill_null(pl.lit([], dtype=pl.List(pl.Utf8))),
+            )
+        ),
+    )
+)
 
 
-def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
+def _join(plan: _Plan, job: _Job | None, *, basis: bool, answers: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The result: `plan.df` with the answers (`answers`: run_id, output text, typed basis, as
+    `_answers` reads them), statuses and errors of its distinct rows, in its order."""
     done = job.done if job is not None else {}
     run_of = job.run_of if job is not None else {}
     held = job.held_keys if job is not None else {}
     statuses: list[str] = []
     errors: list[str | None] = []
     run_ids: list[str | None] = []
-    contents: list[Any] = []
-    bases: list[Any] = []
+    answered: list[str | None] = []  # the run whose answer the row gets (completed rows only)
     for key in plan.keys:
         outcome = done.get(key)
-        run_ids.append(run_of.get(key))
+        run_id = run_of.get(key)
+        run_ids.append(run_id)
         if outcome is None:
             statuses.append("pending")
+            answered.append(None)
             if key in run_of:
                 errors.append(
                     "not finished yet: run the same call again to collect it"
@@ -1640,29 +1645,26 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
                 errors.append(f"not submitted: the max cost of ${job.max_cost:,.2f} was reached")
             else:
                 errors.append("not submitted yet: run the same call again")
-            contents.append(None)
-            bases.append(None)
         else:
-            status, content, basis_, error = outcome
+            status, error = outcome
             statuses.append(status)
             errors.append(error)
-            contents.append(content)
-            bases.append(basis_)
+            answered.append(run_id if status == "completed" else None)
+    if answers is None:
+        answers = _no_answers()
+    looked = pl.DataFrame({"run_id": pl.Series(answered, dtype=pl.String)}).join(
+        answers, on="run_id", how="left", maintain_order="left"
+    )
+    del answered
     # A chunk at a time: a million decoded answers at once would hold a gigabyte of Python objects.
     frames: list[pl.DataFrame] = []
     problems: list[str | None] = []
-    loaded = job.loaded_outputs if job is not None else None
-    for start in range(0, max(len(contents), 1), _JOIN_CHUNK):
-        chunk = contents[start : start + _JOIN_CHUNK]
-        if loaded is not None and len(loaded):  # answers loaded from the checkpoint: fetch their text
-            at = [i for i, c in enumerate(chunk) if type(c) is int]
-            if at:
-                texts = loaded.gather([chunk[i] for i in at]).to_list()
-                for i, text in zip(at, texts, strict=True):
-                    chunk[i] = text
-        frame, found = plan.spec.to_frame(_decode_answers(chunk))
+    texts = looked["output"]
+    for start in range(0, max(len(texts), 1), _JOIN_CHUNK):
+        frame, found = plan.spec.to_frame(_decode_answers(texts.slice(start, _JOIN_CHUNK).to_list()))
         frames.append(frame)
         problems.extend(found)
+    del texts
     values = pl.concat(frames) if len(frames) > 1 else frames[0]
     for i, problem in enumerate(problems):
         if problem and statuses[i] == "completed":
@@ -1673,10 +1675,53 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool) -> pl.DataFrame:
         "_run_id": pl.Series("_run_id", run_ids, dtype=pl.Utf8),
     }
     if basis:
-        extra["_basis"] = pl.Series("_basis", [_basis_rows(b) for b in bases], dtype=_BASIS)
+        extra["_basis"] = looked["basis"].cast(_BASIS)
+    del looked
     distinct = values.with_columns(**extra)
     index = pl.Series("i", plan.index, dtype=pl.UInt32)
     return pl.concat([plan.df, distinct[index]], how="horizontal")
+
+
+def _no_answers() -> pl.DataFrame:
+    return pl.DataFrame(schema={"run_id": pl.String, "output": pl.String, "basis": _BASIS})
+
+
+def _answers(cp: Checkpoint, job: _Job, *, basis: bool) -> pl.DataFrame:
+    """run_id, output (JSON text) and basis (typed, `_BASIS`; null unless `basis`) of the completed rows
+    of `job`, read from the checkpoint a segment at a time: the basis is decoded by polars as each
+    segment is read, never into Python objects, so the raw text of one segment is all that is held
+    besides the result's own columns."""
+    ids = pl.Series(
+        "run_id",
+        [job.run_of[k] for k, (status, _) in job.done.items() if status == "completed"],
+        dtype=pl.String,
+    )
+    if ids.is_empty():
+        return _no_answers()
+    return cp.answers(ids, basis=basis, each=_typed_basis)
+
+
+def _typed_basis(part: pl.DataFrame) -> pl.DataFrame:
+    """`part` with its basis column (JSON text as the service sent it) decoded to `_BASIS`, normalized as
+    `FieldBasis` does (missing text fields empty, missing lists empty); decoded in Rust. A basis of an
+    unexpected shape is decoded entry by entry in Python, as before."""
+    texts = part["basis"]
+    if texts.dtype != pl.String or texts.null_count() == len(texts):
+        return part.with_columns(pl.lit(None, dtype=_BASIS).alias("basis"))
+    try:
+        # A slice at a time: decoding holds ~4x its text in temporaries (a 100 MB part peaked 380 MB).
+        # (Slices are views: their boundaries where the running total of bytes crosses a multiple.)
+        bucket = (texts.str.len_bytes().fill_null(0).cum_sum() // _DECODE_BYTES).to_numpy()
+        starts = [0, *(int(i) + 1 for i in (bucket[1:] != bucket[:-1]).nonzero()[0]), len(texts)]
+        decoded = pl.concat(
+            [texts.slice(a, b - a).str.json_decode(dtype=_BASIS) for a, b in itertools.pairwise(starts)],
+            rechunk=False,
+        )
+    except pl.exceptions.PolarsError:
+        decoded = pl.Series("basis", [_basis_rows(t) for t in texts.to_list()], dtype=_BASIS)
+    else:
+        decoded = pl.DataFrame({"basis": decoded}).select(_NORMAL_BASIS)["basis"]
+    return part.with_columns(decoded.alias("basis"))
 
 
 def _decode_answers(texts: list[str | None]) -> list[Any]:
@@ -1819,6 +1864,8 @@ async def aenrich(
     t_load = time.monotonic()
     cp = Checkpoint.open(path, plan.fingerprint, service=svc)
     job: _Job | None = None
+    answers: pl.DataFrame | None = None
+    reading = 0.0
     client: TaskClient | None = None
     try:
         # The service counts a request when it arrives, the limiter when it is sent: a window a little
@@ -1911,6 +1958,13 @@ async def aenrich(
                 "the next run collects them again without paying twice"
             )
         finally:
+            if job is not None:
+                t_answers = time.monotonic()
+                try:  # before the tables are freed: they tell which segment records each answer
+                    answers = _answers(cp, job, basis=basis)
+                except Exception as exc:
+                    stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
+                reading = time.monotonic() - t_answers  # part of the join
             try:  # always: a checkpoint left open stays locked for the life of the process (a notebook)
                 cp.close(forget=True)  # the join needs none of its tables: free them first
             except Exception as exc:
@@ -1936,8 +1990,11 @@ async def aenrich(
                 "to collect them without paying twice"
             )
     t_join = time.monotonic()
-    result = from_polars(_join(plan, job, basis=basis), plan.kind, plan.original, added=plan.added)
-    stats.stages["join"] = time.monotonic() - t_join
+    result = from_polars(
+        _join(plan, job, basis=basis, answers=answers), plan.kind, plan.original, added=plan.added
+    )
+    del answers
+    stats.stages["join"] = time.monotonic() - t_join + reading
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from enrich import (
 from enrich._checkpoint import Checkpoint
 from enrich._engine import JobStats, aenrich, enrich
 from enrich._inputs import build_inputs
+from enrich._models import FieldBasis
 from enrich._schema import parse_output
 from enrich._synth import synth_output
 
@@ -443,3 +445,35 @@ def test_basis_is_kept_by_the_checkpoint_not_in_memory_until_asked(tmp_path: Pat
     again = run_job(app, df, {"ceo": "CEO"}, basis=True, processor="core", checkpoint=tmp_path / "cp")
     assert [b[0]["field"] for b in again["_basis"].to_list()] == ["ceo"] * 4
     assert again["ceo"].to_list() == plain["ceo"].to_list() and app.stats()["runs_created"] == 4
+
+
+def test_the_basis_is_decoded_in_slices_to_the_same_values_as_field_basis_normalizes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The join decodes each segment's basis text in polars, a few MB at a time, never into Python
+    objects; what it makes is what `FieldBasis.from_json(...).to_json()` makes of each entry (missing text
+    empty, missing lists empty, confidence and title kept null), over slice boundaries, and a basis of a
+    shape polars cannot decode falls back to the entry-by-entry path."""
+    from enrich import _engine
+
+    monkeypatch.setattr(_engine, "_DECODE_BYTES", 200)  # many slices
+    entries = [
+        {
+            "field": "ceo",
+            "reasoning": "r",
+            "confidence": "high",
+            "citations": [{"url": "u", "excerpts": ["x"]}],
+        },
+        {"field": "founded"},
+        {"field": "hq", "reasoning": None, "citations": [{"title": "t"}], "extra": 1},
+        {"reasoning": "no field"},
+    ]
+    texts = [json.dumps(entries[: 1 + i % 4]) if i % 5 else None for i in range(300)] + [json.dumps([])]
+    part = pl.DataFrame(
+        {"run_id": [str(i) for i in range(len(texts))], "output": ["{}"] * len(texts), "basis": texts}
+    )
+    typed = _engine._typed_basis(part)
+    assert typed["basis"].dtype == _engine._BASIS
+    assert typed["basis"].to_list() == [_engine._basis_rows(t) if t is not None else None for t in texts]
+    odd = part.with_columns(pl.lit(json.dumps([1, {"field": "x"}])).alias("basis"))  # not all objects
+    assert _engine._typed_basis(odd)["basis"].to_list()[0] == [FieldBasis.from_json({"field": "x"}).to_json()]

@@ -283,7 +283,7 @@ class _Harness:
         batch = list(self.job.todo)
         return asyncio.create_task(self.job.add_batch("tgrp_fake", batch, self.collector))
 
-    def outcome(self, i: int) -> tuple[str, Any, Any, str | None] | None:
+    def outcome(self, i: int) -> tuple[str, str | None] | None:
         return self.job.done.get(self.plan.keys[i])
 
 
@@ -345,14 +345,16 @@ def test_run_statuses_the_client_does_not_know_follow_is_active(tmp_path: Path) 
             h.fake.set(0, "completed", False)
             h.fake.set(3, "completed", False)
             await h.collector.poll()
-            return [first, [h.outcome(i) for i in range(4)], h.job.outstanding, h.plan.keys]
+            h.job.push_outcomes()
+            answer = h.cp.answers(pl.Series([h.job.run_of[h.plan.keys[0]]]))["output"].to_list()
+            return [first, [h.outcome(i) for i in range(4)], h.job.outstanding, h.plan.keys, answer]
 
-    first, second, outstanding, keys = asyncio.run(scenario())
+    first, second, outstanding, keys, answer = asyncio.run(scenario())
     assert first[0] is None and first[3] is None  # still running: waited for, not failed
-    assert first[1] is not None and first[1][0] == "failed" and "'expired'" in str(first[1][3])
+    assert first[1] is not None and first[1][0] == "failed" and "'expired'" in str(first[1][1])
     assert first[2] is not None and first[2][0] == "completed"
     assert [o and o[0] for o in second] == ["completed", "failed", "completed", "completed"]
-    assert second[0] is not None and json.loads(second[0][1]) == {"ceo": keys[0]}  # its own answer, late
+    assert len(answer) == 1 and json.loads(answer[0]) == {"ceo": keys[0]}  # its own answer, late
     assert outstanding == 0
 
 
