@@ -1669,6 +1669,13 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool, answers: pl.DataFrame |
     for i, problem in enumerate(problems):
         if problem and statuses[i] == "completed":
             errors[i] = problem
+    # A completed run's answer is always recorded (JSON text, "null" at the least): none read back means
+    # its segment could not be read. Said on the row, never passed off as an empty answer.
+    for i in (looked["output"].is_null() & looked["run_id"].is_not_null()).arg_true().to_list():
+        errors[i] = (
+            "its answer could not be read back from the checkpoint (see the job's warnings); "
+            "nothing is lost on the service: its run id is in _run_id"
+        )
     extra = {
         "_status": pl.Series("_status", statuses, dtype=pl.Utf8),
         "_error": pl.Series("_error", errors, dtype=pl.Utf8),

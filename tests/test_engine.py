@@ -477,3 +477,26 @@ def test_the_basis_is_decoded_in_slices_to_the_same_values_as_field_basis_normal
     assert typed["basis"].to_list() == [_engine._basis_rows(t) if t is not None else None for t in texts]
     odd = part.with_columns(pl.lit(json.dumps([1, {"field": "x"}])).alias("basis"))  # not all objects
     assert _engine._typed_basis(odd)["basis"].to_list()[0] == [FieldBasis.from_json({"field": "x"}).to_json()]
+
+
+def test_an_answer_that_cannot_be_read_back_is_said_on_its_row_not_passed_off_as_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join reads every answer from the checkpoint. One it cannot read back (an outcome segment
+    damaged after the checkpoint opened: here, every answer missing) leaves the row's values null with
+    `_error` saying why and its `_run_id` kept, never an empty answer that passes for a real one."""
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(4)
+    run_job(app, df, {"ceo": "CEO"}, checkpoint=tmp_path / "cp")
+    monkeypatch.setattr(
+        Checkpoint,
+        "answers",
+        lambda self, run_ids, **kw: pl.DataFrame(
+            schema={"run_id": pl.String, "output": pl.String, "basis": pl.String}
+        ),
+    )
+    again = run_job(app, df, {"ceo": "CEO"}, checkpoint=tmp_path / "cp")
+    assert app.stats()["runs_created"] == 4  # nothing sent again
+    assert again["ceo"].null_count() == 4 and again["_run_id"].null_count() == 0
+    assert again["_status"].to_list() == ["completed"] * 4
+    assert all("could not be read back from the checkpoint" in e for e in again["_error"].to_list())
