@@ -722,10 +722,9 @@ print("finished", flush=True)
 def test_ctrl_c_mid_collection_flushes_every_outcome(tmp_path: Path) -> None:
     df = companies(400)
     cp = tmp_path / "cp"
-    with Emulator(latency=3.0) as emu:
+    with Emulator(latency=1.5) as emu:
         kw = {"api_key": emu.api_key, "base_url": emu.url, "processor": "lite", "progress": False}
-        # Submit everything first (runs end 1.5 to 4.5 s later, so a worker slow to start on a loaded
-        # machine still finds some running), so the subprocess only collects.
+        # Submit everything first (runs end 0.75 to 2.25 s later), so the subprocess only collects.
         first = asyncio.run(aenrich(df, CEO, checkpoint=cp, timeout=0.3, **kw))
         assert first["_status"].to_list() == ["pending"] * 400
         proc = subprocess.Popen(
