@@ -918,6 +918,15 @@ class Checkpoint:
         frame = pl.concat(self._buffer)
         return frame.with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + _BUFFERED_ORDER).alias(_ORDER))
 
+    def _outcome_records(self) -> pl.DataFrame:
+        """Every outcome record in memory (`_MEMORY` columns), buffered ones last, sorted by `_order`."""
+        if self._forgotten:
+            raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped; open it again")
+        outcomes = self._outcomes.frame()
+        if self._buffer:
+            outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
+        return outcomes
+
     def _light_state(self) -> pl.DataFrame:
         if self._forgotten:
             raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped; open it again")
@@ -925,9 +934,7 @@ class Checkpoint:
             # Both tables are sorted by _order, so a key's last occurrence is its latest record.
             receipts = self._receipts.frame()
             latest = receipts.filter(pl.col("row_key").is_last_distinct())
-            outcomes = self._outcomes.frame()
-            if self._buffer:
-                outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
+            outcomes = self._outcome_records()
             finished = outcomes.filter(pl.col("run_id").is_last_distinct()).rename({_ORDER: "_outcome_order"})
             self._light = (
                 latest.drop(_ORDER)
@@ -951,16 +958,9 @@ class Checkpoint:
         besides what `each` returns. The basis is left null, unread, with `basis=False`.
         """
         with self._lock:
-            if self._forgotten:
-                raise CheckpointError(
-                    f"checkpoint {self._path} was closed and its tables dropped; open it again"
-                )
             # From the outcome records themselves, not the latest receipt per row: a run that answers a
             # row may not be its latest receipt (a duplicate committed late is recorded after it).
-            outcomes = self._outcomes.frame()
-            if self._buffer:
-                outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
-            wanted = outcomes.filter(
+            wanted = self._outcome_records().filter(
                 pl.col("run_id").is_in(run_ids.implode()) & pl.col("run_id").is_last_distinct()
             )
             light = wanted.select("run_id", pl.col(_ORDER).alias("_outcome_order"))
@@ -1002,7 +1002,7 @@ class Checkpoint:
         if not frames:
             frames.append(part(_empty("outcomes").select(columns)))
         heavy = pl.concat(frames) if len(frames) > 1 else frames[0]
-        return heavy.unique("run_id", keep="any", maintain_order=True)
+        return heavy.unique("run_id", keep="any")
 
     # -- internals: writing ------------------------------------------------------------------------
 
