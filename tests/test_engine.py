@@ -454,7 +454,7 @@ def test_the_basis_is_decoded_in_slices_to_the_same_values_as_field_basis_normal
     objects; what it makes is what `FieldBasis.from_json(...).to_json()` makes of each entry (missing text
     empty, missing lists empty, confidence and title kept null), over slice boundaries, and a basis of a
     shape polars cannot decode falls back to the entry-by-entry path."""
-    from enrich import _engine
+    from enrich._engine import join as _engine
 
     monkeypatch.setattr(_engine, "_DECODE_BYTES", 200)  # many slices
     entries = [

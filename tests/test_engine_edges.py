@@ -30,9 +30,13 @@ import polars as pl
 import pytest
 from _fakes import Cut, StreamingASGITransport, Tap, is_add_runs, is_runs_stream, sse
 
-from enrich import Emulator, EmulatorConfig, PaymentRequiredError, UsageError, _engine, create_app
+from enrich import Emulator, EmulatorConfig, PaymentRequiredError, UsageError, create_app
 from enrich._checkpoint import Checkpoint, Outcome, Receipt
-from enrich._engine import KEY_FIELD, JobStats, _GroupCollector, _Job, _prepare, aenrich, enrich
+from enrich._engine import KEY_FIELD, JobStats, aenrich, collect, enrich, submit
+from enrich._engine import job as job_stage
+from enrich._engine.collect import _GroupCollector
+from enrich._engine.job import _Job
+from enrich._engine.prepare import _prepare
 from enrich._inputs import build_inputs
 from enrich._limiter import RateLimiter
 from enrich._models import AddRunsResponse, GroupStatus, RunStateEvent, TaskOutput, TaskRun
@@ -103,7 +107,7 @@ def test_straggler_is_awaited_alone_and_the_cursor_moves_past_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A poll per wave of 150 (a job this size is otherwise read once, when every run has ended).
-    monkeypatch.setattr(_engine, "_POLL_MIN_ENDED", 100)
+    monkeypatch.setattr(collect, "_POLL_MIN_ENDED", 100)
     app = _Waves(create_app(EmulatorConfig(latency=0.4)))
     df = companies(900)
     # Submit everything, stop before anything ends: the next call only collects.
@@ -281,7 +285,7 @@ class _Harness:
 
     def add_all(self) -> asyncio.Task[None]:
         batch = list(self.job.todo)
-        return asyncio.create_task(self.job.add_batch("tgrp_fake", batch, self.collector))
+        return asyncio.create_task(submit.add_batch(self.job, "tgrp_fake", batch, self.collector))
 
     def outcome(self, i: int) -> tuple[str, str | None] | None:
         return self.job.done.get(self.plan.keys[i])
@@ -389,7 +393,8 @@ def test_an_older_failed_run_does_not_hold_the_cursor_during_a_retry(tmp_path: P
 
 def test_an_idle_collector_sleeps_until_the_next_add(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
-    monkeypatch.setattr(_engine, "time", clock)
+    for stage in (collect, job_stage, submit):  # the engine's clock
+        monkeypatch.setattr(stage, "time", clock)
 
     async def scenario() -> int:
         h = _Harness(tmp_path / "cp", 3)
@@ -706,6 +711,8 @@ def sink(p):
     print("progress", p.completed, p.failed, flush=True)
 
 base_url, api_key, checkpoint = sys.argv[1:4]
+print("ready", flush=True)
+sys.stdin.readline()  # the test sends "go" once the runs are created
 enrich(
     pl.DataFrame({"company": [f"Company {i}" for i in range(400)]}),
     {"ceo": "Name of the current CEO"},
@@ -724,16 +731,23 @@ def test_ctrl_c_mid_collection_flushes_every_outcome(tmp_path: Path) -> None:
     cp = tmp_path / "cp"
     with Emulator(latency=1.5) as emu:
         kw = {"api_key": emu.api_key, "base_url": emu.url, "processor": "lite", "progress": False}
-        # Submit everything first (runs end 0.75 to 2.25 s later), so the subprocess only collects.
-        first = asyncio.run(aenrich(df, CEO, checkpoint=cp, timeout=0.3, **kw))
-        assert first["_status"].to_list() == ["pending"] * 400
+        # The worker starts first and waits, so its imports (seconds on a loaded machine) are not paid
+        # while the runs end: otherwise it could find every run ended and collect them in one read.
         proc = subprocess.Popen(
             [sys.executable, "-c", _WORKER, emu.url, emu.api_key, str(cp)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             text=True,
         )
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+        # Submit everything first (runs end 0.75 to 2.25 s later), so the subprocess only collects.
+        first = asyncio.run(aenrich(df, CEO, checkpoint=cp, timeout=0.3, **kw))
+        assert first["_status"].to_list() == ["pending"] * 400
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         assert proc.stdout is not None
         reported = 0
         for line in proc.stdout:

@@ -34,7 +34,11 @@ from hypothesis import strategies as st
 from enrich import APIStatusError, EmulatorConfig, create_app, enrich
 from enrich._checkpoint import Checkpoint, Receipt
 from enrich._client import TaskClient
-from enrich._engine import KEY_FIELD, JobStats, _Committer, _first_leaf, _Job, _prepare, aenrich
+from enrich._engine import KEY_FIELD, JobStats, aenrich
+from enrich._engine.job import _Job
+from enrich._engine.pipeline import _first_leaf
+from enrich._engine.prepare import _prepare
+from enrich._engine.submit import _Committer
 from enrich._exceptions import (
     CheckpointError,
     OutcomeUnknownError,
@@ -331,7 +335,7 @@ def test_ctrl_c_in_a_running_loop_cancels_the_job_and_flushes_the_checkpoint(
     progress callback, on the job's thread)."""
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         pytest.skip("SIGINT is not the default KeyboardInterrupt handler here")
-    monkeypatch.setattr("enrich._engine._POLL_MIN_ENDED", 1)  # poll as runs end: answers trickle in
+    monkeypatch.setattr("enrich._engine.collect._POLL_MIN_ENDED", 1)  # poll as runs end: answers trickle in
     real_close = Checkpoint.close
 
     def slow_close(self: Checkpoint, **kwargs: Any) -> None:
@@ -389,10 +393,10 @@ def test_ctrl_c_in_a_running_loop_cancels_the_job_and_flushes_the_checkpoint(
 def test_reads_give_up_after_the_outage_limit_and_not_before(monkeypatch: pytest.MonkeyPatch) -> None:
     """Mutation caught: the `now - first_failure > _OUTAGE_SECONDS` give-up removed from `_Job.patiently`
     (the read then retries forever; here the virtual-time budget of an hour runs out)."""
-    monkeypatch.setattr("enrich._engine._OUTAGE_SECONDS", 120.0)
+    monkeypatch.setattr("enrich._engine.job._OUTAGE_SECONDS", 120.0)
     # The engine's clock is the loop's: virtual time, like its backoff sleeps.
     monkeypatch.setattr(
-        "enrich._engine.time", SimpleNamespace(monotonic=lambda: asyncio.get_running_loop().time())
+        "enrich._engine.job.time", SimpleNamespace(monotonic=lambda: asyncio.get_running_loop().time())
     )
     job = SimpleNamespace(report=lambda *args, **kwargs: None)  # all `patiently` needs of its job
     down = [

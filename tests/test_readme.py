@@ -773,3 +773,16 @@ def test_readme_names_are_exported() -> None:
     assert names, "the README names nothing to import from enrich: parser broken?"
     missing = [f"{name} (from {origin})" for name, origin in names.items() if not hasattr(module, name)]
     assert not missing, "the README names what `enrich` does not export:\n- " + "\n- ".join(missing)
+
+
+def test_how_it_works_names_the_modules_that_exist() -> None:
+    """The "How it works" section names each stage's module: every module it names is a file of the
+    package, and every module of the engine is named (a stage added or renamed updates the tour)."""
+    section = README_TEXT.split("## How it works", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(_[a-z_]+(?:/[a-z_]+)?\.py)`", section))
+    package = REPO / "enrich"
+    missing = sorted(n for n in named if not (package / n).is_file())
+    assert not missing, f"README's How it works names modules that do not exist: {missing}"
+    engine = {f"_engine/{p.name}" for p in (package / "_engine").glob("*.py") if p.name != "__init__.py"}
+    unnamed = sorted(engine - named)
+    assert not unnamed, f"README's How it works does not name these engine modules: {unnamed}"

@@ -30,7 +30,10 @@ from fault_matrix import (
 
 from enrich import EmulatorConfig, RateLimiter, create_app
 from enrich._client import TaskClient
-from enrich._engine import JobStats, _Job, aenrich
+from enrich._engine import JobStats, aenrich
+from enrich._engine import reconcile as reconcile_stage
+from enrich._engine import submit as submit_stage
+from enrich._engine.job import _Job
 from enrich._exceptions import RateLimitError
 from enrich._limiter import VirtualTimeLoop
 from enrich._retry import RetryPolicy
@@ -113,10 +116,11 @@ def test_a_row_with_someone_elses_answer_is_caught() -> None:
 
 
 def test_a_lost_create_paid_twice_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def forgetful(self: _Job, group_id: str, keys: Any) -> dict[str, str]:
+    async def forgetful(job: _Job, group_id: str, keys: Any) -> dict[str, str]:
         return {}  # never finds the runs of a lost answer: they are created again
 
-    monkeypatch.setattr(_Job, "reconcile", forgetful)
+    for stage in (reconcile_stage, submit_stage):
+        monkeypatch.setattr(stage, "reconcile", forgetful)
     monkeypatch.setattr(_Job, "claim", lambda self, key, run, group_id: "settled")  # nor adopts them late
     lost = {"faults": {"lost_create"}, "fault_rate": 0.5}  # some adds get through, so the job ends
     r = run_case(Case("lost-forgotten", "group", "lost answers, never reconciled", "lost_create", lost))

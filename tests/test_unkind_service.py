@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-import enrich._engine as engine
+import enrich._engine.collect as collect
 from enrich import Emulator, ForeignRunError
 from enrich._checkpoint import Checkpoint
 from enrich._cli import main as cli
@@ -151,7 +151,7 @@ def test_streams_closed_on_the_services_timer_do_not_blind_the_collector(
     """Every stream is closed after 0.4 s whatever is active. The events stream is reopened from its last
     event, so the job ends with its runs; relying on the timer fallback (made an hour here) it would not
     have ended within its timeout."""
-    monkeypatch.setattr(engine, "_FALLBACK_POLL", 3600.0)
+    monkeypatch.setattr(collect, "_FALLBACK_POLL", 3600.0)
     df = companies(60)
     with Emulator(latency=1.5, stream_close_seconds=0.4, seed=5) as emu:
         stats = JobStats()
@@ -184,7 +184,7 @@ def test_the_last_few_runs_are_not_waited_for_before_a_poll(
                     data = {**data, "run": {**run, "status": "running", "is_active": True}, "output": None}
             return super().event(method, path, data)
 
-    monkeypatch.setattr(engine, "_FALLBACK_POLL", 3600.0)
+    monkeypatch.setattr(collect, "_FALLBACK_POLL", 3600.0)
     df = companies(200)
     emu = Emulator(latency=0.5, seed=6)
     emu.app = HoldOne(emu.app)

@@ -43,7 +43,8 @@ from parallel.types.task_spec_param import TaskSpecParam
 from enrich import create_app
 from enrich._client import TaskClient
 from enrich._emulator import EmulatorConfig
-from enrich._engine import _prepare, aenrich
+from enrich._engine import aenrich
+from enrich._engine.prepare import _prepare
 from enrich._models import RunStateEvent
 
 KEY = "sk-wire-test-0123456789"

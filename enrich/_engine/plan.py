@@ -1,0 +1,159 @@
+"""The dry run: what a job would do (rows, distinct inputs, runs already recorded, cost, time under the
+quota), worked out without sending anything (`plan()`, `enrich run --dry-run`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+
+from enrich._checkpoint import Checkpoint
+from enrich._client import service_of
+from enrich._engine.prepare import _checkpoint_path, _prepare
+from enrich._exceptions import (
+    UsageError,
+)
+from enrich._processors import PROCESSORS
+
+
+@dataclass(frozen=True, slots=True)
+class JobPlan:
+    """What a job would do, worked out without sending anything (`plan()`, `enrich run --dry-run`).
+
+    Counts are of distinct inputs (runs), except `rows`. Money is in US dollars at list prices;
+    `None` when the processor has no known price. `seconds` is a rough wall-time estimate under the
+    rate budgets: the processor's typical latency plus the time the budgets need to submit everything.
+    """
+
+    rows: int
+    distinct: int
+    done: int
+    running: int
+    to_submit: int
+    refused: int
+    processor: str
+    mode: str
+    price_per_run: float | None
+    spent: float | None
+    cost: float | None
+    seconds: float
+    checkpoint: str | None
+
+    def lines(self) -> list[str]:
+        """The plan as short lines for a terminal."""
+
+        def money(x: float | None) -> str:
+            return "unknown (no list price)" if x is None else f"${x:,.2f}"
+
+        return [
+            f"rows:               {self.rows:,}",
+            f"distinct inputs:    {self.distinct:,}",
+            f"already done:       {self.done:,} (in the checkpoint)",
+            f"submitted, running: {self.running:,} (collected, not paid again)",
+            f"refused locally:    {self.refused:,} (not sent: too large or failing input_schema)",
+            f"runs to submit:     {self.to_submit:,}",
+            f"processor:          {self.processor} ({money(self.price_per_run and self.price_per_run * 1000)}"
+            " per 1,000 runs)",
+            f"estimated cost:     {money(self.cost)} (spent so far: {money(self.spent)})",
+            f"estimated time:     {_duration(self.seconds)} in {self.mode} mode",
+            f"checkpoint:         {self.checkpoint or '(temporary)'}",
+        ]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {seconds:.0f} s"
+    if seconds < 5400:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def plan(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None = None,
+    prompt: str | None = None,
+    input_schema: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    processor: str = "core",
+    checkpoint: str | os.PathLike[str] | bool | None = None,
+    mode: str = "group",
+    retry_failed: bool = False,
+    base_url: str | None = None,
+    service: str | None = None,
+    rate_limit: int = 2000,
+    run_rate: int = 2000,
+    rate_window: float = 60.0,
+) -> JobPlan:
+    """Work out what `enrich()` with the same arguments would submit and cost, sending nothing.
+
+    The checkpoint, when it exists, is read (never written or created) and must belong to this job.
+
+    Example::
+
+        p = plan(df, {"ceo": "CEO name"}, processor="base", checkpoint="ceo.enrich")
+        print("\n".join(p.lines()))
+    """
+    job = _prepare(
+        data,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+    )
+    if rate_limit <= 0 or run_rate <= 0 or rate_window <= 0:  # the estimate below divides by them
+        raise UsageError(
+            "rate_limit and run_rate must be positive numbers of requests/runs per minute, and "
+            "rate_window a positive number of seconds"
+        )
+    done = running = 0
+    runs_created = 0
+    wanted = set(job.keys) - set(job.local_errors)
+    svc = service if service is not None else service_of(base_url)
+    path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc, job.keys)[0]
+    if path is not None and (path / "manifest.json").exists():
+        cp = Checkpoint.read(path)
+        cp.check_fingerprint(job.fingerprint)
+        cp.check_service(svc)
+        runs_created = cp.runs
+        state = cp.state(outputs=False)
+        state = state.filter(pl.col("row_key").is_in(list(wanted)))
+        finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
+        if retry_failed:
+            finished = finished.filter(pl.col("status") == "completed")
+        done = finished.height
+        running = state.filter(pl.col("status") == "submitted").height
+    to_submit = len(wanted) - done - running
+    proc = PROCESSORS.get(processor)
+    price = proc.price_per_run if proc is not None else None
+    window = rate_window / 60.0
+    if mode == "group":
+        # Adds of up to 1,000; the first window's budget goes at once, the rest at the budget's pace.
+        submit_seconds = max(0.0, (to_submit - run_rate) / run_rate) * 60.0 * window
+    else:
+        # One create and about one result call per run share the request budget.
+        submit_seconds = max(to_submit / run_rate, 2 * to_submit / rate_limit) * 60.0 * window
+    latency = (sum(proc.latency) / 2) if proc is not None else 300.0
+    return JobPlan(
+        rows=job.df.height,
+        distinct=len(job.keys),
+        done=done,
+        running=running,
+        to_submit=to_submit,
+        refused=len(job.local_errors),
+        processor=processor,
+        mode=mode,
+        price_per_run=price,
+        spent=runs_created * price if price is not None else None,
+        cost=to_submit * price if price is not None else None,
+        seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
+        checkpoint=str(path) if path is not None else None,
+    )

@@ -1,0 +1,228 @@
+"""Stage 1, preparation (no network): the frame, the output description and the options become a
+`_Plan`: each row's input keyed by content and deduplicated, the local checks done, and the place of
+the job's checkpoint. Every bad input is a one-line `UsageError` here, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from enrich._exceptions import (
+    UsageError,
+)
+from enrich._inputs import (
+    build_inputs,
+    check_input_size,
+    dedupe,
+    keys_and_sizes,
+    to_polars,
+    validate_inputs,
+)
+from enrich._processors import PROCESSORS
+from enrich._schema import RESERVED_COLUMNS, OutputSpec, check_collisions, parse_output
+
+#: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
+KEY_FIELD = "enrich_key"
+_META_KEY_MAX = 16
+_META_VALUE_MAX = 512
+_INPUT_LIMIT = 25_000  # task spec + input, in characters
+_MODES = ("group", "runs")
+
+
+@dataclass
+class _Plan:
+    df: pl.DataFrame
+    kind: str
+    original: Any
+    spec: OutputSpec
+    task_spec: dict[str, Any]
+    processor: str
+    mode: str
+    metadata: dict[str, Any]
+    keys: list[str]  # distinct keys, first-seen order
+    index: list[int]  # row -> distinct key index
+    inputs: list[Any]  # distinct inputs
+    local_errors: dict[str, str]  # key -> why it is not sent
+    fingerprint: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
+    notes: list[str] = field(default_factory=list)  # said once in the job's warnings
+
+    @property
+    def added(self) -> list[str]:
+        """The columns the job adds to the caller's frame."""
+        return [*self.spec.columns, *RESERVED_COLUMNS]
+
+
+def _allowed_processors() -> set[str]:
+    extra = os.environ.get("ENRICH_EXTRA_PROCESSORS", "")
+    return set(PROCESSORS) | {p.strip() for p in extra.split(",") if p.strip()}
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise UsageError(
+            f"metadata must be a dict of short keys to scalar values, got {type(metadata).__name__}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not key:
+            raise UsageError(f"metadata key {key!r} must be a non-empty string")
+        if key == KEY_FIELD:
+            raise UsageError(f"metadata key {KEY_FIELD!r} is reserved for enrich's row key: rename it")
+        if len(key) > _META_KEY_MAX:
+            raise UsageError(f"metadata key {key!r} is {len(key)} characters; the API allows {_META_KEY_MAX}")
+        if not isinstance(value, (str, int, float, bool)):
+            raise UsageError(
+                f"metadata value of {key!r} must be a string, number or boolean, got {type(value).__name__}"
+            )
+        if isinstance(value, str) and len(value) > _META_VALUE_MAX:
+            raise UsageError(
+                f"metadata value of {key!r} is {len(value)} characters; the API allows {_META_VALUE_MAX}"
+            )
+        out[key] = value
+    return out
+
+
+def _prepare(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | None,
+    prompt: str | None,
+    input_schema: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    processor: str,
+    mode: str,
+) -> _Plan:
+    if mode not in _MODES:
+        raise UsageError(f"mode must be 'group' or 'runs', got {mode!r}")
+    if not isinstance(processor, str) or processor not in _allowed_processors():
+        known = ", ".join(sorted(PROCESSORS, key=lambda p: (PROCESSORS[p].price_per_1k, p)))
+        raise UsageError(
+            f"unknown processor {processor!r}; known: {known} "
+            "(a newer one can be allowed with ENRICH_EXTRA_PROCESSORS=name)"
+        )
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    df, kind = to_polars(data)
+    spec = parse_output(output)
+    notes: list[str] = []
+    # An enriched frame enriched again: its own columns are never sent, and this job's replace them.
+    earlier = [c for c in df.columns if c in RESERVED_COLUMNS]
+    if earlier:
+        df = df.drop(earlier)
+        notes.append(
+            f"the input holds an earlier enrichment's {', '.join(earlier)}: they are not sent and are "
+            "replaced by this job's (rename them first to keep both)"
+        )
+    check_collisions(spec, df.columns)
+    if input_schema is not None and (
+        not isinstance(input_schema, Mapping) or input_schema.get("type") != "object"
+    ):
+        raise UsageError('input_schema must be a JSON Schema object: {"type": "object", "properties": {...}}')
+    meta = _check_metadata(metadata)
+    task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
+    t0 = time.monotonic()
+    inputs = build_inputs(df, columns=list(columns) if columns is not None else None, prompt=prompt)
+    all_keys, all_sizes = keys_and_sizes(inputs, task_spec, processor)
+    t1 = time.monotonic()
+    keys, index = dedupe(all_keys)
+    if len(keys) == len(all_keys):  # no repeats: the first row of each key is the row itself
+        distinct_inputs, sizes = inputs, all_sizes
+    else:
+        first: dict[str, int] = {}
+        for row, key in enumerate(all_keys):
+            first.setdefault(key, row)
+        rows = [first[k] for k in keys]
+        distinct_inputs = [inputs[r] for r in rows]
+        sizes = [all_sizes[r] for r in rows]
+    local_errors: dict[str, str] = {}
+    for key, problem in zip(
+        keys, check_input_size(distinct_inputs, task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
+    ):
+        if problem:
+            local_errors[key] = problem
+    if input_schema is not None:
+        problems = validate_inputs(distinct_inputs, dict(input_schema))
+        for key, problem in zip(keys, problems, strict=True):
+            if problem and key not in local_errors:
+                local_errors[key] = f"input does not match input_schema: {problem}"
+    # What makes two calls one job. Not the input mapping (columns, prompt): each row's key is a hash of
+    # the input it sends, so a row whose input did not change keeps its run whatever the mapping.
+    fingerprint = {
+        "task_spec": task_spec,
+        "processor": processor,
+        "mode": mode,
+        "metadata": meta,
+    }
+    timings = {"key": t1 - t0, "dedupe": time.monotonic() - t1}
+    return _Plan(
+        df=df,
+        kind=kind,
+        original=data,
+        spec=spec,
+        task_spec=task_spec,
+        processor=processor,
+        mode=mode,
+        metadata=meta,
+        keys=keys,
+        index=index,
+        inputs=distinct_inputs,
+        local_errors=local_errors,
+        fingerprint=fingerprint,
+        timings=timings,
+        notes=notes,
+    )
+
+
+def cache_dir() -> Path:
+    """Where default checkpoints live: env `ENRICH_CACHE_DIR`, else the platform's user cache directory
+    (`~/.cache/enrich` on Linux, `~/Library/Caches/enrich` on macOS, `%LOCALAPPDATA%\\enrich\\Cache` on
+    Windows)."""
+    configured = os.environ.get("ENRICH_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("enrich", appauthor=False))
+
+
+def _checkpoint_path(
+    checkpoint: str | os.PathLike[str] | bool | None,
+    fingerprint: Mapping[str, Any],
+    service: str,
+    keys: Iterable[str] = (),
+) -> tuple[Path, bool]:
+    """(the checkpoint directory, whether it is temporary) for the `checkpoint=` argument.
+
+    None (or True): a directory under `cache_dir()` named by the job, the service and the distinct
+    inputs (`keys`), so the same call made again (a notebook cell run twice) resumes instead of paying
+    twice, and a call on other data is another job (its own max_cost, its own lock). False: a new
+    temporary one.
+    """
+    if checkpoint is False:
+        return Path(tempfile.mkdtemp(prefix="enrich-")), True
+    if checkpoint is None or checkpoint is True:
+        digest = hashlib.sha256(json.dumps({"job": fingerprint, "service": service}, sort_keys=True).encode())
+        for key in sorted(keys):  # the rows too: other data with the same columns is another job
+            digest.update(key.encode())
+        name = digest.hexdigest()[:16]
+        return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise UsageError(
+            f"checkpoint must be a directory path, None (a default one) or False (none), "
+            f"got {type(checkpoint).__name__}"
+        )
+    return Path(checkpoint), False

@@ -1,0 +1,159 @@
+"""The one sync bridge: `enrich()` runs `aenrich()` with `asyncio.run()`, or on a worker thread with its
+own loop when one is already running (a notebook), with Ctrl-C handled so the checkpoint is flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from enrich._engine.pipeline import aenrich
+
+
+def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
+    """Enrich `data` with the columns described by `output`, one Task API run per distinct row.
+
+    The result has the caller's type (polars in, polars out; pandas in, pandas out): every input column
+    and row in the original order, then one typed column per output field, then `_status`
+    ("completed", "failed" or "pending"), `_error` (why, null when completed) and `_run_id`, and with
+    `basis=True` a `_basis` column (per-field reasoning, citations and confidence).
+
+    Args:
+        data: a polars DataFrame or LazyFrame, or a pandas DataFrame.
+        output: what to find. A dict of field specs, e.g. `{"ceo": "Name of the CEO", "founded":
+            ("integer", "Year founded"), "products": ("array", "Main products")}` (types: string,
+            integer, number, boolean, enum, array, array[T], object; a trailing `?` makes one nullable);
+            a JSON Schema object; the path of a .json file holding one; or a plain string for one text
+            column named `output`.
+        columns: the input columns (a list, or "a,b"); default: all.
+        prompt: a template such as `"Find the CEO of {company} ({website})"`; each input is then that
+            string instead of a JSON object of the columns.
+        input_schema: a JSON Schema for the input object, sent with the task and checked locally first:
+            rows that do not satisfy it are not sent and come back failed with the reason.
+        metadata: a dict stored with every run (keys of at most 16 characters, scalar values of at most
+            512); `enrich_key` is reserved for the row key.
+        processor: "lite", "base", "core" (default), "core2x", "pro", "ultra"..., or a `-fast` variant.
+            A newer processor can be allowed with env `ENRICH_EXTRA_PROCESSORS=name`.
+        checkpoint: a directory that records the job; calling again with the same arguments resumes it.
+            Default (None): one under the user cache directory (`~/.cache/enrich/checkpoints/...` on
+            Linux; env `ENRICH_CACHE_DIR` moves it) named by the job and the service, so a notebook cell
+            run twice resumes instead of paying twice; its path is said in the progress output and in
+            `JobStats.checkpoint`. False: a temporary one, removed when every row finished. A checkpoint
+            records the service it ran on and is never used with another one.
+        mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
+            create per row, each sent as soon as the budget allows; collected through the job's group).
+        basis: add the `_basis` column.
+        retry_failed: submit again the rows whose run failed (only those).
+        api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else
+            `https://api.parallel.ai`.
+        service: the name the checkpoint records for the service (default: the base URL without
+            credentials); a checkpoint of another service raises `ServiceMismatchError`.
+        rate_limit: requests per `rate_window` (default 2,000 per 60 s). run_rate: runs created per
+            `rate_window` (default 2,000). Both budgets are enforced; 429s slow the job down.
+        timeout: seconds for the whole job (None: no limit); unfinished rows come back "pending" with
+            their run ids kept, and the next call collects them.
+        progress: True for a tqdm bar, False for none, or a callable taking `Progress` counts.
+        concurrency: runs mode only: how many creates are in flight at once (default 100); each waits
+            for the rate limiter, which sets the pace.
+        max_cost: a hard cap in dollars on what the job ever spends, across resumes: no run is submitted
+            that would take the cost of all runs created so far over it (rows left out come back
+            "pending"). Prices are the per-processor list prices.
+        transport: an httpx transport (tests: `httpx.ASGITransport(app=create_app())`); the checkpoint
+            then records "a custom transport at BASE_URL" as its service, never the base URL's own.
+        stats: a `JobStats` to fill with what the job did (requests, reconciliations, ...).
+        request_timeout: seconds to wait for a connection or for the next bytes of an answer (default
+            60); an answer that takes longer counts as lost (a create is then reconciled, a read
+            retried). The blocking result call adds its server-side wait to it.
+        commit_horizon: seconds after a create was sent during which the service may still commit it
+            although its answer was lost (a 502/504, a timeout, a killed process): until then its rows
+            are held, never sent again, and adopted if their runs appear (default: twice
+            `request_timeout`). A run that appears later still is recorded as a paid duplicate and never
+            joined.
+
+    Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
+    `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused
+    the task), `CheckpointMismatchError` (the checkpoint belongs to another job). Nothing recorded is lost.
+
+    Works in scripts and inside a running event loop (Jupyter) alike; in async code prefer `aenrich`.
+
+    Example::
+
+        from enrich import enrich
+        out = enrich(
+            companies,
+            {"ceo": "Name of the current CEO", "founded": ("integer", "Year the company was founded")},
+            processor="base",
+            checkpoint="companies.enrich",
+        )
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass  # no loop in this thread: a script (asyncio.run is called outside the except, so errors
+        # raised by the job are not chained to "no running event loop")
+    else:
+        return _run_in_thread(lambda: aenrich(data, output, **kwargs))
+    return asyncio.run(aenrich(data, output, **kwargs))
+
+
+def _run_in_thread(make: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion on a worker thread with its own loop (the caller's loop is busy).
+
+    A KeyboardInterrupt in the calling thread cancels the job, waits for its checkpoint to be flushed,
+    then propagates.
+    """
+    result: dict[str, Any] = {}
+    loop_ready = threading.Event()
+    finished = threading.Event()  # not Thread.join: on CPython <= 3.12 an interrupted join() can mark
+    state: dict[str, Any] = {}  # the thread stopped while it still runs (bpo-45274)
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        state["loop"] = loop
+        try:
+            task = loop.create_task(make())
+            state["task"] = task
+            loop_ready.set()
+            result["value"] = loop.run_until_complete(task)
+        except BaseException as exc:
+            result["error"] = exc
+        finally:
+            loop_ready.set()
+            loop.close()
+            finished.set()
+
+    thread = threading.Thread(target=target, name="enrich", daemon=True)
+    # The caller's loop may have its own SIGINT handler (asyncio.run's cancels the loop's main task,
+    # which cannot run while this call blocks it, so Ctrl-C would wait for the job's end): while the
+    # job runs, Ctrl-C raises KeyboardInterrupt here, as in a plain script.
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        with contextlib.suppress(ValueError, TypeError):
+            restore = signal.signal(signal.SIGINT, signal.default_int_handler)
+    thread.start()
+    try:
+        while not finished.wait(0.1):
+            pass
+    except KeyboardInterrupt:
+        while True:  # the job flushes and closes its checkpoint first; a second Ctrl-C does not skip it
+            try:
+                loop_ready.wait()
+                loop, task = state.get("loop"), state.get("task")
+                if loop is not None and task is not None:
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(task.cancel)
+                finished.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+        raise
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
