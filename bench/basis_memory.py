@@ -1,11 +1,14 @@
 """Memory of a job that asks for the basis: the client's peak RSS against the size of its result.
 
-Run with `python bench/basis_memory.py [--rows 20000] [--basis-bytes 3000] [--no-basis]`. The emulator
+Run with `python bench/basis_memory.py [--rows 20000] [--basis-bytes 3000] [--no-basis] [--write
+out.parquet]`. The emulator
 runs in a process of its own (`bench/emuproc.py`), answers with the sample schema's seven fields and,
 with `--basis-bytes`, a basis of about that many bytes per field (real core/pro answers carry several
 KB). The job runs in this process, in group mode, with a fresh checkpoint in a temporary directory;
-the line printed gives the wall time, this process's peak RSS and the result frame's size. No
-pass/fail: issue 12's targets are read off it.
+the line printed gives the wall time, this process's peak RSS and the result frame's size. With
+`--write`, the result goes to that file as `enrich run -o` writes it (`write_to`: joined a part at a
+time, never whole in memory) and the file's size is printed instead. No pass/fail: issue 12's targets
+are read off it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--basis-bytes", type=int, default=None, help="the emulator's basis size per field")
     parser.add_argument("--no-basis", action="store_true", help="the same job without basis=True")
+    parser.add_argument("--write", default=None, help="write the result to this file (as enrich run -o)")
     args = parser.parse_args()
     schema = json.loads(SCHEMA.read_text())
     df = synthetic_input(args.rows)
@@ -56,12 +60,18 @@ def main() -> None:
                 rate_limit=REQUESTS,
                 run_rate=RUNS,
                 rate_window=WINDOW,
+                write_to=args.write,
             )
         )
         wall = time.monotonic() - started
+    size = (
+        f"result_frame={out.estimated_size('mb'):,.0f} MB"
+        if args.write is None
+        else f"written={Path(args.write).stat().st_size / 1e6:,.0f} MB ({args.write})"
+    )
     print(
         f"rows={args.rows:,} basis={not args.no_basis} basis_bytes={args.basis_bytes} wall={wall:.1f} s "
-        f"peak_rss={peak_rss_mb():,.0f} MB result_frame={out.estimated_size('mb'):,.0f} MB"
+        f"peak_rss={peak_rss_mb():,.0f} MB {size}"
     )
 
 

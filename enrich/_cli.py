@@ -22,6 +22,7 @@ from enrich._exceptions import (
     CheckpointError,
     EnrichError,
     ForeignRunError,
+    OutputError,
     RateLimitError,
     ServerError,
     TransportError,
@@ -152,7 +153,7 @@ def _read_answer() -> str:
 def _run(args: argparse.Namespace) -> int:
     from enrich._client import service_of
     from enrich._engine import JobStats, enrich, plan
-    from enrich._io import check_checkpoint_dir, check_output_path, read_tables, write_table
+    from enrich._io import check_checkpoint_dir, check_output_path, read_tables
 
     # Everything that can be refused is refused here, before a request: the output and the checkpoint
     # must be writable (a job paid for and then not written is the worst way to learn it).
@@ -203,11 +204,11 @@ def _run(args: argparse.Namespace) -> int:
         cap = args.max_cost if args.max_cost is not None else the_plan.cost
         _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
     stats = JobStats()
-    interrupted = False
+    interrupted = done_ok = False
     stopped: CheckpointError | None = None
     with _service(args) as (api_key, base_url):
         try:
-            result = enrich(
+            enrich(
                 df,
                 output,
                 basis=args.basis,
@@ -218,15 +219,25 @@ def _run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 stats=stats,
                 commit_horizon=args.commit_horizon,
+                # Joined a part at a time and streamed into the file: never the whole result in memory.
+                write_to=output_path,
+                write_format=args.output_format,
                 **job,
             )
+            done_ok = True
         except KeyboardInterrupt:
             interrupted = True
-            result = None
+        except OutputError as exc:
+            if args.verbose:
+                raise
+            for warning in stats.warnings:
+                _say(f"warning: {warning}")
+            _say(f"error: {exc}")
+            return EXIT_INCOMPLETE
         except CheckpointError as exc:
             if args.verbose or not stats.requests:
                 raise  # nothing was sent: a checkpoint that cannot be used is a usage error (exit 2)
-            stopped, result = exc, None  # a write failed mid-job (a full disk): submission stopped
+            stopped = exc  # a write failed mid-job (a full disk): submission stopped
         except APIError:
             args.answered = stats.answered  # main() tells "never reached" from "stopped answering"
             raise
@@ -238,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
             "fix this, then run the same command again"
         )
         return EXIT_INCOMPLETE
-    if interrupted or result is None:
+    if interrupted or not done_ok:
         if args.emulator:
             _say(
                 f"interrupted: the in-process emulator ended with this command, so the runs it had not "
@@ -248,22 +259,11 @@ def _run(args: argparse.Namespace) -> int:
         else:
             _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
         return EXIT_INCOMPLETE
-    try:
-        write_table(result, output_path, format=args.output_format)
-    except OSError as exc:
-        if args.verbose:
-            raise
-        _say(
-            f"error: cannot write {output_path}: {exc.strerror or exc}; every answer is kept in "
-            f"{checkpoint}: fix this, then run the same command again (nothing is paid twice)"
-        )
-        return EXIT_INCOMPLETE
-    counts = result["_status"].value_counts()
-    by = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+    by = stats.statuses
     done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
     wrote = "stdout" if str(output_path) == "-" else output_path
     kept = f" (checkpoint {checkpoint})" if stats.checkpoint else ""  # an empty input records nothing
-    _say(_summary(result.height, done, failed, pending, stats, args.emulator) + f"; wrote {wrote}{kept}")
+    _say(_summary(stats.rows, done, failed, pending, stats, args.emulator) + f"; wrote {wrote}{kept}")
     for message, runs in sorted(stats.service_warnings.items(), key=lambda kv: -kv[1]):
         _say(f"the service warns ({runs:,} runs): {message}")
     if stats.duplicates:

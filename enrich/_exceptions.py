@@ -4,6 +4,8 @@
     ├── UsageError                   bad input, refused before anything is sent or spent
     │   └── CheckpointMismatchError  the checkpoint was made for a different job
     ├── CheckpointError              the checkpoint cannot be read or written
+    ├── OutputError                  the result could not be written to `write_to` (also an OSError):
+    │                                every answer is kept in the checkpoint
     └── APIError                     talking to the Task API went wrong
         ├── TransportError           no HTTP answer: connect failure, dropped connection, timeout
         ├── OutcomeUnknownError      a request that creates runs was sent, but its answer was lost:
@@ -43,6 +45,7 @@ __all__ = [
     "ForeignRunError",
     "NotFoundError",
     "OutcomeUnknownError",
+    "OutputError",
     "PaymentRequiredError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -69,6 +72,12 @@ class UsageError(EnrichError, ValueError):
 
 class CheckpointError(EnrichError):
     """The checkpoint directory cannot be read or written."""
+
+
+class OutputError(EnrichError, OSError):
+    """The result could not be written to its file (`write_to`, `enrich run -o`): a full disk, a
+    permission. Every answer is kept in the checkpoint; the same call again writes it without paying
+    twice. The OSError it came from is its `__cause__`."""
 
 
 class CheckpointMismatchError(UsageError):

@@ -8,7 +8,8 @@ CSV is read as text: every value comes back exactly as written (zip code 02134 s
 are typed formats and keep their types.
 
 Writes are atomic: the table goes to a temporary file beside the target, is fsynced, then renamed
-over it, so a reader (or a crash) never sees half a file. Stdout (`-`) is written in one go and flushed.
+over it, so a reader (or a crash) never sees half a file. Stdout (`-`) is staged in a temporary file, then
+copied and flushed. `write_chunks` streams a result written in parts (`enrich._engine.assemble`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -37,9 +39,11 @@ __all__ = [
     "FORMAT_NAMES",
     "check_checkpoint_dir",
     "check_output_path",
+    "flatten_for_csv",
     "format_of",
     "read_table",
     "read_tables",
+    "write_chunks",
     "write_table",
 ]
 
@@ -437,11 +441,63 @@ def write_table(df: pl.DataFrame, path: _PathLike, format: str | None = None) ->
     For `-` the format is `format`, csv by default, written in one go and flushed. A name ending in .gz is
     gzip-compressed.
     """
+    _write(lambda fmt, f: _serialize(df, fmt, f), path, format)
+
+
+def write_chunks(
+    chunks: Sequence[_PathLike],
+    schema: pl.Schema,
+    path: _PathLike,
+    format: str | None = None,
+    *,
+    row_group_rows: int | None = None,
+) -> None:
+    """Write the rows of the Arrow IPC files `chunks`, in order, as one table of `schema`, the way
+    `write_table` writes a frame (same formats, atomic, .gz, `-`), streamed by polars so that no more
+    than a few batches are in memory. CSV chunks must be flat already (`flatten_for_csv`). JSON (one
+    array) is the exception: it is built whole; use JSON lines for tables larger than memory."""
+    if chunks:
+        lazy = pl.scan_ipc([os.fspath(c) for c in chunks]).cast(dict(schema))
+    else:
+        lazy = pl.LazyFrame(schema=schema)
+
+    beside = None if os.fspath(path) == _STDIO else str(Path(path).parent)
+
+    def serialize(fmt: str, f: IO[bytes]) -> None:
+        if fmt == "json":
+            lazy.collect().write_json(f)
+            return
+        # polars streams into a file it names: a temporary one beside, copied into `f` in blocks.
+        fd, staged = tempfile.mkstemp(prefix=".enrich-", suffix=".staged", dir=beside)
+        os.close(fd)
+        try:
+            if fmt == "parquet":
+                lazy.sink_parquet(staged, row_group_size=row_group_rows)
+            elif fmt == "csv":
+                lazy.sink_csv(staged)
+            else:
+                lazy.sink_ndjson(staged)
+            with open(staged, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+
+    _write(serialize, path, format)
+
+
+def flatten_for_csv(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` as CSV can hold it: list and struct columns become JSON text (as `write_table` writes them)."""
+    return _flatten_for_csv(df)
+
+
+def _write(serialize: Callable[[str, IO[bytes]], None], path: _PathLike, format: str | None) -> None:
     if os.fspath(path) == _STDIO:
         fmt = format_of(_STDIO, format)
-        buffer = io.BytesIO()  # parquet wants a seekable file; stdout is often a pipe
-        _serialize(df, fmt, buffer)
-        sys.stdout.buffer.write(buffer.getvalue())
+        with tempfile.TemporaryFile() as buffer:  # parquet wants a seekable file; stdout is often a pipe
+            serialize(fmt, buffer)  # type: ignore[arg-type]
+            buffer.seek(0)
+            shutil.copyfileobj(buffer, sys.stdout.buffer, 1 << 20)
         sys.stdout.buffer.flush()
         return
     p = Path(path)
@@ -451,9 +507,9 @@ def write_table(df: pl.DataFrame, path: _PathLike, format: str | None = None) ->
         with os.fdopen(fd, "wb") as f:
             if gz:
                 with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as packed:
-                    _serialize(df, fmt, packed)
+                    serialize(fmt, packed)  # type: ignore[arg-type]
             else:
-                _serialize(df, fmt, f)
+                serialize(fmt, f)
             f.flush()
             # mkstemp makes the file private (0600); the output gets the mode a plain open() would give
             # it, or keeps the one of the file it replaces.

@@ -333,3 +333,31 @@ def test_the_output_gets_ordinary_permissions_not_the_temp_files(tmp_path: Path)
         assert pl.read_csv(kept)["a"].to_list() == [1, 2]
     finally:
         os.umask(old)
+
+
+def test_an_output_that_fails_to_write_keeps_every_answer(
+    table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the result is written: exit 3, one line that says what to do, and the same
+    command afterwards writes the file without a new run."""
+    import errno
+
+    import enrich._engine.pipeline as pipeline
+
+    out = table.with_name("out.parquet")
+    args = ["run", str(table), "-o", str(out), *FIELDS, "--processor", "lite", "--no-progress"]
+    real = pipeline.write_chunks
+
+    def full(*a: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pipeline, "write_chunks", full)
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out}: No space left on device; every answer is kept in" in err
+    assert "run the same call again (nothing is paid twice)" in err
+    assert not out.exists() and not list(table.parent.glob(".enrich-parts-*"))
+    monkeypatch.setattr(pipeline, "write_chunks", real)
+    assert main(args) == 0
+    assert emu.stats()["runs_created"] == 12
+    assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * 12

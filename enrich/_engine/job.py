@@ -93,6 +93,8 @@ class JobStats:
     #: "collect" (from then until the last answer), "join" (the result frame). Stages that did not run
     #: are absent.
     stages: dict[str, float] = field(default_factory=dict)
+    #: Rows of the result per `_status` ("completed", "failed", "pending"), counted by the join.
+    statuses: dict[str, int] = field(default_factory=dict)
 
     @property
     def runs_now(self) -> int:

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,18 +22,21 @@ import polars as pl
 
 from enrich._checkpoint import Checkpoint
 from enrich._client import TaskClient, service_of
+from enrich._engine import assemble
 from enrich._engine.job import JobStats, _Fatal, _Job
 from enrich._engine.join import _answers, _join
-from enrich._engine.prepare import _checkpoint_path, _prepare
+from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._exceptions import (
     NotFoundError,
+    OutputError,
     ServiceMismatchError,
     UsageError,
 )
 from enrich._inputs import (
     from_polars,
 )
+from enrich._io import check_output_path, flatten_for_csv, format_of, write_chunks, write_table
 from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
 from enrich._progress import ProgressSink, TqdmSink
@@ -124,6 +128,8 @@ async def aenrich(
     stats: JobStats | None = None,
     request_timeout: float = 60.0,
     commit_horizon: float | None = None,
+    write_to: str | os.PathLike[str] | None = None,
+    write_format: str | None = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -163,6 +169,12 @@ async def aenrich(
         )
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise UsageError(f"concurrency must be a whole number of 1 or more, got {concurrency!r}")
+    fmt: str | None = None
+    if write_to is not None:  # refused now, before anything is sent, if it cannot be written
+        check_output_path(write_to, format=write_format)
+        fmt = format_of(write_to, write_format)
+    elif write_format is not None:
+        raise UsageError("write_format names the format of write_to: give write_to too")
     sink: ProgressSink | None
     owned_bar: TqdmSink | None = None
     if progress is True:
@@ -184,7 +196,11 @@ async def aenrich(
         if owned_bar is not None:
             owned_bar.close()
         stats.elapsed = time.monotonic() - started
-        return from_polars(_join(plan, None, basis=basis), plan.kind, plan.original, added=plan.added)
+        empty = _join(plan, None, basis=basis)
+        if write_to is not None:
+            write_table(empty, write_to, write_format)
+            return None
+        return from_polars(empty, plan.kind, plan.original, added=plan.added)
     path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
     temp_note = None
     if temporary:
@@ -202,6 +218,8 @@ async def aenrich(
     cp = Checkpoint.open(path, plan.fingerprint, service=svc)
     job: _Job | None = None
     answers: pl.DataFrame | None = None
+    spill: assemble.Spill | None = None
+    workspace: Path | None = None
     reading = 0.0
     client: TaskClient | None = None
     try:
@@ -298,7 +316,11 @@ async def aenrich(
             if job is not None:
                 t_answers = time.monotonic()
                 try:  # before the tables are freed: they tell which segment records each answer
-                    answers = _answers(cp, job, basis=basis)
+                    if write_to is None:
+                        answers = _answers(cp, job, basis=basis)
+                    else:  # set aside on disk by part: the file join holds one part at a time
+                        workspace = assemble.workspace(None if os.fspath(write_to) == "-" else Path(write_to))
+                        spill = assemble.spill_answers(cp, job, workspace, basis=basis)
                 except Exception as exc:
                     stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
                 reading = time.monotonic() - t_answers  # part of the join
@@ -317,6 +339,19 @@ async def aenrich(
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
             owned_bar.close()
+    t_join = time.monotonic()
+    result: Any = None
+    if write_to is not None:
+        _write_file(plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats)
+    else:
+        joined = _join(plan, job, basis=basis, answers=answers)
+        del answers
+        counts = joined["_status"].value_counts()
+        stats.statuses = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+        result = from_polars(joined, plan.kind, plan.original, added=plan.added)
+        del joined
+    stats.stages["join"] = time.monotonic() - t_join + reading
+    # Only once the result is out: a join that fails (a full disk) must find the answers again.
     if temporary and job is not None:
         if len(job.done) == len(plan.keys):
             shutil.rmtree(path, ignore_errors=True)
@@ -326,10 +361,58 @@ async def aenrich(
                 f"rows are unfinished: their runs are recorded in {path}; pass checkpoint={str(path)!r} "
                 "to collect them without paying twice"
             )
-    t_join = time.monotonic()
-    result = from_polars(
-        _join(plan, job, basis=basis, answers=answers), plan.kind, plan.original, added=plan.added
-    )
-    del answers
-    stats.stages["join"] = time.monotonic() - t_join + reading
     return result
+
+
+def _write_joined(
+    plan: _Plan,
+    job: _Job | None,
+    spill: assemble.Spill | None,
+    workspace: Path,
+    write_to: str | os.PathLike[str],
+    write_format: str | None,
+    fmt: str | None,
+    *,
+    basis: bool,
+    stats: JobStats,
+) -> None:
+    """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
+    if spill is None:  # the answers could not be read (said in the warnings): every completed row says so
+        spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
+    flatten = flatten_for_csv if fmt == "csv" else None
+    parts, stats.statuses, schema = assemble.write_parts(
+        plan, job, spill, workspace, basis=basis, flatten=flatten
+    )
+    assemble.remove_answers(spill)
+    step = assemble.chunk_rows(parts)
+    chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
+    for part in parts:
+        part.path.unlink(missing_ok=True)
+    write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
+
+
+def _write_file(
+    plan: _Plan,
+    job: _Job | None,
+    spill: assemble.Spill | None,
+    workspace: Path | None,
+    write_to: str | os.PathLike[str],
+    write_format: str | None,
+    fmt: str | None,
+    *,
+    basis: bool,
+    stats: JobStats,
+) -> None:
+    if workspace is None:  # the answers could not be read: still a file, every completed row says why
+        workspace = assemble.workspace(None)
+    try:
+        _write_joined(plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats)
+    except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
+        where = "" if stats.checkpoint == "" else f" in {stats.checkpoint}"
+        raise OutputError(
+            f"cannot write {os.fspath(write_to)}: {exc.strerror or exc}; every answer is kept{where}: "
+            "fix this, then run the same call again (nothing is paid twice)"
+        ) from exc
+    finally:
+        if workspace is not None:
+            assemble.remove(workspace)

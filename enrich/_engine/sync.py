@@ -73,10 +73,20 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             are held, never sent again, and adopted if their runs appear (default: twice
             `request_timeout`). A run that appears later still is recorded as a paid duplicate and never
             joined.
+        write_to: write the result to this file (or `-`, stdout) instead of returning it, in the format
+            its extension names (.parquet, .csv, .jsonl, .json, and .gz of them) or `write_format`.
+            The result is then never held whole: it is joined a part at a time and streamed into the
+            file, so a table with citations larger than memory can be written (JSON lines or Parquet;
+            a .json array is built whole). The file is written atomically; the call returns None, and
+            `stats.statuses` counts the rows per status.
+        write_format: the format of `write_to` when its extension names none ("parquet", "csv",
+            "jsonl", "json"), or for `-` (default csv).
 
     Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
     `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused
     the task), `CheckpointMismatchError` (the checkpoint belongs to another job). Nothing recorded is lost.
+
+    Returns the result frame (None with `write_to`).
 
     Works in scripts and inside a running event loop (Jupyter) alike; in async code prefer `aenrich`.
 

@@ -1,0 +1,243 @@
+"""Stage 7, for files: the join written in parts and assembled into one output file, in bounded memory.
+
+A result larger than memory (100,000 rows with citations is gigabytes) is never built whole:
+
+1. `Spill`: as the answers are read from the checkpoint, a segment at a time, they are set aside on disk
+   by *part*, a range of distinct rows sized so that one part's answers fit in about `PART_BYTES`.
+2. `write_parts`: each part is joined on its own (`join._distinct`) onto the rows of the input that use
+   it, each row tagged with its position, and written as an Arrow IPC file sorted by that position, in
+   small record batches.
+3. `merge`: the parts are merged by position (a k-way merge that reads one batch of a part at a time,
+   so about one batch per part is held) into ordered chunk files, which polars streams into the output
+   (`enrich._io.write_lazy`: Parquet, CSV or JSON lines, written to a temporary file and renamed).
+
+Rows reuse answers out of order (a repeated input), so a part can be needed again long after its first
+rows: the merge keeps its place in every part, never the part itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from enrich._engine.job import _Job
+from enrich._engine.join import _completed_ids, _distinct, _meta, _no_answers, _typed_basis
+from enrich._engine.prepare import _Plan
+
+#: A part's answers (typed, in memory) are about this large.
+PART_BYTES = 64 << 20
+#: Answers read from the checkpoint are held up to this much before they are written to their parts.
+SPILL_BYTES = 64 << 20
+#: A record batch of a part file, and a chunk of the merged output, hold about this many bytes.
+BATCH_BYTES = 4 << 20
+CHUNK_BYTES = 48 << 20
+#: ... and never fewer rows than these (per part, per merged chunk).
+MIN_PART_ROWS = 256
+MIN_CHUNK_ROWS = 1024
+_ROW = "__enrich_row"
+
+
+@dataclass
+class Spill:
+    """The answers of a job set aside on disk by part (distinct rows `j * per_part` to
+    `(j + 1) * per_part`), as the checkpoint is read; the file join then holds one part at a time."""
+
+    directory: Path
+    #: Distinct row of each completed run: run_id, d.
+    ids: pl.DataFrame
+    per_part: int = 0  # set from the size of the first answers read
+    _buffer: dict[int, list[pl.DataFrame]] = field(default_factory=dict)
+    _buffered: int = 0
+    _files: dict[int, int] = field(default_factory=dict)
+
+    def add(self, part: pl.DataFrame) -> pl.DataFrame:
+        """`Checkpoint.answers`'s `each`: type the basis of a segment's answers, set them aside by part,
+        and return nothing to hold."""
+        part = _typed_basis(part).join(self.ids, on="run_id", how="inner")
+        if part.height:
+            if not self.per_part:
+                size = max(1, part.estimated_size() // part.height)
+                self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
+            split = part.with_columns((pl.col("d") // self.per_part).alias("_part"))
+            for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
+                self._buffer.setdefault(int(j), []).append(frame)  # type: ignore[arg-type]
+            self._buffered += part.estimated_size()
+            if self._buffered > SPILL_BYTES:
+                self.flush()
+        return part.clear()
+
+    def flush(self) -> None:
+        for j, frames in self._buffer.items():
+            n = self._files.get(j, 0)
+            pl.concat(frames).write_ipc(self.directory / f"answers-{j}-{n}.arrow", compression="uncompressed")
+            self._files[j] = n + 1
+        self._buffer.clear()
+        self._buffered = 0
+
+    def part(self, j: int) -> pl.DataFrame:
+        """The answers of part `j` (run_id, output, basis, d)."""
+        frames = [
+            pl.read_ipc(self.directory / f"answers-{j}-{n}.arrow") for n in range(self._files.get(j, 0))
+        ]
+        frames.extend(self._buffer.get(j, []))
+        if not frames:
+            return _no_answers()
+        return pl.concat(frames)
+
+
+def spill_answers(cp: Any, job: _Job, directory: Path, *, basis: bool) -> Spill:
+    """Read the answers of `job`'s completed rows from the checkpoint `cp` into a `Spill` in `directory`."""
+    position = {k: d for d, k in enumerate(job.plan.keys)}
+    ids = _completed_ids(job)
+    keys = [k for k, (status, _) in job.done.items() if status == "completed"]
+    spill = Spill(
+        directory,
+        pl.DataFrame({"run_id": ids, "d": pl.Series([position[k] for k in keys], dtype=pl.Int64)}),
+    )
+    if not ids.is_empty():
+        cp.answers(ids, basis=basis, each=spill.add)
+    spill.flush()
+    return spill
+
+
+@dataclass
+class _Part:
+    path: Path
+    firsts: list[int]  # the position of the first row of each record batch
+    reader: Any = None
+    next_batch: int = 0
+    pending: pa.RecordBatch | None = None
+
+
+def write_parts(
+    plan: _Plan,
+    job: _Job | None,
+    spill: Spill,
+    directory: Path,
+    *,
+    basis: bool,
+    flatten: Any = None,
+) -> tuple[list[_Part], dict[str, int], pl.Schema]:
+    """Join each part of `spill` onto its rows; write them to `directory`, sorted by position. Returns the
+    parts, the rows per status, and the schema of the result (without the position)."""
+    meta = _meta(plan, job)
+    n = len(plan.keys)
+    per = spill.per_part or max(n, 1)
+    index = np.asarray(plan.index, dtype=np.int64)
+    counts = meta["_status"].gather(pl.Series(index, dtype=pl.UInt32)).value_counts()
+    statuses = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+    part_of_row = index // per
+    order = np.argsort(part_of_row, kind="stable")  # rows grouped by part, each group in row order
+    bounds = np.searchsorted(part_of_row[order], np.arange(n // per + 2))
+    parts: list[_Part] = []
+    schema: pl.Schema | None = None
+    for j in range(len(bounds) - 1):
+        rows = order[bounds[j] : bounds[j + 1]]
+        if not len(rows):
+            continue
+        lo = j * per
+        distinct = _distinct(plan, meta.slice(lo, per), spill.part(j), basis=basis)
+        frame = pl.concat(
+            [plan.df[rows], distinct[pl.Series(index[rows] - lo, dtype=pl.UInt32)]], how="horizontal"
+        )
+        del distinct
+        if flatten is not None:
+            frame = flatten(frame)
+        if schema is None:
+            schema = frame.schema
+        frame = frame.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
+        size = max(1, frame.estimated_size() // frame.height)
+        batch = max(16, BATCH_BYTES // size)
+        path = directory / f"part-{j}.arrow"
+        table = frame.to_arrow()
+        del frame
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=batch)
+        del table
+        parts.append(_Part(path, [int(r) for r in rows[::batch]]))
+    return parts, statuses, schema if schema is not None else pl.Schema()
+
+
+def chunk_rows(parts: list[_Part]) -> int:
+    """Rows per merged chunk (and per row group of a Parquet output): about `CHUNK_BYTES`, judged by
+    the first batch of the first part."""
+    if not parts:
+        return MIN_CHUNK_ROWS
+    with pa.OSFile(str(parts[0].path), "rb") as f:
+        first = pa.ipc.open_file(f).get_batch(0)
+    size = max(1, first.nbytes // max(first.num_rows, 1))
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // size)
+
+
+def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator[Path]:
+    """The rows of `parts` (each sorted by position) in position order, as chunk files of `step` rows
+    in `directory`."""
+    if not parts:
+        return
+    for part in parts:
+        part.reader = pa.ipc.open_file(pa.OSFile(str(part.path), "rb"))
+    n = 0
+    try:
+        for end in range(step, rows + step, step):
+            pieces: list[pa.RecordBatch] = []
+            for part in parts:
+                while True:
+                    if part.pending is None:
+                        if part.next_batch >= len(part.firsts) or part.firsts[part.next_batch] >= end:
+                            break
+                        part.pending = part.reader.get_batch(part.next_batch)
+                        part.next_batch += 1
+                    batch = part.pending
+                    positions = batch.column(_ROW).to_numpy()
+                    k = int(np.searchsorted(positions, end))
+                    if k:
+                        pieces.append(batch.slice(0, k))
+                    if k < batch.num_rows:
+                        part.pending = batch.slice(k)
+                        break
+                    part.pending = None
+            if not pieces:
+                continue
+            table = pa.Table.from_batches(pieces).sort_by(_ROW).drop_columns([_ROW])
+            del pieces
+            path = directory / f"chunk-{n:06d}.arrow"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+            del table
+            n += 1
+            yield path
+    finally:
+        for part in parts:
+            part.pending = None
+            part.reader = None
+
+
+def remove_answers(spill: Spill) -> None:
+    """The answers set aside are all in the parts now: free their disk space before the merge."""
+    for j, n in spill._files.items():
+        for i in range(n):
+            (spill.directory / f"answers-{j}-{i}.arrow").unlink(missing_ok=True)
+    spill._files.clear()
+    spill._buffer.clear()
+
+
+def workspace(near: Path | None) -> Path:
+    """A private temporary directory for the parts, beside the output when it is a file (the space the
+    user chose), else in the system's temporary directory."""
+    where = near.parent if near is not None else None
+    try:
+        return Path(tempfile.mkdtemp(prefix=".enrich-parts-", dir=where))
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="enrich-parts-"))
+
+
+def remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""The join written to a file in parts (`write_to`, `enrich run -o`) gives the file the whole frame gives.
+
+The part sizes are shrunk so that a job of a few hundred rows goes through every step many times: the
+answers set aside in several spill files per part, many parts, many record batches per part, many chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import random
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from enrich import EmulatorConfig, UsageError, create_app
+from enrich._engine import JobStats, aenrich, assemble
+from enrich._io import read_table, write_table
+
+FIELDS = {
+    "ceo": "Name of the current CEO",
+    "founded": ("integer", "Year founded"),
+    "revenue": ("number", "Revenue in USD"),
+    "public": ("boolean", "Is it listed?"),
+    "segment": ("enum", ["b2b", "b2c"], "Market"),
+    "products": ("array", "Main products"),
+    "hq": ("object", {"city": "City", "country": "Country"}, "Headquarters"),
+}
+
+
+def table(rows: int, distinct: int, seed: int = 7) -> pl.DataFrame:
+    """`rows` rows of `distinct` inputs, repeats in random order (a row may reuse an input seen long
+    before), one input too large to send (failed before sending), and columns of several types."""
+    rng = random.Random(seed)
+    picks = [i if i < distinct else rng.randrange(distinct) for i in range(rows)]
+    rng.shuffle(picks)
+    names = [f"Company {i}" if i else "x" * 30_000 for i in picks]
+    return pl.DataFrame(
+        {
+            "company": names,
+            "zip": [f"{i:05d}" for i in picks],
+            "score": [i / 7 if i % 5 else None for i in picks],
+            "tags": [[f"t{i % 3}"] * (i % 3) for i in picks],
+        }
+    )
+
+
+def run(app: Any, data: Any, **kw: Any) -> Any:
+    return asyncio.run(
+        aenrich(
+            data,
+            FIELDS,
+            api_key="test-key",
+            base_url="http://emulator",
+            transport=httpx.ASGITransport(app=app),
+            progress=False,
+            processor="lite",
+            columns=["company"],
+            **kw,
+        )
+    )
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Small sizes; counts what the file join did: parts, spill files, record batches, chunks."""
+    monkeypatch.setattr(assemble, "PART_BYTES", 25_000)  # ~10 distinct rows with their basis per part
+    monkeypatch.setattr(assemble, "SPILL_BYTES", 20_000)  # answers set aside several times per part
+    monkeypatch.setattr(assemble, "BATCH_BYTES", 8_000)
+    monkeypatch.setattr(assemble, "CHUNK_BYTES", 30_000)
+    monkeypatch.setattr(assemble, "MIN_PART_ROWS", 1)
+    monkeypatch.setattr(assemble, "MIN_CHUNK_ROWS", 1)
+    seen = {"parts": 0, "spilled": 0, "batches": 0, "chunks": 0}
+    write_parts, merge = assemble.write_parts, assemble.merge
+
+    def counting_parts(plan: Any, job: Any, spill: assemble.Spill, *args: Any, **kw: Any) -> Any:
+        seen["spilled"] = sum(spill._files.values())
+        parts, statuses, schema = write_parts(plan, job, spill, *args, **kw)
+        seen["parts"] = len(parts)
+        seen["batches"] = sum(len(p.firsts) for p in parts)
+        return parts, statuses, schema
+
+    def counting_merge(*args: Any) -> Any:
+        for chunk in merge(*args):
+            seen["chunks"] += 1
+            yield chunk
+
+    monkeypatch.setattr(assemble, "write_parts", counting_parts)
+    monkeypatch.setattr(assemble, "merge", counting_merge)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["out.parquet", "out.csv", "out.jsonl", "out.json", "out.csv.gz"])
+def test_a_file_written_in_parts_is_the_file_of_the_whole_frame(
+    tmp_path: Path, small_parts: dict[str, int], name: str
+) -> None:
+    df = table(360, 150)
+    # A cost cap leaves rows pending (with their reason), and one input is refused before sending.
+    kw = {"basis": True, "max_cost": 0.005 * 120, "checkpoint": tmp_path / "cp"}
+    stats = JobStats()
+    app = create_app(EmulatorConfig(latency=0.02, seed=1))
+    assert run(app, df, write_to=tmp_path / name, stats=stats, **kw) is None
+    assert app.stats()["runs_created"] == 120
+    # It went through each step many times (a part has ~10 distinct rows; a chunk ~30 KB).
+    seen = small_parts
+    assert seen["parts"] >= 10 and seen["spilled"] >= 10, seen  # the answers went by disk
+    assert seen["batches"] > 2 * seen["parts"] and seen["chunks"] >= 10, seen
+    # The same call again sends nothing (the cap is reached) and returns the frame: the reference.
+    whole = run(app, df, stats=JobStats(), **kw)
+    assert app.stats()["runs_created"] == 120
+    assert set(whole["_status"].to_list()) == {"completed", "failed", "pending"}
+    counts = whole["_status"].value_counts()
+    assert stats.statuses == dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+    write_table(whole, tmp_path / f"whole-{name}")
+    got, want = (tmp_path / name).read_bytes(), (tmp_path / f"whole-{name}").read_bytes()
+    if name.endswith(".gz"):
+        got, want = gzip.decompress(got), gzip.decompress(want)
+    if name.endswith(".parquet"):
+        assert read_table(tmp_path / name).equals(whole)
+    else:  # text formats: byte for byte
+        assert got == want
+    assert not list(tmp_path.glob(".enrich-parts-*")), "the parts were not removed"
+
+
+def test_parts_hold_the_rows_of_their_answers_in_order(tmp_path: Path, small_parts: dict[str, int]) -> None:
+    """Every row lands once, in its place, with its own answer, whatever the part of its input."""
+    df = table(500, 60, seed=3).with_row_index("i")
+    app = create_app(EmulatorConfig(latency=0.02))
+    run(app, df, write_to=tmp_path / "out.parquet", checkpoint=tmp_path / "cp")
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["i"].to_list() == list(range(500))
+    assert out.select(df.columns).equals(df)
+    by_input = out.filter(pl.col("_status") == "completed").group_by("company").agg(pl.col("ceo").n_unique())
+    assert by_input["ceo"].max() == 1  # one answer per input, whichever row asks for it
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    with pytest.raises(UsageError, match="does not exist"):
+        run(app, table(10, 10), write_to=tmp_path / "missing" / "out.parquet")
+    with pytest.raises(UsageError, match="unknown file type"):
+        run(app, table(10, 10), write_to=tmp_path / "out.xlsx")
+    with pytest.raises(UsageError, match="give write_to too"):
+        run(app, table(10, 10), write_format="csv")
+    assert app.stats()["requests_total"] == 0
+
+
+def test_stdout_gets_the_file(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    df = table(30, 20)
+    run(app, df.slice(1), write_to="-", write_format="jsonl", checkpoint=tmp_path / "cp")
+    text = capfdbinary.readouterr().out.decode()
+    assert len(text.splitlines()) == 29 and '"_status":"completed"' in text
+
+
+def test_a_failed_write_keeps_even_a_temporary_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint=False removes its directory once every row finished, but only after the result is out:
+    a write that fails leaves the answers (paid for) where the error says."""
+    import errno
+
+    import enrich._engine.pipeline as pipeline
+    from enrich import OutputError
+
+    def full(*a: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_chunks", full)
+    app = create_app(EmulatorConfig(latency=0.02))
+    stats = JobStats()
+    with pytest.raises(OutputError, match="No space left on device; every answer is kept in ") as caught:
+        run(app, table(20, 20).slice(1), write_to=tmp_path / "out.parquet", checkpoint=False, stats=stats)
+    assert isinstance(caught.value, OSError) and stats.checkpoint in str(caught.value)
+    assert Path(stats.checkpoint).is_dir()
