@@ -20,8 +20,8 @@ runs per 60-s window as in production (parallel-web-tools has no way to scale th
 minute is kept), the same seed (so the k-th run created takes as long on both).
 
 A row is correct when its output fields equal the emulator's answer for that row: `expected_output()` of
-`enrich._synth` applied to the run input the emulator recorded for the row's input (`app.state`, which
-holds each run's input and the task spec the tool sent). The two tools send different task specs (enrich
+`enrich._emulator.synth` applied to the run input the emulator recorded for the row's input (`app.state`,
+which holds each run's input and the task spec the tool sent). The two tools send different task specs (enrich
 adds `"additionalProperties": false`), so their answers differ from each other, each being right for its
 own spec. Requests, runs, duplicates and 429s are the emulator's counters. Where parallel-web-tools fails
 it does not raise: `enrich_batch` logs the exception and answers every row with `{"error": str(exc)}`; the
@@ -52,9 +52,9 @@ import polars as pl
 from engine import ROUTES, companies, format_table, thread_cpu
 
 from enrich import Emulator, EmulatorConfig
+from enrich._emulator.synth import expected_output
 from enrich._engine import aenrich
 from enrich._processors import PROCESSORS
-from enrich._synth import expected_output
 
 try:
     from parallel_web_tools.integrations.polars import parallel_enrich

@@ -49,10 +49,10 @@ from _fakes import Cut, Tap, is_add_runs, is_runs_stream, sse
 
 from enrich import Emulator, EmulatorConfig
 from enrich._checkpoint import Checkpoint
+from enrich._emulator.synth import synth_output
 from enrich._engine import JobStats, aenrich
 from enrich._inputs import build_inputs
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 __all__ = ["CASES", "Case", "Result", "report", "run_case"]
 

@@ -22,8 +22,8 @@ from enrich import (
     ValidationError,
     create_app,
 )
+from enrich._emulator.synth import synth_output
 from enrich._models import GroupStatusEvent, RunStateEvent
-from enrich._synth import synth_output
 
 SPEC = {
     "output_schema": {

@@ -43,7 +43,7 @@ from parallel.types import (
 from parallel.types.shared import ErrorResponse
 
 from enrich._emulator import Emulator
-from enrich._synth import expected_output
+from enrich._emulator.synth import expected_output
 
 SCHEMA = {
     "type": "object",

@@ -18,9 +18,9 @@ import polars as pl
 import pytest
 
 from enrich import Emulator
+from enrich._emulator.synth import synth_output
 from enrich._inputs import build_inputs
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
 OUTPUT = {"ceo": "Name of the CEO", "founded": ("integer", "Year founded")}

@@ -25,7 +25,7 @@ from enrich._emulator import (
     EmulatorConfig,
     create_app,
 )
-from enrich._synth import expected_output, synth_output
+from enrich._emulator.synth import expected_output, synth_output
 
 KEY = "test-key"
 RUN_ID = re.compile(r"trun_[0-9a-f]{32}\Z")

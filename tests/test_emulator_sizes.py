@@ -23,8 +23,8 @@ from test_emulator import SPEC, app_with, body, client, run
 
 from enrich._cli import main
 from enrich._emulator import EmulatorConfig
+from enrich._emulator.synth import build_output, expected_output, synth_output
 from enrich._models import FieldBasis
-from enrich._synth import build_output, expected_output, synth_output
 
 SAMPLE_SCHEMA = json.loads(
     (Path(__file__).parent.parent / "sample_data" / "companies_schema.json").read_text()
@@ -99,7 +99,7 @@ def test_sized_answers_are_byte_identical_for_the_same_input_schema_and_processo
     # Nothing rides on Python's per-process hash seed or on global random state.
     code = (
         "import hashlib, json, random, sys; random.seed(99)\n"
-        "from enrich._synth import build_output\n"
+        "from enrich._emulator.synth import build_output\n"
         "a = json.loads(sys.argv[1])\n"
         "out = build_output(a['input'], {'output_schema': a['schema']}, 'core', basis_bytes=4000)\n"
         "print(hashlib.sha256(json.dumps(out, sort_keys=True, separators=(',', ':'),"

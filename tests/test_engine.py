@@ -21,11 +21,11 @@ from enrich import (
     create_app,
 )
 from enrich._checkpoint import Checkpoint
+from enrich._emulator.synth import synth_output
 from enrich._engine import JobStats, aenrich, enrich
 from enrich._inputs import build_inputs
 from enrich._models import FieldBasis
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 FIELDS = {
     "ceo": "Name of the current CEO",

@@ -32,6 +32,7 @@ from _fakes import Cut, StreamingASGITransport, Tap, is_add_runs, is_runs_stream
 
 from enrich import Emulator, EmulatorConfig, PaymentRequiredError, UsageError, create_app
 from enrich._checkpoint import Checkpoint, Outcome, Receipt
+from enrich._emulator.synth import synth_output
 from enrich._engine import KEY_FIELD, JobStats, aenrich, collect, enrich, submit
 from enrich._engine import job as job_stage
 from enrich._engine.collect import _GroupCollector
@@ -41,7 +42,6 @@ from enrich._inputs import build_inputs
 from enrich._limiter import RateLimiter
 from enrich._models import AddRunsResponse, GroupStatus, RunStateEvent, TaskOutput, TaskRun
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 CEO = {"ceo": "Name of the current CEO"}
 TWO = {"ceo": "Name of the current CEO", "founded": ("integer", "Year founded")}

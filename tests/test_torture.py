@@ -40,10 +40,10 @@ from enrich import AuthenticationError, Emulator, RateLimiter, ServerError, Task
 from enrich._checkpoint import Checkpoint
 from enrich._cli import _parser, main
 from enrich._emulator import serve
+from enrich._emulator.synth import synth_output
 from enrich._inputs import build_inputs
 from enrich._retry import RetryPolicy
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 WORKER = Path(__file__).with_name("_torture_worker.py")
 SECRET = "sk-TORTURE-7f3a9c1e5b-SECRET"

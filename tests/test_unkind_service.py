@@ -22,10 +22,10 @@ import enrich._engine.collect as collect
 from enrich import Emulator, ForeignRunError
 from enrich._checkpoint import Checkpoint
 from enrich._cli import main as cli
+from enrich._emulator.synth import synth_output
 from enrich._engine import JobStats, aenrich
 from enrich._inputs import build_inputs
 from enrich._schema import parse_output
-from enrich._synth import synth_output
 
 CEO = {"ceo": "Name of the current CEO"}
 

@@ -2,8 +2,8 @@
 
 It serves the run and group endpoints with the real wire shapes, status codes, limits and SSE framing,
 so a client that works against it works against `https://api.parallel.ai`. Outputs are synthetic and
-deterministic (`enrich._synth`); their basis is compact unless `basis_bytes` makes it the size of real
-answers (several KB per field). On top of the API it can inject what production does to a client:
+deterministic (`enrich._emulator.synth`); their basis is compact unless `basis_bytes` makes it the size of
+real answers (several KB per field). On top of the API it can inject what production does to a client:
 failed runs, rate limits (429 + Retry-After), exhausted credit (402), and transport faults (HTML 5xx,
 dropped connections, slow answers, and creates whose answer is lost although the runs exist). It can
 also be unkind the way real services and their proxies are, each behaviour off by default
@@ -83,10 +83,10 @@ from urllib.parse import parse_qs
 import httpx
 import uvicorn
 
+from enrich._emulator.synth import PREMIUM_TIERS, check_basis_bytes, output_of
+from enrich._emulator.synth import _canonical as _synth_canonical
 from enrich._jsonschema import UNSUPPORTED_KEYWORDS
 from enrich._processors import PROCESSORS, Processor
-from enrich._synth import PREMIUM_TIERS, check_basis_bytes, output_of
-from enrich._synth import _canonical as _synth_canonical
 
 __all__ = [
     "DEMO_API_KEY",
@@ -238,7 +238,7 @@ class EmulatorConfig:
       reasoning paragraph. `lite`/`base` keep their rule of no
       excerpts and no confidence: their size comes from more citations and a longer reasoning. The
       content is the same either way, and the bytes depend only on (input, task spec, processor tier,
-      basis_bytes), like every output (`enrich._synth.expected_output(..., basis_bytes=N)`).
+      basis_bytes), like every output (`enrich._emulator.synth.expected_output(..., basis_bytes=N)`).
     """
 
     api_key: str | None = None
