@@ -1,0 +1,418 @@
+"""The emulator's state: runs, groups, credit, and the clock-driven state machine (`EmulatorState`).
+
+Runs move queued → running → completed|failed on timestamps drawn at creation; `EmulatorState.advance()`
+applies every transition that is due, from one heap of pending transitions. The state also gives the wire
+shapes of runs and groups (`run_json`, `group_json`, `run_input`, `run_output`) and the processor warnings
+of a task spec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from enrich._emulator.config import EmulatorConfig, _draw_seed, _id_source
+from enrich._emulator.synth import _canonical as _synth_canonical
+from enrich._emulator.synth import output_of
+from enrich._emulator.validate import _check_task_spec
+from enrich._emulator.wire import _canonical
+from enrich._processors import PROCESSORS, Processor
+
+__all__ = ["EmulatorState"]
+
+_STATUSES = ("queued", "running", "completed", "failed")
+_QUEUED, _RUNNING, _COMPLETED, _FAILED = range(4)
+_ALL_STATUSES = ("queued", "action_required", "running", "completed", "failed", "cancelling", "cancelled")
+
+_FAILURE_MESSAGES = (
+    "Task execution failed: the research step timed out.",
+    "Task execution failed: an internal error occurred while processing the task.",
+    "Task execution failed: no usable sources could be retrieved.",
+)
+
+
+class _Spec:
+    """One distinct task spec (or none), shared by every run that uses it."""
+
+    __slots__ = ("canonical", "errors", "kind", "output", "processor_warnings", "size", "spec", "warnings")
+
+    def __init__(self, spec: dict[str, Any] | None, canonical: str) -> None:
+        self.spec = spec
+        self.canonical = canonical
+        self.size = len(canonical) if spec is not None else 0
+        self.kind = "none"
+        self.errors: list[dict[str, Any]] = []  # locs relative to the spec
+        self.warnings: list[dict[str, Any]] = []
+        # Computed once per spec rather than per run (a job answers many runs of one spec):
+        self.output: tuple[Any, str] | None = None  # (output_schema, its canonical JSON) for `output_of`
+        self.processor_warnings: dict[str, list[dict[str, Any]]] = {}  # by processor
+
+
+class _Run:
+    __slots__ = (
+        "body",
+        "created",
+        "end",
+        "error_ref",
+        "events",
+        "fails",
+        "group",
+        "index",
+        "metadata",
+        "processor",
+        "run_id",
+        "seq",
+        "spec",
+        "start",
+        "state",
+        "warnings",
+    )
+
+    def __init__(self) -> None:
+        self.state = _QUEUED
+
+
+class _Group:
+    __slots__ = (
+        "cached_status",
+        "counts",
+        "created",
+        "events",
+        "group_id",
+        "metadata",
+        "modified",
+        "runs",
+        "waiters",
+    )
+
+    def __init__(self, group_id: str, metadata: dict[str, Any] | None, created: float) -> None:
+        self.group_id = group_id
+        self.metadata = metadata
+        self.created = created
+        self.modified = created
+        self.runs: list[_Run] = []
+        self.counts = [0, 0, 0, 0]
+        # The group event log, in the order things happened: a _Run (it went non-active) or a dict
+        # (a task_group_status snapshot). Event ids are positions in this list.
+        self.events: list[_Run | dict[str, Any]] = []
+        self.waiters: set[asyncio.Future[str]] = set()
+        self.cached_status: dict[str, Any] | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.counts[_QUEUED] + self.counts[_RUNNING] > 0
+
+    def notify(self) -> None:
+        for fut in list(self.waiters):
+            if not fut.done():
+                fut.set_result("wake")
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A validated TaskRunInput, ready to become a run."""
+
+    body: str  # compact JSON of the input without task_spec and metadata
+    input: Any
+    metadata: str | None  # compact JSON: a str costs far less memory than a dict per run
+    spec: _Spec
+    processor: Processor
+    events: bool
+    warnings: list[dict[str, Any]] | None
+    dedup: bytes
+
+
+class EmulatorState:
+    """Everything the emulator holds: runs, groups, credit, and the clock-driven state machine.
+
+    Runs change state lazily: `advance()` pops every transition that is due from one heap (at most one
+    pending entry per active run) and updates status counts and group event logs. Every request calls
+    it first, so answers always reflect the clock.
+    """
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.runs: dict[str, _Run] = {}
+        self.groups: dict[str, _Group] = {}
+        self.status_counts = [0, 0, 0, 0]
+        self.distinct: dict[bytes, int] = {}
+        self.max_per_distinct = 0
+        self.spent_micro = 0
+        self.credit_micro = None if config.credit is None else round(config.credit * 1_000_000)
+        self._heap: list[tuple[float, int, _Run]] = []
+        self._seq = 0
+        self._rng = random.Random(f"{_draw_seed(config)}:runs")
+        self._ids = _id_source(config, "ids")
+        self._specs: dict[str, _Spec] = {}
+        self._wall_offset = time.time() - time.monotonic()
+
+    # -- time and ids
+
+    @staticmethod
+    def now() -> float:
+        """The emulator clock (monotonic seconds); timestamps on the wire are derived from it."""
+        return time.monotonic()
+
+    def timestamp(self, t: float) -> str:
+        """RFC 3339 UTC with microseconds and a `Z`, e.g. `2025-04-23T20:21:48.037943Z`."""
+        # isoformat() ends in "+00:00" for UTC: the strftime("%Y-%m-%dT%H:%M:%S.%fZ") spelling, but faster.
+        return (
+            datetime.fromtimestamp(t + self._wall_offset, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+        )
+
+    def new_hex(self) -> str:
+        return f"{self._ids.getrandbits(128):032x}"
+
+    def new_ref(self) -> str:
+        return str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
+
+    # -- specs
+
+    def spec(self, task_spec: Any) -> _Spec:
+        """The shared, validated record of `task_spec` (a dict or None)."""
+        canonical = _canonical(task_spec) if task_spec is not None else ""
+        found = self._specs.get(canonical)
+        if found is None:
+            found = _Spec(task_spec, canonical)
+            _check_task_spec(task_spec, found)
+            self._specs[canonical] = found
+        return found
+
+    # -- credit
+
+    def can_afford(self, items: list[_Prepared]) -> bool:
+        if self.credit_micro is None:
+            return True
+        return self.spent_micro + _cost_micro(items) <= self.credit_micro
+
+    def reserve(self, items: list[_Prepared]) -> int:
+        """Reserve the credit of runs to be created later (a late commit); returns the amount."""
+        if self.credit_micro is None:
+            return 0
+        cost = _cost_micro(items)
+        self.spent_micro += cost
+        return cost
+
+    def release(self, micro: int) -> None:
+        """Give back a reservation whose runs will never be created."""
+        self.spent_micro -= micro
+
+    # -- runs
+
+    def create_runs(
+        self, items: list[_Prepared], group: _Group | None, *, reserved: bool = False
+    ) -> list[_Run]:
+        """Create one run per prepared input (in order), reserving credit and scheduling transitions.
+
+        `reserved`: the credit was reserved already, on the request's arrival (a late commit).
+        """
+        self.advance()
+        now = self.now()
+        cfg = self.config
+        rng = self._rng
+        created = []
+        for item in items:
+            run = _Run()
+            self._seq += 1
+            run.seq = self._seq
+            run.run_id = "trun_" + self.new_hex()
+            run.body = item.body
+            run.metadata = item.metadata
+            run.spec = item.spec
+            run.processor = item.processor.name
+            run.events = item.events
+            run.warnings = item.warnings
+            run.group = group
+            run.created = now
+            # Four draws per run, always, so one run's outcome never shifts another's.
+            if cfg.latency is None:
+                lo, hi = item.processor.latency
+                duration = rng.uniform(lo / 60.0, hi / 60.0)
+            else:
+                duration = cfg.latency * rng.uniform(0.5, 1.5)
+            queued = duration * rng.uniform(0.05, 0.15)
+            fails = rng.random() < cfg.failure_rate
+            fail_at = rng.uniform(0.2, 1.0)
+            run.start = now + queued
+            run.fails = fails
+            run.end = run.start + (duration - queued) * (fail_at if fails else 1.0)
+            run.error_ref = self.new_ref() if fails else None
+            if group is not None:
+                run.index = len(group.runs)
+                group.runs.append(run)
+                group.counts[_QUEUED] += 1
+            else:
+                run.index = -1
+            self.runs[run.run_id] = run
+            self.status_counts[_QUEUED] += 1
+            heapq.heappush(self._heap, (run.start, run.seq, run))
+            n = self.distinct.get(item.dedup, 0) + 1
+            self.distinct[item.dedup] = n
+            self.max_per_distinct = max(self.max_per_distinct, n)
+            if self.credit_micro is not None and not reserved:
+                self.spent_micro += round(item.processor.price_per_1k * 1_000)
+            created.append(run)
+        if group is not None and created:
+            group.modified = now
+            group.events.append(self.group_status(group))
+            group.notify()
+        return created
+
+    def advance(self) -> None:
+        """Apply every state transition that is due by now."""
+        now = self.now()
+        heap = self._heap
+        changed: set[_Group] = set()
+        while heap and heap[0][0] <= now:
+            t, seq, run = heapq.heappop(heap)
+            group = run.group
+            if run.state == _QUEUED:
+                run.state = _RUNNING
+                self.status_counts[_QUEUED] -= 1
+                self.status_counts[_RUNNING] += 1
+                if group is not None:
+                    group.counts[_QUEUED] -= 1
+                    group.counts[_RUNNING] += 1
+                    group.modified = t
+                heapq.heappush(heap, (run.end, seq, run))
+                continue
+            final = _FAILED if run.fails else _COMPLETED
+            run.state = final
+            self.status_counts[_RUNNING] -= 1
+            self.status_counts[final] += 1
+            if group is not None:
+                group.counts[_RUNNING] -= 1
+                group.counts[final] += 1
+                group.modified = t
+                group.events.append(run)
+                if not group.active:
+                    group.events.append(self.group_status(group))
+                changed.add(group)
+        for group in changed:
+            group.notify()
+
+    def next_transition(self) -> float | None:
+        """When the next pending transition is due (monotonic seconds), or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def create_group(self, metadata: dict[str, Any] | None) -> _Group:
+        group = _Group("tgrp_" + self.new_hex(), metadata, self.now())
+        self.groups[group.group_id] = group
+        return group
+
+    # -- wire shapes
+
+    def group_status(self, group: _Group) -> dict[str, Any]:
+        counts = {_STATUSES[i]: n for i, n in enumerate(group.counts) if n}
+        status = {
+            "num_task_runs": len(group.runs),
+            "task_run_status_counts": counts,
+            "is_active": group.active,
+            "status_message": None,
+            "modified_at": self.timestamp(group.modified),
+        }
+        group.cached_status = status
+        return status
+
+    def group_json(self, group: _Group) -> dict[str, Any]:
+        return {
+            "taskgroup_id": group.group_id,
+            "metadata": group.metadata,
+            "status": self.group_status(group),
+            "created_at": self.timestamp(group.created),
+        }
+
+    def run_json(self, run: _Run) -> dict[str, Any]:
+        state = run.state
+        changed = run.created if state == _QUEUED else run.start if state == _RUNNING else run.end
+        warnings = run.spec.warnings + _processor_warnings(run.spec, run.processor) + (run.warnings or [])
+        return {
+            "run_id": run.run_id,
+            "interaction_id": run.run_id,
+            "status": _STATUSES[state],
+            "is_active": state < _COMPLETED,
+            "processor": run.processor,
+            "metadata": json.loads(run.metadata) if run.metadata is not None else None,
+            "taskgroup_id": run.group.group_id if run.group is not None else None,
+            "created_at": self.timestamp(run.created),
+            "modified_at": self.timestamp(changed),
+            "warnings": warnings or None,
+            "error": self.run_error(run) if state == _FAILED else None,
+        }
+
+    def run_error(self, run: _Run) -> dict[str, Any]:
+        message = _FAILURE_MESSAGES[run.seq % len(_FAILURE_MESSAGES)]
+        return {"ref_id": run.error_ref, "message": message, "detail": None}
+
+    def run_input(self, run: _Run) -> dict[str, Any]:
+        """The TaskRunInput the run was created from, with the task spec that applied to it."""
+        body = json.loads(run.body)
+        if run.metadata is not None:
+            body["metadata"] = json.loads(run.metadata)
+        if run.spec.spec is not None:
+            body["task_spec"] = run.spec.spec
+        return body
+
+    def run_output(self, run: _Run) -> dict[str, Any]:
+        # `build_output(input, spec.spec, processor)`, with the spec's part of the work done once per spec.
+        spec = run.spec
+        cached = spec.output
+        if cached is None:
+            schema = spec.spec.get("output_schema") if spec.spec else None
+            cached = spec.output = (schema, _synth_canonical(schema))
+        return output_of(
+            json.loads(run.body)["input"], cached[0], cached[1], run.processor, self.config.basis_bytes
+        )
+
+    def stats(self) -> dict[str, Any]:
+        self.advance()
+        created = self._seq
+        return {
+            "runs_created": created,
+            "groups_created": len(self.groups),
+            "distinct_runs": len(self.distinct),
+            "duplicate_runs": created - len(self.distinct),
+            "max_runs_per_distinct": self.max_per_distinct,
+            "runs_by_status": dict(zip(_STATUSES, self.status_counts, strict=True)),
+            "active_runs": self.status_counts[_QUEUED] + self.status_counts[_RUNNING],
+            "credit_spent": self.spent_micro / 1_000_000,
+            "credit_remaining": None
+            if self.credit_micro is None
+            else (self.credit_micro - self.spent_micro) / 1_000_000,
+        }
+
+
+def _cost_micro(items: list[_Prepared]) -> int:
+    return sum(round(p.processor.price_per_1k * 1_000) for p in items)
+
+
+def _processor_warnings(spec: _Spec, processor: str) -> list[dict[str, Any]]:
+    """The warnings `processor` gives for `spec`, cached per spec (callers copy it, never mutate it)."""
+    found = spec.processor_warnings.get(processor)
+    if found is None:
+        found = spec.processor_warnings[processor] = _new_processor_warnings(spec, processor)
+    return found
+
+
+def _new_processor_warnings(spec: _Spec, processor: str) -> list[dict[str, Any]]:
+    if spec.kind != "json" or spec.spec is None:
+        return []
+    props = spec.spec["output_schema"]["json_schema"].get("properties") or {}
+    limit = PROCESSORS[processor].max_fields
+    if len(props) <= limit:
+        return []
+    return [
+        {
+            "type": "warning",
+            "message": f"The output schema has {len(props)} fields; processor {processor!r} handles about "
+            f"{limit} well. Consider a higher processor or fewer fields.",
+            "detail": {"num_fields": len(props), "recommended_max": limit},
+        }
+    ]
