@@ -38,7 +38,7 @@ PART_BYTES = 64 << 20
 SPILL_BYTES = 64 << 20
 #: A record batch of a part file, and a chunk of the merged output, hold about this many bytes.
 BATCH_BYTES = 4 << 20
-CHUNK_BYTES = 48 << 20
+CHUNK_BYTES = 16 << 20
 #: ... and never fewer rows than these (per part, per merged chunk).
 MIN_PART_ROWS = 256
 MIN_CHUNK_ROWS = 1024
@@ -125,9 +125,11 @@ def write_parts(
     *,
     basis: bool,
     flatten: Any = None,
+    inputs: bool = True,
 ) -> tuple[list[_Part], dict[str, int], pl.Schema]:
     """Join each part of `spill` onto its rows; write them to `directory`, sorted by position. Returns the
-    parts, the rows per status, and the schema of the result (without the position)."""
+    parts, the rows per status, and the schema of the result (without the position). Without `inputs`,
+    the parts hold only the columns the job adds (a frame in memory has the input already)."""
     meta = _meta(plan, job)
     n = len(plan.keys)
     per = spill.per_part or max(n, 1)
@@ -145,10 +147,9 @@ def write_parts(
             continue
         lo = j * per
         distinct = _distinct(plan, meta.slice(lo, per), spill.part(j), basis=basis)
-        frame = pl.concat(
-            [plan.df[rows], distinct[pl.Series(index[rows] - lo, dtype=pl.UInt32)]], how="horizontal"
-        )
-        del distinct
+        added = distinct[pl.Series(index[rows] - lo, dtype=pl.UInt32)]
+        frame = pl.concat([plan.df[rows], added], how="horizontal") if inputs else added
+        del distinct, added
         if flatten is not None:
             frame = flatten(frame)
         if schema is None:
@@ -229,9 +230,28 @@ def remove_answers(spill: Spill) -> None:
     spill._buffer.clear()
 
 
+def read_chunks(chunks: list[Path], schema: pl.Schema) -> pl.DataFrame:
+    """The rows of `chunks` as one frame of `schema`: the frame is the only large allocation (Arrow
+    buffers read from the files, taken over by polars without a copy)."""
+    tables = []
+    for chunk in chunks:
+        with pa.OSFile(str(chunk), "rb") as f:
+            tables.append(pa.ipc.open_file(f).read_all())
+    if not tables:
+        return pl.DataFrame(schema=schema)
+    table = pa.concat_tables(tables)
+    del tables
+    frame = pl.from_arrow(table, rechunk=False)
+    assert isinstance(frame, pl.DataFrame)
+    del table
+    changed = {c: d for c, d in schema.items() if frame.schema[c] != d}
+    return frame.cast(changed) if changed else frame
+
+
 def workspace(near: Path | None) -> Path:
-    """A private temporary directory for the parts, beside the output when it is a file (the space the
-    user chose), else in the system's temporary directory."""
+    """A private temporary directory for the parts beside `near` (the output file, or the checkpoint:
+    space on the disk the user chose, where /tmp may be memory), else in the system's temporary
+    directory."""
     where = near.parent if near is not None else None
     try:
         return Path(tempfile.mkdtemp(prefix=".enrich-parts-", dir=where))

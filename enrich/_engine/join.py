@@ -1,6 +1,9 @@
-"""Stage 6, the join: the answers, read from the checkpoint a segment at a time into typed columns,
-onto every row of the caller's frame in its original order, with `_status`, `_error`, `_run_id` and
-(with `basis=True`) `_basis`.
+"""Stage 6, the join: the answers, typed, onto every row of the caller's frame in its original order,
+with `_status`, `_error`, `_run_id` and (with `basis=True`) `_basis`.
+
+`_meta` says per distinct row what became of it; `_distinct` builds the added columns of a range of
+distinct rows from their answers; `assemble` runs it a part at a time (`_join` does it at once, for the
+empty result).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from typing import Any
 
 import polars as pl
 
-from enrich._checkpoint import Checkpoint
 from enrich._engine.job import _Job
 from enrich._engine.prepare import _Plan
 from enrich._models import FieldBasis
@@ -97,8 +99,8 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
 
 def _distinct(plan: _Plan, meta: pl.DataFrame, answers: pl.DataFrame, *, basis: bool) -> pl.DataFrame:
     """The columns the job adds, for the distinct rows of `meta` (a slice of `_meta`): the typed answers
-    found in `answers` (run_id, output text, typed basis, as `_answers` reads them), `_status`, `_error`,
-    `_run_id`, and `_basis` with `basis`."""
+    found in `answers` (run_id, output text, typed basis, as `assemble.Spill` keeps them), `_status`,
+    `_error`, `_run_id`, and `_basis` with `basis`."""
     looked = meta.select(pl.col("answered").alias("run_id")).join(
         answers.select("run_id", "output", "basis"), on="run_id", how="left", maintain_order="left"
     )
@@ -155,17 +157,6 @@ def _completed_ids(job: _Job) -> pl.Series:
         [job.run_of[k] for k, (status, _) in job.done.items() if status == "completed"],
         dtype=pl.String,
     )
-
-
-def _answers(cp: Checkpoint, job: _Job, *, basis: bool) -> pl.DataFrame:
-    """run_id, output (JSON text) and basis (typed, `_BASIS`; null unless `basis`) of the completed rows
-    of `job`, read from the checkpoint a segment at a time: the basis is decoded by polars as each
-    segment is read, never into Python objects, so the raw text of one segment is all that is held
-    besides the result's own columns."""
-    ids = _completed_ids(job)
-    if ids.is_empty():
-        return _no_answers()
-    return cp.answers(ids, basis=basis, each=_typed_basis)
 
 
 def _typed_basis(part: pl.DataFrame) -> pl.DataFrame:

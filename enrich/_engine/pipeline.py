@@ -24,7 +24,7 @@ from enrich._checkpoint import Checkpoint
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble
 from enrich._engine.job import JobStats, _Fatal, _Job
-from enrich._engine.join import _answers, _join
+from enrich._engine.join import _join
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._exceptions import (
@@ -217,7 +217,6 @@ async def aenrich(
     t_load = time.monotonic()
     cp = Checkpoint.open(path, plan.fingerprint, service=svc)
     job: _Job | None = None
-    answers: pl.DataFrame | None = None
     spill: assemble.Spill | None = None
     workspace: Path | None = None
     reading = 0.0
@@ -316,11 +315,10 @@ async def aenrich(
             if job is not None:
                 t_answers = time.monotonic()
                 try:  # before the tables are freed: they tell which segment records each answer
-                    if write_to is None:
-                        answers = _answers(cp, job, basis=basis)
-                    else:  # set aside on disk by part: the file join holds one part at a time
-                        workspace = assemble.workspace(None if os.fspath(write_to) == "-" else Path(write_to))
-                        spill = assemble.spill_answers(cp, job, workspace, basis=basis)
+                    # Set aside on disk by part: the join holds one part at a time.
+                    near = cp.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
+                    workspace = assemble.workspace(near)
+                    spill = assemble.spill_answers(cp, job, workspace, basis=basis)
                 except Exception as exc:
                     stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
                 reading = time.monotonic() - t_answers  # part of the join
@@ -344,10 +342,11 @@ async def aenrich(
     if write_to is not None:
         _write_file(plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats)
     else:
-        joined = _join(plan, job, basis=basis, answers=answers)
-        del answers
-        counts = joined["_status"].value_counts()
-        stats.statuses = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
+        try:
+            joined = _joined_frame(plan, job, spill, workspace, basis=basis, stats=stats)
+        finally:
+            if workspace is not None:
+                assemble.remove(workspace)
         result = from_polars(joined, plan.kind, plan.original, added=plan.added)
         del joined
     stats.stages["join"] = time.monotonic() - t_join + reading
@@ -362,6 +361,33 @@ async def aenrich(
                 "to collect them without paying twice"
             )
     return result
+
+
+def _joined_frame(
+    plan: _Plan,
+    job: _Job | None,
+    spill: assemble.Spill | None,
+    workspace: Path | None,
+    *,
+    basis: bool,
+    stats: JobStats,
+) -> pl.DataFrame:
+    """The join for a frame in memory: the added columns built a part at a time, merged in row order
+    and read back, so the result's own columns are the only large allocation."""
+    if workspace is None:  # the answers could not be read: every completed row says why
+        workspace = assemble.workspace(None)
+    if spill is None:
+        spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
+    parts, stats.statuses, schema = assemble.write_parts(
+        plan, job, spill, workspace, basis=basis, inputs=False
+    )
+    assemble.remove_answers(spill)
+    step = assemble.chunk_rows(parts)
+    chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
+    for part in parts:
+        part.path.unlink(missing_ok=True)
+    added = assemble.read_chunks(chunks, schema)
+    return pl.concat([plan.df, added], how="horizontal")
 
 
 def _write_joined(
