@@ -858,7 +858,7 @@ class Checkpoint:
             light = self._light_state()
             if not outputs:
                 return light.select(_LIGHT_STATE)
-            heavy = self._heavy(light, basis=basis)
+            heavy = self._heavy(light.select("run_id", "_outcome_order"), basis=basis)
             joined = light.join(heavy, on="run_id", how="left", maintain_order="left")
             return joined.select(_STATE_COLUMNS)
 
@@ -946,24 +946,29 @@ class Checkpoint:
 
     def answers(
         self,
-        run_ids: pl.Series,
+        run_ids: pl.Series | pl.DataFrame,
         *,
         basis: bool = True,
         each: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
     ) -> pl.DataFrame:
         """run_id, output, basis (JSON text) of the recorded outcomes of `run_ids`, buffered ones included.
 
-        Read segment by segment; `each` transforms each segment's part as it is read (the engine decodes
-        the basis there into typed columns), so no more than one segment's text is in memory at a time
-        besides what `each` returns. The basis is left null, unread, with `basis=False`.
+        Read a row group at a time; `each` transforms each part as it is read (the engine decodes the
+        basis there into typed columns), so no more than one row group's text is in memory at a time
+        besides what `each` returns. The basis is left null, unread, with `basis=False`. `run_ids` may be
+        a frame with a `run_id` column: its other columns are carried onto each part (matched once,
+        not once per part).
         """
+        carry = run_ids if isinstance(run_ids, pl.DataFrame) else pl.DataFrame({"run_id": run_ids})
         with self._lock:
             # From the outcome records themselves, not the latest receipt per row: a run that answers a
             # row may not be its latest receipt (a duplicate committed late is recorded after it).
             wanted = self._outcome_records().filter(
-                pl.col("run_id").is_in(run_ids.implode()) & pl.col("run_id").is_last_distinct()
+                pl.col("run_id").is_in(carry["run_id"].implode()) & pl.col("run_id").is_last_distinct()
             )
             light = wanted.select("run_id", pl.col(_ORDER).alias("_outcome_order"))
+            if carry.width > 1:
+                light = light.join(carry, on="run_id", how="inner")
             return self._heavy(light, basis=basis, each=each)
 
     def _heavy(
@@ -978,15 +983,17 @@ class Checkpoint:
         heavy_columns = _HEAVY if basis else ("output",)
         columns = ["run_id", *heavy_columns, _ORDER]
 
+        carried = [c for c in light.columns if c not in ("run_id", "_outcome_order")]
+
         def part(frame: pl.DataFrame) -> pl.DataFrame:
             if not basis:
                 frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("basis"))
-            frame = frame.select("run_id", *_HEAVY)
+            frame = frame.select("run_id", *_HEAVY, *carried)
             return each(frame) if each is not None else frame
 
         # Only the outcomes `light` points at, filtered segment by segment as they are read, so that no
         # more than one segment's superseded or unwanted outputs are in memory at a time.
-        wanted = light.select("run_id", pl.col("_outcome_order").alias(_ORDER)).drop_nulls()
+        wanted = light.select(pl.col("_outcome_order").alias(_ORDER), *carried).drop_nulls(_ORDER)
         frames = []
         for segment in list(self._segments["outcomes"]):
             got: list[pl.DataFrame] = []
@@ -1399,12 +1406,14 @@ def _utc(value: datetime) -> datetime:
 
 
 def _wanted(outcomes: pl.DataFrame, wanted: pl.DataFrame) -> pl.DataFrame:
-    """The rows of `outcomes` whose `_order` is in `wanted` (an `_order` names one outcome record)."""
+    """The rows of `outcomes` whose `_order` is in `wanted` (an `_order` names one outcome record), with
+    the other columns of `wanted` (carried by `Checkpoint.answers`)."""
+    extra = [c for c in wanted.columns if c != _ORDER]
     if outcomes.is_empty():
-        return outcomes
+        return outcomes.with_columns(pl.lit(None, dtype=wanted.schema[c]).alias(c) for c in extra)
     orders = outcomes[_ORDER]
     near = wanted.filter(pl.col(_ORDER).is_between(orders.min(), orders.max()))
-    return outcomes.join(near.select(_ORDER), on=_ORDER, how="semi")
+    return outcomes.join(near, on=_ORDER, how="semi" if not extra else "inner", maintain_order="left")
 
 
 def _check_id(value: object, name: str) -> None:

@@ -176,3 +176,36 @@ def test_a_failed_write_keeps_even_a_temporary_checkpoint(
         run(app, table(20, 20).slice(1), write_to=tmp_path / "out.parquet", checkpoint=False, stats=stats)
     assert isinstance(caught.value, OSError) and stats.checkpoint in str(caught.value)
     assert Path(stats.checkpoint).is_dir()
+
+
+def test_a_resumed_join_reads_the_answers_typed_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished job's answers are typed once: the resume reads them from `typed/` in the checkpoint,
+    decodes nothing, and gives the same frame. A typed file that cannot be read is set aside and its
+    answers typed again from their JSON (the record), with the same result."""
+    from enrich._schema import OutputSpec
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    df = table(200, 120, seed=5)
+    cp = tmp_path / "cp"
+    first = run(app, df, checkpoint=cp, basis=True)
+    files = list((cp / "typed").glob("typed-*.parquet"))
+    assert files
+    decoded: list[int] = []
+    to_frame = OutputSpec.to_frame
+
+    def counting(self: OutputSpec, contents: Any) -> Any:
+        decoded.append(sum(c is not None for c in contents))
+        return to_frame(self, contents)
+
+    monkeypatch.setattr(OutputSpec, "to_frame", counting)
+    again = run(app, df, checkpoint=cp, basis=True)
+    assert sum(decoded) == 0 and again.equals(first)
+    for f in files:
+        f.write_bytes(b"PAR1 damaged")
+    decoded.clear()
+    third = run(app, df, checkpoint=cp, basis=True)
+    assert sum(decoded) == 119 and third.equals(first)  # every completed input (one is refused locally)
+    assert len(list((cp / "typed").glob("*.unreadable"))) == len(files)
+    assert app.stats()["runs_created"] == 119

@@ -31,6 +31,7 @@ import pyarrow as pa
 from enrich._engine.job import _Job
 from enrich._engine.join import _completed_ids, _distinct, _meta, _no_answers, _typed_basis
 from enrich._engine.prepare import _Plan
+from enrich._engine.typed import TypedAnswers
 
 #: A part's answers (typed, in memory) are about this large.
 PART_BYTES = 64 << 20
@@ -48,62 +49,92 @@ _ROW = "__enrich_row"
 @dataclass
 class Spill:
     """The answers of a job set aside on disk by part (distinct rows `j * per_part` to
-    `(j + 1) * per_part`), as the checkpoint is read; the file join then holds one part at a time."""
+    `(j + 1) * per_part`), as the checkpoint is read; the join then holds one part at a time. Two kinds:
+    "answers" (run_id, output text, typed basis, d) and "typed" (answers typed by an earlier join,
+    `typed.TypedAnswers`: run_id, the output columns, `_problem`, d)."""
 
     directory: Path
     #: Distinct row of each completed run: run_id, d.
     ids: pl.DataFrame
     per_part: int = 0  # set from the size of the first answers read
-    _buffer: dict[int, list[pl.DataFrame]] = field(default_factory=dict)
+    _buffer: dict[tuple[str, int], list[pl.DataFrame]] = field(default_factory=dict)
     _buffered: int = 0
-    _files: dict[int, int] = field(default_factory=dict)
+    _files: dict[tuple[str, int], int] = field(default_factory=dict)
 
     def add(self, part: pl.DataFrame) -> pl.DataFrame:
         """`Checkpoint.answers`'s `each`: type the basis of a segment's answers, set them aside by part,
         and return nothing to hold."""
-        part = _typed_basis(part).join(self.ids, on="run_id", how="inner")
-        if part.height:
-            if not self.per_part:
-                size = max(1, part.estimated_size() // part.height)
-                self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
-            split = part.with_columns((pl.col("d") // self.per_part).alias("_part"))
-            for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
-                self._buffer.setdefault(int(j), []).append(frame)  # type: ignore[arg-type]
-            self._buffered += part.estimated_size()
-            if self._buffered > SPILL_BYTES:
-                self.flush()
+        part = _typed_basis(part)  # `d` carried by the checkpoint (`spill_answers`)
+        if part.height and not self.per_part:
+            size = max(1, part.estimated_size() // part.height)
+            self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
+        self._keep("answers", part)
         return part.clear()
 
+    def add_typed(self, frame: pl.DataFrame) -> None:
+        """Set aside answers typed before (with `d`), by part."""
+        self._keep("typed", frame)
+
+    def _keep(self, kind: str, part: pl.DataFrame) -> None:
+        if not part.height:
+            return
+        per = self.per_part or max(MIN_PART_ROWS, int(self.ids.height))
+        split = part.with_columns((pl.col("d") // per).alias("_part"))
+        for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
+            self._buffer.setdefault((kind, int(j)), []).append(frame)  # type: ignore[arg-type]
+        self._buffered += part.estimated_size()
+        if self._buffered > SPILL_BYTES:
+            self.flush()
+
     def flush(self) -> None:
-        for j, frames in self._buffer.items():
-            n = self._files.get(j, 0)
-            pl.concat(frames).write_ipc(self.directory / f"answers-{j}-{n}.arrow", compression="uncompressed")
-            self._files[j] = n + 1
+        for (kind, j), frames in self._buffer.items():
+            n = self._files.get((kind, j), 0)
+            path = self.directory / f"{kind}-{j}-{n}.arrow"
+            pl.concat(frames).write_ipc(path, compression="uncompressed")
+            self._files[(kind, j)] = n + 1
         self._buffer.clear()
         self._buffered = 0
 
-    def part(self, j: int) -> pl.DataFrame:
-        """The answers of part `j` (run_id, output, basis, d)."""
+    def part(self, j: int, kind: str = "answers") -> pl.DataFrame | None:
+        """The answers of part `j` of `kind`; None when there are none."""
         frames = [
-            pl.read_ipc(self.directory / f"answers-{j}-{n}.arrow") for n in range(self._files.get(j, 0))
+            pl.read_ipc(self.directory / f"{kind}-{j}-{n}.arrow")
+            for n in range(self._files.get((kind, j), 0))
         ]
-        frames.extend(self._buffer.get(j, []))
-        if not frames:
-            return _no_answers()
-        return pl.concat(frames)
+        frames.extend(self._buffer.get((kind, j), []))
+        return pl.concat(frames) if frames else None
+
+    def remove(self) -> None:
+        """Every part is joined: free the disk space of what was set aside."""
+        for (kind, j), n in self._files.items():
+            for i in range(n):
+                (self.directory / f"{kind}-{j}-{i}.arrow").unlink(missing_ok=True)
+        self._files.clear()
+        self._buffer.clear()
 
 
-def spill_answers(cp: Any, job: _Job, directory: Path, *, basis: bool) -> Spill:
-    """Read the answers of `job`'s completed rows from the checkpoint `cp` into a `Spill` in `directory`."""
-    position = {k: d for d, k in enumerate(job.plan.keys)}
-    ids = _completed_ids(job)
-    keys = [k for k, (status, _) in job.done.items() if status == "completed"]
-    spill = Spill(
-        directory,
-        pl.DataFrame({"run_id": ids, "d": pl.Series([position[k] for k in keys], dtype=pl.Int64)}),
+def spill_answers(
+    cp: Any, job: _Job, directory: Path, *, basis: bool, typed: TypedAnswers | None = None
+) -> Spill:
+    """Read the answers of `job`'s completed rows from the checkpoint `cp` into a `Spill` in `directory`,
+    and the answers typed by earlier joins from `typed`."""
+    completed = [k for k, (status, _) in job.done.items() if status == "completed"]
+    ids = (
+        pl.DataFrame({"key": pl.Series(completed, dtype=pl.String), "run_id": _completed_ids(job)})
+        .join(
+            pl.DataFrame({"key": pl.Series(job.plan.keys, dtype=pl.String)}).with_row_index("d"),
+            on="key",
+            how="inner",
+        )
+        .select("run_id", pl.col("d").cast(pl.Int64))
     )
-    if not ids.is_empty():
+    del completed
+    spill = Spill(directory, ids)
+    if ids.height:
         cp.answers(ids, basis=basis, each=spill.add)
+        if typed is not None:
+            for frame in typed.read():
+                spill.add_typed(frame.join(ids, on="run_id", how="inner"))
     spill.flush()
     return spill
 
@@ -126,10 +157,12 @@ def write_parts(
     basis: bool,
     flatten: Any = None,
     inputs: bool = True,
+    typed: TypedAnswers | None = None,
 ) -> tuple[list[_Part], dict[str, int], pl.Schema]:
     """Join each part of `spill` onto its rows; write them to `directory`, sorted by position. Returns the
     parts, the rows per status, and the schema of the result (without the position). Without `inputs`,
-    the parts hold only the columns the job adds (a frame in memory has the input already)."""
+    the parts hold only the columns the job adds (a frame in memory has the input already). Answers
+    typed here are kept in `typed` for the next join."""
     meta = _meta(plan, job)
     n = len(plan.keys)
     per = spill.per_part or max(n, 1)
@@ -146,7 +179,18 @@ def write_parts(
         if not len(rows):
             continue
         lo = j * per
-        distinct = _distinct(plan, meta.slice(lo, per), spill.part(j), basis=basis)
+        answers = spill.part(j)
+        distinct, fresh = _distinct(
+            plan,
+            meta.slice(lo, per),
+            answers if answers is not None else _no_answers(),
+            basis=basis,
+            typed=spill.part(j, "typed"),
+        )
+        del answers
+        if typed is not None:
+            typed.add(fresh)
+        del fresh
         added = distinct[pl.Series(index[rows] - lo, dtype=pl.UInt32)]
         frame = pl.concat([plan.df[rows], added], how="horizontal") if inputs else added
         del distinct, added
@@ -164,6 +208,8 @@ def write_parts(
             writer.write_table(table, max_chunksize=batch)
         del table
         parts.append(_Part(path, [int(r) for r in rows[::batch]]))
+    if typed is not None:
+        typed.compact()
     return parts, statuses, schema if schema is not None else pl.Schema()
 
 
@@ -219,15 +265,6 @@ def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator
         for part in parts:
             part.pending = None
             part.reader = None
-
-
-def remove_answers(spill: Spill) -> None:
-    """The answers set aside are all in the parts now: free their disk space before the merge."""
-    for j, n in spill._files.items():
-        for i in range(n):
-            (spill.directory / f"answers-{j}-{i}.arrow").unlink(missing_ok=True)
-    spill._files.clear()
-    spill._buffer.clear()
 
 
 def read_chunks(chunks: list[Path], schema: pl.Schema) -> pl.DataFrame:

@@ -27,6 +27,7 @@ from enrich._engine.job import JobStats, _Fatal, _Job
 from enrich._engine.join import _join
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.submit import run_group_mode, run_runs_mode
+from enrich._engine.typed import TypedAnswers
 from enrich._exceptions import (
     NotFoundError,
     OutputError,
@@ -218,6 +219,7 @@ async def aenrich(
     cp = Checkpoint.open(path, plan.fingerprint, service=svc)
     job: _Job | None = None
     spill: assemble.Spill | None = None
+    typed: TypedAnswers | None = None
     workspace: Path | None = None
     reading = 0.0
     client: TaskClient | None = None
@@ -318,7 +320,8 @@ async def aenrich(
                     # Set aside on disk by part: the join holds one part at a time.
                     near = cp.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
                     workspace = assemble.workspace(near)
-                    spill = assemble.spill_answers(cp, job, workspace, basis=basis)
+                    typed = TypedAnswers(cp.path, plan.spec)
+                    spill = assemble.spill_answers(cp, job, workspace, basis=basis, typed=typed)
                 except Exception as exc:
                     stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
                 reading = time.monotonic() - t_answers  # part of the join
@@ -340,10 +343,12 @@ async def aenrich(
     t_join = time.monotonic()
     result: Any = None
     if write_to is not None:
-        _write_file(plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats)
+        _write_file(
+            plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=typed
+        )
     else:
         try:
-            joined = _joined_frame(plan, job, spill, workspace, basis=basis, stats=stats)
+            joined = _joined_frame(plan, job, spill, workspace, basis=basis, stats=stats, typed=typed)
         finally:
             if workspace is not None:
                 assemble.remove(workspace)
@@ -371,6 +376,7 @@ def _joined_frame(
     *,
     basis: bool,
     stats: JobStats,
+    typed: TypedAnswers | None = None,
 ) -> pl.DataFrame:
     """The join for a frame in memory: the added columns built a part at a time, merged in row order
     and read back, so the result's own columns are the only large allocation."""
@@ -379,9 +385,9 @@ def _joined_frame(
     if spill is None:
         spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
     parts, stats.statuses, schema = assemble.write_parts(
-        plan, job, spill, workspace, basis=basis, inputs=False
+        plan, job, spill, workspace, basis=basis, inputs=False, typed=typed
     )
-    assemble.remove_answers(spill)
+    spill.remove()
     step = assemble.chunk_rows(parts)
     chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
     for part in parts:
@@ -401,15 +407,16 @@ def _write_joined(
     *,
     basis: bool,
     stats: JobStats,
+    typed: TypedAnswers | None = None,
 ) -> None:
     """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
     if spill is None:  # the answers could not be read (said in the warnings): every completed row says so
         spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
     flatten = flatten_for_csv if fmt == "csv" else None
     parts, stats.statuses, schema = assemble.write_parts(
-        plan, job, spill, workspace, basis=basis, flatten=flatten
+        plan, job, spill, workspace, basis=basis, flatten=flatten, typed=typed
     )
-    assemble.remove_answers(spill)
+    spill.remove()
     step = assemble.chunk_rows(parts)
     chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
     for part in parts:
@@ -428,11 +435,14 @@ def _write_file(
     *,
     basis: bool,
     stats: JobStats,
+    typed: TypedAnswers | None = None,
 ) -> None:
     if workspace is None:  # the answers could not be read: still a file, every completed row says why
         workspace = assemble.workspace(None)
     try:
-        _write_joined(plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats)
+        _write_joined(
+            plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=typed
+        )
     except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
         where = "" if stats.checkpoint == "" else f" in {stats.checkpoint}"
         raise OutputError(

@@ -1,0 +1,113 @@
+"""Answers typed by a join, kept in the checkpoint so that a resumed join reads columns, not JSON.
+
+The checkpoint records each answer as the service sent it (JSON text), and that record is never replaced.
+Typing it (`OutputSpec.to_frame`: decode, check every value against its column, build typed Series) is
+Python work per answer, a third of a million-row resume. So a join keeps what it typed in `typed/` inside
+the checkpoint directory: Parquet files of run_id, the output columns and `_problem` (what did not fit),
+named by a tag of the output columns' types and of this module's version, so that another typing never
+reads them. A run's answer never changes, so a typed answer stays true for its run id.
+
+It is a cache derived from the record, never a record: a file that cannot be read is set aside and its
+answers typed again from their JSON; deleting `typed/` loses nothing. Files are written whole and renamed
+into place; past `MAX_FILES` they are merged into one, a row group at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from enrich._schema import OutputSpec
+
+_VERSION = 1  # the typing of answers (`OutputSpec.to_frame`): a change makes earlier files unread
+MAX_FILES = 32
+DIRECTORY = "typed"
+
+
+class TypedAnswers:
+    """The typed answers of one checkpoint, for one output spec."""
+
+    def __init__(self, checkpoint: Path, spec: OutputSpec) -> None:
+        self.directory = Path(checkpoint) / DIRECTORY
+        self.schema = pl.Schema({"run_id": pl.String, **spec.polars_schema(), "_problem": pl.String})
+        described = json.dumps(
+            {"version": _VERSION, "columns": [[c, str(d)] for c, d in self.schema.items()]}, sort_keys=True
+        )
+        self.tag = hashlib.sha256(described.encode()).hexdigest()[:16]
+        self.unreadable = 0  # files set aside this call
+
+    def files(self) -> list[Path]:
+        try:
+            return sorted(self.directory.glob(f"typed-{self.tag}-*.parquet"))
+        except OSError:
+            return []
+
+    def read(self) -> Iterator[pl.DataFrame]:
+        """Every typed answer kept, a row group at a time, as frames of `schema`."""
+        for path in self.files():
+            try:
+                with pq.ParquetFile(path) as parquet:
+                    groups = [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
+                frames = [self._conform(pl.from_arrow(g)) for g in groups]  # type: ignore[arg-type]
+                del groups
+            except (OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError):
+                self._set_aside(path)
+                continue
+            yield from frames
+
+    def add(self, frame: pl.DataFrame) -> None:
+        """Keep `frame` (run_id, the output columns, `_problem`). A failure to write is not an error:
+        the answers are typed again next time."""
+        if not frame.height:
+            return
+        with contextlib.suppress(OSError, pa.ArrowException):
+            self.directory.mkdir(exist_ok=True)
+            self._write(frame.select(list(self.schema)).to_arrow(), None)
+
+    def compact(self) -> None:
+        """Merge the files into one once there are more than `MAX_FILES`, a row group at a time."""
+        files = self.files()
+        if len(files) <= MAX_FILES:
+            return
+        with contextlib.suppress(OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError):
+            self._write(None, files)
+            for path in files:
+                path.unlink(missing_ok=True)
+
+    def _write(self, table: pa.Table | None, sources: list[Path] | None) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".typed-", suffix=".tmp", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if table is not None:
+                    pq.write_table(table, f, compression="zstd")
+                else:
+                    schema = pl.DataFrame(schema=self.schema).to_arrow().schema
+                    with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                        for source in sources or []:
+                            with pq.ParquetFile(source) as parquet:
+                                for i in range(parquet.num_row_groups):
+                                    group = pl.from_arrow(parquet.read_row_group(i))
+                                    writer.write_table(self._conform(group).to_arrow().cast(schema))  # type: ignore[arg-type]
+            os.replace(tmp, self.directory / f"typed-{self.tag}-{uuid.uuid4().hex}.parquet")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _conform(self, frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.select(pl.col(c).cast(d) for c, d in self.schema.items())
+
+    def _set_aside(self, path: Path) -> None:
+        self.unreadable += 1
+        with contextlib.suppress(OSError):
+            path.rename(path.with_suffix(".unreadable"))
