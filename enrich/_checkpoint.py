@@ -533,10 +533,15 @@ class Checkpoint:
         with self._lock:
             if self._forgotten:
                 raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
-            keys = set(row_keys)
+            if not self._runs:  # a new job (a million keys to look up, for nothing)
+                return set()
+            keys = pl.Series(list(row_keys), dtype=pl.String)
             receipts = self._receipts.frame()
-            found = set(receipts.filter(pl.col("row_key").is_in(list(keys)))["run_id"].to_list())
-            return found | {run for run, key in self._duplicates.items() if key in keys}
+            found = set(receipts.filter(pl.col("row_key").is_in(keys.implode()))["run_id"].to_list())
+            if self._duplicates:
+                wanted = set(keys.to_list())
+                found |= {run for run, key in self._duplicates.items() if key in wanted}
+            return found
 
     @property
     def groups(self) -> list[str]:

@@ -152,7 +152,8 @@ def _read_answer() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from enrich._client import service_of
-    from enrich._engine import JobStats, enrich, plan
+    from enrich._engine import JobStats, enrich
+    from enrich._engine.dry_run import _plan_and_prepared
     from enrich._io import check_checkpoint_dir, check_output_path, read_tables
 
     # Everything that can be refused is refused here, before a request: the output and the checkpoint
@@ -180,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.commit_horizon is not None and args.commit_horizon < 0:
         raise UsageError("--commit-horizon must be a number of seconds of 0 or more")
-    the_plan = plan(df, output, base_url=args.base_url, **job)
+    the_plan, prepared = _plan_and_prepared(df, output, base_url=args.base_url, **job)
     if checkpoint is None and the_plan.checkpoint is not None:
         checkpoint = Path(the_plan.checkpoint)
     if args.dry_run:
@@ -222,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
                 # Joined a part at a time and streamed into the file: never the whole result in memory.
                 write_to=output_path,
                 write_format=args.output_format,
+                _prepared=prepared,  # keyed once, for the plan: not again
                 **job,
             )
             done_ok = True

@@ -361,3 +361,24 @@ def test_an_output_that_fails_to_write_keeps_every_answer(
     assert main(args) == 0
     assert emu.stats()["runs_created"] == 12
     assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * 12
+
+
+def test_run_keys_the_input_once(table: Path, emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`enrich run` plans the job (cost, what is done) and then runs it: the rows are keyed once for
+    both (a million rows take seconds to key), and the job runs from that very preparation."""
+    import enrich._engine.dry_run as planning
+    import enrich._engine.pipeline as pipeline
+
+    calls: list[str] = []
+    real = planning._prepare
+
+    def counting(*a: object, **kw: object) -> object:
+        calls.append("prepare")
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(planning, "_prepare", counting)
+    monkeypatch.setattr(pipeline, "_prepare", counting)
+    out = table.with_name("out.parquet")
+    assert main(["run", str(table), "-o", str(out), *FIELDS, "--processor", "lite", "--no-progress"]) == 0
+    assert calls == ["prepare"]
+    assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * 12

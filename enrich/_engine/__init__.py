@@ -17,7 +17,7 @@ One module per stage, each taking the previous one's output:
    original order, with `_status`, `_error`, `_run_id` (and `_basis`).
 
 `pipeline.aenrich()` runs the stages (the implementation of the public API); `sync.enrich()` is its one
-sync bridge; `plan.plan()` works out what a job would do without sending anything (`--dry-run`).
+sync bridge; `dry_run.plan()` works out what a job would do without sending anything (`--dry-run`).
 
 What survives a crash at each step is the checkpoint's business (`enrich._checkpoint`): the group id is
 durable before any run is added to it, the intent of an add before it is sent, its receipts before the
@@ -25,9 +25,9 @@ next add is sent (in runs mode the creates of one moment share one write of thei
 receipts go with the next write).
 """
 
+from enrich._engine.dry_run import JobPlan, plan
 from enrich._engine.job import JobStats
 from enrich._engine.pipeline import aenrich
-from enrich._engine.plan import JobPlan, plan
 from enrich._engine.prepare import KEY_FIELD, cache_dir
 from enrich._engine.sync import enrich
 

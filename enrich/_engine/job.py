@@ -253,6 +253,7 @@ class _Job:
         todo = set(self.todo)
         self.inputs = {k: x for k, x in zip(self.plan.keys, self.plan.inputs, strict=True) if k in todo}
         self.plan.inputs = []
+        self.plan.consumed = True
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
         old = self.run_of.get(key)

@@ -131,6 +131,7 @@ async def aenrich(
     commit_horizon: float | None = None,
     write_to: str | os.PathLike[str] | None = None,
     write_format: str | None = None,
+    _prepared: _Plan | None = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -140,15 +141,22 @@ async def aenrich(
     """
     started = time.monotonic()
     stats = stats if stats is not None else JobStats()
-    plan = _prepare(
-        data,
-        output,
-        columns=columns,
-        prompt=prompt,
-        input_schema=input_schema,
-        metadata=metadata,
-        processor=processor,
-        mode=mode,
+    # `enrich run` prepared this job already for its plan (`_plan_and_prepared`, the same frame and
+    # arguments): its keys are reused, once.
+    reuse = _prepared is not None and _prepared.original is data and not _prepared.consumed
+    plan = (
+        _prepared
+        if reuse
+        else _prepare(
+            data,
+            output,
+            columns=columns,
+            prompt=prompt,
+            input_schema=input_schema,
+            metadata=metadata,
+            processor=processor,
+            mode=mode,
+        )
     )
     if rate_limit <= 0 or run_rate <= 0:
         raise UsageError("rate_limit and run_rate must be positive numbers of requests/runs per minute")

@@ -56,6 +56,7 @@ class _Plan:
     fingerprint: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
     notes: list[str] = field(default_factory=list)  # said once in the job's warnings
+    consumed: bool = False  # a job ran from it (it gives its inputs away): never reused
 
     @property
     def added(self) -> list[str]:
