@@ -481,6 +481,20 @@ def build_inputs(
     >>> build_inputs(df, prompt="CEO of {company} ({website})?")
     ['CEO of Acme (acme.com)?', 'CEO of Initech ()?']
     """
+    chosen = chosen_columns(df, columns)
+    if prompt is not None:
+        return _render_prompt(df, chosen, prompt)
+    sub = _json_columns(df.select(chosen))
+    # column lists zipped into dicts: about twice as fast as sub.rows(named=True)
+    cols = [
+        _python_column(sub, name) if _has_object(dtype) else sub.get_column(name).to_list()
+        for name, dtype in sub.schema.items()
+    ]
+    return [dict(zip(chosen, values, strict=True)) for values in zip(*cols, strict=True)]
+
+
+def chosen_columns(df: pl.DataFrame, columns: Sequence[str] | str | None) -> list[str]:
+    """The columns `build_inputs` sends: `columns` checked against `df` (all of them for None)."""
     available = df.columns
     if isinstance(columns, str):
         columns = [columns]
@@ -498,15 +512,7 @@ def build_inputs(
             raise UsageError(f"columns lists {', '.join(map(repr, dupes))} more than once; list each once")
     else:
         chosen = list(available)
-    if prompt is not None:
-        return _render_prompt(df, chosen, prompt)
-    sub = _json_columns(df.select(chosen))
-    # column lists zipped into dicts: about twice as fast as sub.rows(named=True)
-    cols = [
-        _python_column(sub, name) if _has_object(dtype) else sub.get_column(name).to_list()
-        for name, dtype in sub.schema.items()
-    ]
-    return [dict(zip(chosen, values, strict=True)) for values in zip(*cols, strict=True)]
+    return chosen
 
 
 def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str) -> list[str]:
@@ -622,6 +628,38 @@ def keys_and_sizes(
     return keys, [len(v) for v in inputs] if strings else [len(t) for t in texts]
 
 
+def text_keys_and_sizes(
+    df: pl.DataFrame, columns: Sequence[str], task_spec: Mapping[str, Any], processor: str
+) -> tuple[list[str], list[int]] | None:
+    """`keys_and_sizes(build_inputs(df, columns=columns), task_spec, processor)` when every column sent
+    is text, computed from the columns: polars writes each row's canonical JSON (`struct.json_encode`,
+    fields in sorted order), so no Python dict is built per row (a million rows: 1 s instead of 5, and
+    none of the 390 MB of dicts). None when it does not apply.
+
+    The keys are the checkpoint's identity of a row: they must be exactly those of `row_keys`. polars'
+    escaping matches `canonical_json` character for character (tested on every code point to U+3000
+    and beyond), and a sample of rows (the first, the last, and evenly spread ones) is encoded both
+    ways on every call: any difference falls back to the per-row path.
+    """
+    n = df.height
+    if not n or not columns or any(df.schema[c] != pl.String for c in columns):
+        return None
+    text = df.select(pl.struct(sorted(columns)).struct.json_encode().alias("t"))["t"]
+    sample = sorted({*range(min(64, n)), *range(max(0, n - 64), n), *range(0, n, max(1, n // 128))})
+    want = [canonical_json(x) for x in build_inputs(df[sample], columns=list(columns))]
+    if text.gather(sample).to_list() != want:
+        return None
+    head = canonical_json([_KEY_VERSION, processor, task_spec])
+    prefix = hashlib.sha256(head[:-1].encode() + b",")
+    keys = []
+    for encoded in text.cast(pl.Binary).to_list():
+        h = prefix.copy()
+        h.update(encoded)
+        h.update(b"]")
+        keys.append(h.hexdigest()[:32])
+    return keys, text.str.len_chars().to_list()
+
+
 def _encode_many(values: Sequence[Any]) -> list[str]:
     """`[canonical_json(v) for v in values]`, computed column-wise when the values allow it.
 
@@ -684,9 +722,17 @@ def dedupe(keys: Iterable[str]) -> tuple[list[str], list[int]]:
     >>> dedupe(["a", "b", "a", "c", "b"])
     (['a', 'b', 'c'], [0, 1, 0, 2, 1])
     """
-    positions: dict[str, int] = {}
-    index = [positions.setdefault(k, len(positions)) for k in keys]
-    return list(positions), index
+    column = pl.Series("k", list(keys), dtype=pl.String)
+    if len(column) < 10_000:  # a dict is quicker for a few
+        positions: dict[str, int] = {}
+        index = [positions.setdefault(k, len(positions)) for k in column.to_list()]
+        return list(positions), index
+    # In polars: a million keys in ~0.3 s instead of ~1 s.
+    distinct = column.unique(maintain_order=True)
+    at = column.to_frame().join(
+        distinct.to_frame().with_row_index("d"), on="k", how="left", maintain_order="left"
+    )["d"]
+    return distinct.to_list(), at.to_list()
 
 
 def check_input_size(

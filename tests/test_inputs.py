@@ -645,3 +645,47 @@ def test_fast_encoding_equals_canonical_json_for_random_rows(keys: list[str], da
     }
     rows = [{k: data.draw(column_values[k]) for k in keys} for _ in range(n)]
     assert _encode_many(rows) == [canonical_json(r) for r in rows]
+
+
+def test_text_columns_are_keyed_by_polars_exactly_as_row_by_row() -> None:
+    """`text_keys_and_sizes` (all-text columns, JSON written by polars) gives the keys and sizes of the
+    per-row path for every code point a cell may hold, in every row, not just the sampled ones."""
+    from enrich._inputs import keys_and_sizes, text_keys_and_sizes
+
+    spec = {"output_schema": {"type": "text", "description": "CEO"}}
+    cells = [chr(c) for c in range(0x2100)] + ["\U0001f600", "\ufeff", "\u2028", "", 'a"b\\c/d']
+    df = pl.DataFrame(
+        {
+            'name é"x': [f"<{c}>" for c in cells],
+            "a": [None if i % 7 == 0 else cells[-i] for i in range(len(cells))],
+        }
+    )
+    fast = text_keys_and_sizes(df, df.columns, spec, "core")
+    assert fast is not None
+    assert fast == keys_and_sizes(build_inputs(df), spec, "core")
+    # A column that is not text keeps the per-row path.
+    assert (
+        text_keys_and_sizes(df.with_columns(pl.lit(1).alias("n")), [*df.columns, "n"], spec, "core") is None
+    )
+
+
+def test_a_sample_that_differs_falls_back_to_the_row_by_row_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    import enrich._inputs as inputs
+
+    df = pl.DataFrame({"company": [f"c{i}" for i in range(1000)]})
+    spec = {"output_schema": {"type": "text", "description": "CEO"}}
+    real = inputs.canonical_json
+    monkeypatch.setattr(inputs, "canonical_json", lambda v: real(v).replace("c9", "C9"))
+    assert inputs.text_keys_and_sizes(df, ["company"], spec, "core") is None
+
+
+def test_dedupe_of_many_keys_is_first_seen_order() -> None:
+    import random
+
+    from enrich._inputs import dedupe
+
+    rng = random.Random(4)
+    keys = [f"{rng.randrange(5_000):032x}" for _ in range(30_000)]
+    positions: dict[str, int] = {}
+    index = [positions.setdefault(k, len(positions)) for k in keys]
+    assert dedupe(keys) == (list(positions), index)

@@ -184,7 +184,7 @@ def _engine_payload() -> tuple[list[dict[str, Any]], dict[str, Any]]:
     )
     inputs = [
         {"input": x, "processor": plan.processor, "metadata": {**plan.metadata, "enrich_key": k}}
-        for k, x in zip(plan.keys, plan.inputs, strict=True)
+        for k, x in plan.inputs_of(set(plan.keys)).items()
     ]
     return inputs, plan.task_spec
 

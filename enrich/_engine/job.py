@@ -250,9 +250,8 @@ class _Job:
         if self.todo:
             self.superseded.update(self.cp.run_ids(self.todo))
         # Only rows still to be sent need their input; at a million rows the others are ~350 MB.
-        todo = set(self.todo)
-        self.inputs = {k: x for k, x in zip(self.plan.keys, self.plan.inputs, strict=True) if k in todo}
-        self.plan.inputs = []
+        self.inputs = self.plan.inputs_of(set(self.todo))
+        self.plan.inputs = None
         self.plan.consumed = True
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:

@@ -23,8 +23,10 @@ from enrich._exceptions import (
 from enrich._inputs import (
     build_inputs,
     check_input_size,
+    chosen_columns,
     dedupe,
     keys_and_sizes,
+    text_keys_and_sizes,
     to_polars,
     validate_inputs,
 )
@@ -51,12 +53,26 @@ class _Plan:
     metadata: dict[str, Any]
     keys: list[str]  # distinct keys, first-seen order
     index: list[int]  # row -> distinct key index
-    inputs: list[Any]  # distinct inputs
+    inputs: list[Any] | None  # distinct inputs; None: built when asked (`inputs_of`)
+    input_rows: list[int] | None  # the first row of each distinct key (None: row i is key i)
+    columns: list[str]  # the columns sent
+    prompt: str | None
     local_errors: dict[str, str]  # key -> why it is not sent
     fingerprint: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
     notes: list[str] = field(default_factory=list)  # said once in the job's warnings
     consumed: bool = False  # a job ran from it (it gives its inputs away): never reused
+
+    def inputs_of(self, wanted: set[str]) -> dict[str, Any]:
+        """key -> input of the distinct rows in `wanted` (built now when the keys came from polars)."""
+        if not wanted:
+            return {}
+        if self.inputs is not None:
+            return {k: x for k, x in zip(self.keys, self.inputs, strict=True) if k in wanted}
+        at = [d for d, k in enumerate(self.keys) if k in wanted]
+        rows = at if self.input_rows is None else [self.input_rows[d] for d in at]
+        built = build_inputs(self.df[rows], columns=self.columns, prompt=self.prompt)
+        return {self.keys[d]: x for d, x in zip(at, built, strict=True)}
 
     @property
     def added(self) -> list[str]:
@@ -136,10 +152,19 @@ def _prepare(
     meta = _check_metadata(metadata)
     task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
     t0 = time.monotonic()
-    inputs = build_inputs(df, columns=list(columns) if columns is not None else None, prompt=prompt)
-    all_keys, all_sizes = keys_and_sizes(inputs, task_spec, processor)
+    chosen = chosen_columns(df, list(columns) if columns is not None else None)
+    fast = None
+    if prompt is None and input_schema is None:  # all-text columns: keyed by polars, inputs built later
+        fast = text_keys_and_sizes(df, chosen, task_spec, processor)
+    inputs: list[Any] | None = None
+    if fast is not None:
+        all_keys, all_sizes = fast
+    else:
+        inputs = build_inputs(df, columns=chosen, prompt=prompt)
+        all_keys, all_sizes = keys_and_sizes(inputs, task_spec, processor)
     t1 = time.monotonic()
     keys, index = dedupe(all_keys)
+    rows: list[int] | None = None
     if len(keys) == len(all_keys):  # no repeats: the first row of each key is the row itself
         distinct_inputs, sizes = inputs, all_sizes
     else:
@@ -147,15 +172,17 @@ def _prepare(
         for row, key in enumerate(all_keys):
             first.setdefault(key, row)
         rows = [first[k] for k in keys]
-        distinct_inputs = [inputs[r] for r in rows]
+        distinct_inputs = [inputs[r] for r in rows] if inputs is not None else None
         sizes = [all_sizes[r] for r in rows]
+    del all_keys, all_sizes
     local_errors: dict[str, str] = {}
     for key, problem in zip(
-        keys, check_input_size(distinct_inputs, task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
+        keys, check_input_size([], task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
     ):
         if problem:
             local_errors[key] = problem
     if input_schema is not None:
+        assert distinct_inputs is not None  # (never keyed by polars: `validate_inputs` reads them)
         problems = validate_inputs(distinct_inputs, dict(input_schema))
         for key, problem in zip(keys, problems, strict=True):
             if problem and key not in local_errors:
@@ -181,6 +208,9 @@ def _prepare(
         keys=keys,
         index=index,
         inputs=distinct_inputs,
+        input_rows=rows,
+        columns=chosen,
+        prompt=prompt,
         local_errors=local_errors,
         fingerprint=fingerprint,
         timings=timings,
