@@ -267,6 +267,33 @@ def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator
             part.reader = None
 
 
+def joined_chunks(
+    plan: _Plan,
+    job: _Job | None,
+    spill: Spill | None,
+    directory: Path,
+    *,
+    basis: bool,
+    typed: TypedAnswers | None = None,
+    inputs: bool = True,
+    flatten: Any = None,
+) -> tuple[list[Path], pl.Schema, dict[str, int], int]:
+    """Steps 2 and 3: the parts joined and merged into chunk files in row order. Returns the chunks,
+    their schema, the rows per status and the rows per chunk. `spill` None (the answers could not be
+    read) joins no answer: every completed row says its answer could not be read back."""
+    if spill is None:
+        spill = Spill(directory, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
+    parts, statuses, schema = write_parts(
+        plan, job, spill, directory, basis=basis, flatten=flatten, inputs=inputs, typed=typed
+    )
+    spill.remove()
+    step = chunk_rows(parts)
+    chunks = list(merge(parts, plan.df.height, directory, step))
+    for part in parts:
+        part.path.unlink(missing_ok=True)
+    return chunks, schema, statuses, step
+
+
 def read_chunks(chunks: list[Path], schema: pl.Schema) -> pl.DataFrame:
     """The rows of `chunks` as one frame of `schema`: the frame is the only large allocation (Arrow
     buffers read from the files, taken over by polars without a copy)."""

@@ -390,18 +390,10 @@ def _joined_frame(
     and read back, so the result's own columns are the only large allocation."""
     if workspace is None:  # the answers could not be read: every completed row says why
         workspace = assemble.workspace(None)
-    if spill is None:
-        spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
-    parts, stats.statuses, schema = assemble.write_parts(
-        plan, job, spill, workspace, basis=basis, inputs=False, typed=typed
+    chunks, schema, stats.statuses, _ = assemble.joined_chunks(
+        plan, job, spill, workspace, basis=basis, typed=typed, inputs=False
     )
-    spill.remove()
-    step = assemble.chunk_rows(parts)
-    chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
-    for part in parts:
-        part.path.unlink(missing_ok=True)
-    added = assemble.read_chunks(chunks, schema)
-    return pl.concat([plan.df, added], how="horizontal")
+    return pl.concat([plan.df, assemble.read_chunks(chunks, schema)], how="horizontal")
 
 
 def _write_joined(
@@ -418,17 +410,10 @@ def _write_joined(
     typed: TypedAnswers | None = None,
 ) -> None:
     """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
-    if spill is None:  # the answers could not be read (said in the warnings): every completed row says so
-        spill = assemble.Spill(workspace, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
     flatten = flatten_for_csv if fmt == "csv" else None
-    parts, stats.statuses, schema = assemble.write_parts(
-        plan, job, spill, workspace, basis=basis, flatten=flatten, typed=typed
+    chunks, schema, stats.statuses, step = assemble.joined_chunks(
+        plan, job, spill, workspace, basis=basis, typed=typed, flatten=flatten
     )
-    spill.remove()
-    step = assemble.chunk_rows(parts)
-    chunks = list(assemble.merge(parts, plan.df.height, workspace, step))
-    for part in parts:
-        part.path.unlink(missing_ok=True)
     write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
 
 
