@@ -209,3 +209,39 @@ def test_a_resumed_join_reads_the_answers_typed_before(
     assert sum(decoded) == 119 and third.equals(first)  # every completed input (one is refused locally)
     assert len(list((cp / "typed").glob("*.unreadable"))) == len(files)
     assert app.stats()["runs_created"] == 119
+
+
+_NO_NUMPY = """
+import sys
+sys.modules["numpy"] = None  # as if numpy were not installed: `import numpy` raises ImportError
+import asyncio
+import httpx
+import polars as pl
+from enrich import EmulatorConfig, aenrich, create_app
+
+app = create_app(EmulatorConfig(latency=0.02, basis_bytes=600))
+df = pl.DataFrame({"company": [f"C{i % 40}" for i in range(100)]})
+kw = dict(
+    api_key="k", base_url="http://emulator", transport=httpx.ASGITransport(app=app), progress=False,
+    processor="core", basis=True, checkpoint=sys.argv[1],
+)
+spec = {"ceo": "CEO", "founded": ("integer", "Year")}
+out = asyncio.run(aenrich(df, spec, **kw))
+asyncio.run(aenrich(df, spec, write_to=sys.argv[1] + ".parquet", **kw))
+assert out["_status"].to_list() == ["completed"] * 100
+assert pl.read_parquet(sys.argv[1] + ".parquet").equals(out)
+print("ok")
+"""
+
+
+def test_a_job_needs_no_numpy(tmp_path: Path) -> None:
+    """numpy is not a dependency (pandas brings it to the test extra, not to users): a job with its basis,
+    to a frame and to a file, runs where `import numpy` fails. (A fresh `pip install .` found the join
+    importing it.)"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_NUMPY, str(tmp_path / "cp")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

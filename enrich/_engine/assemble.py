@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from enrich._engine.job import _Job
 from enrich._engine.join import _completed_ids, _distinct, _meta, _no_answers, _typed_basis
@@ -166,19 +166,21 @@ def write_parts(
     meta = _meta(plan, job)
     n = len(plan.keys)
     per = spill.per_part or max(n, 1)
-    index = np.asarray(plan.index, dtype=np.int64)
-    counts = meta["_status"].gather(pl.Series(index, dtype=pl.UInt32)).value_counts()
+    index = pl.Series("d", plan.index, dtype=pl.Int64)
+    counts = meta["_status"].gather(index).value_counts()
     statuses = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
-    part_of_row = index // per
-    order = np.argsort(part_of_row, kind="stable")  # rows grouped by part, each group in row order
-    bounds = np.searchsorted(part_of_row[order], np.arange(n // per + 2))
+    # The rows of each part, each in row order.
+    by_part = (
+        pl.DataFrame({"d": index})
+        .with_row_index("row")
+        .with_columns((pl.col("d") // per).alias("part"))
+        .partition_by("part", as_dict=True, maintain_order=True)
+    )
     parts: list[_Part] = []
     schema: pl.Schema | None = None
-    for j in range(len(bounds) - 1):
-        rows = order[bounds[j] : bounds[j + 1]]
-        if not len(rows):
-            continue
-        lo = j * per
+    for (j,), rows_of in sorted(by_part.items()):  # type: ignore[type-var]
+        rows = rows_of["row"].cast(pl.Int64)
+        lo = int(j) * per  # type: ignore[call-overload]
         answers = spill.part(j)
         distinct, fresh = _distinct(
             plan,
@@ -191,14 +193,15 @@ def write_parts(
         if typed is not None:
             typed.add(fresh)
         del fresh
-        added = distinct[pl.Series(index[rows] - lo, dtype=pl.UInt32)]
+        added = distinct[(rows_of["d"] - lo).cast(pl.UInt32)]
+        del rows_of
         frame = pl.concat([plan.df[rows], added], how="horizontal") if inputs else added
         del distinct, added
         if flatten is not None:
             frame = flatten(frame)
         if schema is None:
             schema = frame.schema
-        frame = frame.with_columns(pl.Series(_ROW, rows, dtype=pl.Int64))
+        frame = frame.with_columns(rows.alias(_ROW))
         size = max(1, frame.estimated_size() // frame.height)
         batch = max(16, BATCH_BYTES // size)
         path = directory / f"part-{j}.arrow"
@@ -207,7 +210,7 @@ def write_parts(
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=batch)
         del table
-        parts.append(_Part(path, [int(r) for r in rows[::batch]]))
+        parts.append(_Part(path, rows.gather_every(batch).to_list()))
     if typed is not None:
         typed.compact()
     return parts, statuses, schema if schema is not None else pl.Schema()
@@ -243,8 +246,8 @@ def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator
                         part.pending = part.reader.get_batch(part.next_batch)
                         part.next_batch += 1
                     batch = part.pending
-                    positions = batch.column(_ROW).to_numpy()
-                    k = int(np.searchsorted(positions, end))
+                    # positions are sorted: those before `end` are a prefix
+                    k = pc.sum(pc.less(batch.column(_ROW), end)).as_py() or 0
                     if k:
                         pieces.append(batch.slice(0, k))
                     if k < batch.num_rows:
