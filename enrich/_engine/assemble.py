@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from enrich._engine.job import _Job
-from enrich._engine.join import _completed_ids, _distinct, _meta, _no_answers, _typed_basis
+from enrich._engine.join import _distinct, _meta, _no_answers, _typed_basis
 from enrich._engine.prepare import _Plan
 from enrich._engine.typed import TypedAnswers
 
@@ -57,6 +57,8 @@ class Spill:
     #: Distinct row of each completed run: run_id, d.
     ids: pl.DataFrame
     per_part: int = 0  # set from the size of the first answers read
+    #: The job's `_meta`, when `spill_answers` made it (the parts need it too).
+    meta: pl.DataFrame | None = None
     _buffer: dict[tuple[str, int], list[pl.DataFrame]] = field(default_factory=dict)
     _buffered: int = 0
     _files: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -118,18 +120,15 @@ def spill_answers(
 ) -> Spill:
     """Read the answers of `job`'s completed rows from the checkpoint `cp` into a `Spill` in `directory`,
     and the answers typed by earlier joins from `typed`."""
-    completed = [k for k, (status, _) in job.done.items() if status == "completed"]
+    # The run each distinct row gets its answer from, found once for the spill and the parts.
+    meta = _meta(job.plan, job)
     ids = (
-        pl.DataFrame({"key": pl.Series(completed, dtype=pl.String), "run_id": _completed_ids(job)})
-        .join(
-            pl.DataFrame({"key": pl.Series(job.plan.keys, dtype=pl.String)}).with_row_index("d"),
-            on="key",
-            how="inner",
-        )
+        meta.select(pl.col("answered").alias("run_id"))
+        .with_row_index("d")
+        .drop_nulls("run_id")
         .select("run_id", pl.col("d").cast(pl.Int64))
     )
-    del completed
-    spill = Spill(directory, ids)
+    spill = Spill(directory, ids, meta=meta)
     if ids.height:
         cp.answers(ids, basis=basis, each=spill.add)
         if typed is not None:
@@ -163,7 +162,7 @@ def write_parts(
     parts, the rows per status, and the schema of the result (without the position). Without `inputs`,
     the parts hold only the columns the job adds (a frame in memory has the input already). Answers
     typed here are kept in `typed` for the next join."""
-    meta = _meta(plan, job)
+    meta = spill.meta if spill.meta is not None else _meta(plan, job)
     n = len(plan.keys)
     per = spill.per_part or max(n, 1)
     index = pl.Series("d", plan.index, dtype=pl.Int64)

@@ -219,14 +219,6 @@ def _no_answers() -> pl.DataFrame:
     return pl.DataFrame(schema={"run_id": pl.String, "output": pl.String, "basis": _BASIS})
 
 
-def _completed_ids(job: _Job) -> pl.Series:
-    return pl.Series(
-        "run_id",
-        [job.run_of[k] for k, (status, _) in job.done.items() if status == "completed"],
-        dtype=pl.String,
-    )
-
-
 def _typed_basis(part: pl.DataFrame) -> pl.DataFrame:
     """`part` with its basis column (JSON text as the service sent it) decoded to `_BASIS`, normalized as
     `FieldBasis` does (missing text fields empty, missing lists empty); decoded in Rust. A basis of an

@@ -396,27 +396,6 @@ def _joined_frame(
     return pl.concat([plan.df, assemble.read_chunks(chunks, schema)], how="horizontal")
 
 
-def _write_joined(
-    plan: _Plan,
-    job: _Job | None,
-    spill: assemble.Spill | None,
-    workspace: Path,
-    write_to: str | os.PathLike[str],
-    write_format: str | None,
-    fmt: str | None,
-    *,
-    basis: bool,
-    stats: JobStats,
-    typed: TypedAnswers | None = None,
-) -> None:
-    """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
-    flatten = flatten_for_csv if fmt == "csv" else None
-    chunks, schema, stats.statuses, step = assemble.joined_chunks(
-        plan, job, spill, workspace, basis=basis, typed=typed, flatten=flatten
-    )
-    write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
-
-
 def _write_file(
     plan: _Plan,
     job: _Job | None,
@@ -430,12 +409,15 @@ def _write_file(
     stats: JobStats,
     typed: TypedAnswers | None = None,
 ) -> None:
+    """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
     if workspace is None:  # the answers could not be read: still a file, every completed row says why
         workspace = assemble.workspace(None)
     try:
-        _write_joined(
-            plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=typed
+        flatten = flatten_for_csv if fmt == "csv" else None
+        chunks, schema, stats.statuses, step = assemble.joined_chunks(
+            plan, job, spill, workspace, basis=basis, typed=typed, flatten=flatten
         )
+        write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
     except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
         where = "" if stats.checkpoint == "" else f" in {stats.checkpoint}"
         raise OutputError(
@@ -443,5 +425,4 @@ def _write_file(
             "fix this, then run the same call again (nothing is paid twice)"
         ) from exc
     finally:
-        if workspace is not None:
-            assemble.remove(workspace)
+        assemble.remove(workspace)
