@@ -10,7 +10,7 @@ from importlib import metadata as _metadata
 
 from enrich._client import TaskClient
 from enrich._emulator import Emulator, EmulatorConfig, create_app
-from enrich._engine import JobPlan, JobStats, aenrich, cache_dir, enrich, plan
+from enrich._engine import JobPlan, JobStats, aenrich, aenrich_shard, cache_dir, enrich, plan
 from enrich._exceptions import (
     APIError,
     APIStatusError,
@@ -99,6 +99,7 @@ __all__ = [
     "UsageError",
     "ValidationError",
     "aenrich",
+    "aenrich_shard",
     "cache_dir",
     "create_app",
     "enrich",

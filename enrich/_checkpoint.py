@@ -106,7 +106,7 @@ if sys.platform != "win32":
 
 __all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
 
-FORMAT: Final = 1
+FORMAT: Final = 2  # the newest readable: 1, one area; 2, a root of shards (`"shards"` in the manifest)
 MANIFEST: Final = "manifest.json"
 PACING: Final = "pacing.json"
 SERVICE_WARNINGS: Final = "warnings.json"
@@ -412,7 +412,7 @@ class Checkpoint:
             if manifest is None:
                 _check_empty(root)
                 manifest = {
-                    "format": FORMAT,
+                    "format": 1,  # 2 once it is made a root of shards (`record_shards`)
                     "job_id": job_id,
                     "fingerprint": canonical_fp,
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -428,7 +428,9 @@ class Checkpoint:
                     )
                 recorded = manifest.get("service")
                 if service is not None and recorded != service:
-                    if not any(_SEGMENT_RE.fullmatch(n) for n in os.listdir(root)):
+                    if manifest.get("shards", 1) == 1 and not any(
+                        _SEGMENT_RE.fullmatch(n) for n in os.listdir(root)
+                    ):
                         # It recorded nothing (a wrong address refused before any group, or an older
                         # enrich's never used): no run binds it to a service.
                         manifest = {**manifest, "service": service}
@@ -510,8 +512,32 @@ class Checkpoint:
         `open` checks this itself; a read-only checkpoint (a dry run) asks here.
         """
         recorded = self.service
-        if recorded is not None and recorded != service and any(self._segments.values()):
+        if recorded is not None and recorded != service and (any(self._segments.values()) or self.shards > 1):
             raise ServiceMismatchError(_service_message(self._path, recorded, service))
+
+    @property
+    def shards(self) -> int:
+        """How many shards the job is split into (`enrich._engine.shards`); 1: this directory records
+        every run."""
+        shards = self._manifest.get("shards", 1)
+        return shards if isinstance(shards, int) and shards >= 1 else 1
+
+    @property
+    def recorded_nothing(self) -> bool:
+        """No segment at all (no group, intent or run): the job's layout may still be chosen."""
+        return not any(self._segments.values()) and not self._buffer
+
+    def record_shards(self, count: int) -> None:
+        """Make this checkpoint, which recorded nothing, the root of `count` shards, each recorded in its
+        own directory under it. The manifest becomes format 2, which an older enrich refuses to open
+        (it would see no runs here and pay for every row again). Durable on return."""
+        with self._lock:
+            self._check_writable()
+            if not self.recorded_nothing:
+                raise CheckpointError(f"checkpoint {self._path} recorded runs: it cannot be split in shards")
+            manifest = {**self._manifest, "format": 2, "shards": int(count)}
+            self._write_json(MANIFEST, manifest)
+            self._manifest = manifest
 
     @property
     def job_id(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -322,7 +323,8 @@ def _next_step(args: argparse.Namespace, stats: Any, checkpoint: Path, pending: 
 def _status(args: argparse.Namespace) -> int:
     import polars as pl
 
-    from enrich._checkpoint import Checkpoint
+    from enrich._checkpoint import Checkpoint, Counts
+    from enrich._engine.shards import read_areas
     from enrich._processors import PROCESSORS
 
     path = Path(args.path)
@@ -337,10 +339,13 @@ def _status(args: argparse.Namespace) -> int:
         )
     cp = Checkpoint.read(path)
     fingerprint = cp.fingerprint
-    counts = cp.counts()
+    areas = read_areas(cp)  # a job split in shards: one checkpoint each under the root
+    counts = Counts(*(sum(getattr(a.counts(), f.name) for a in areas) for f in dataclasses.fields(Counts)))
     processor = str(fingerprint.get("processor", "?"))
     price = PROCESSORS[processor].price_per_run if processor in PROCESSORS else None
-    state = cp.state(outputs=False)
+    state = pl.concat([a.state(outputs=False) for a in areas])
+    groups = [g for a in areas for g in a.groups]
+    warnings = [w for a in areas for w in a.warnings]
     errors = (
         state.filter(pl.col("status") == "failed")
         .sort("finished_at", descending=True, nulls_last=True)["error"]
@@ -367,13 +372,14 @@ def _status(args: argparse.Namespace) -> int:
         "runs_duplicated": counts.duplicates,
         "spent_usd": round(counts.runs * price, 4) if price is not None else None,
         "still_running_usd": round(counts.submitted * price, 4) if price is not None else None,
-        "groups": cp.groups,
+        "groups": groups,
+        "shards": cp.shards,
         "first_submitted": first.isoformat() if first is not None else None,
         "last_finished": last.isoformat() if last is not None else None,
         "last_errors": errors,
         "service_warnings": cp.service_warnings,
         "rows": (cp.last_call or {}).get("rows"),  # of the last call's input; None before this version
-        "warnings": cp.warnings,
+        "warnings": warnings,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -399,7 +405,8 @@ def _status(args: argparse.Namespace) -> int:
             if counts.duplicates
             else ""
         ),
-        f"groups:      {', '.join(cp.groups) or '-'}",
+        f"groups:      {', '.join(groups) or '-'}"
+        + (f" (the job is split in {cp.shards} shards, a group each)" if cp.shards > 1 else ""),
         f"times:       first submitted {report['first_submitted'] or '-'}, "
         f"last finished {report['last_finished'] or '-'}",
     ]
@@ -408,7 +415,7 @@ def _status(args: argparse.Namespace) -> int:
         f"service warns ({n:,} runs): {m}"
         for m, n in sorted(cp.service_warnings.items(), key=lambda kv: -kv[1])
     ]
-    lines += [f"warning:     {w}" for w in cp.warnings]
+    lines += [f"warning:     {w}" for w in warnings]
     print("\n".join(lines))
     return EXIT_OK
 

@@ -76,9 +76,9 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     seen = {"parts": 0, "spilled": 0, "batches": 0, "chunks": 0}
     write_parts, merge = assemble.write_parts, assemble.merge
 
-    def counting_parts(plan: Any, job: Any, spill: assemble.Spill, *args: Any, **kw: Any) -> Any:
+    def counting_parts(plan: Any, spill: assemble.Spill, *args: Any, **kw: Any) -> Any:
         seen["spilled"] = sum(spill._files.values())
-        parts, statuses, schema = write_parts(plan, job, spill, *args, **kw)
+        parts, statuses, schema = write_parts(plan, spill, *args, **kw)
         seen["parts"] = len(parts)
         seen["batches"] = sum(len(p.firsts) for p in parts)
         return parts, statuses, schema

@@ -28,6 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from enrich import _checkpoint
 from enrich._checkpoint import Checkpoint, Counts, Intent, Outcome, Receipt
 from enrich._exceptions import CheckpointError, CheckpointMismatchError, UsageError
 
@@ -142,9 +143,32 @@ def test_manifest_edited_by_hand_is_damaged(root: Path) -> None:
 def test_newer_format_is_refused(root: Path) -> None:
     Checkpoint.open(root, FP).close()
     manifest = root / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 2'))
+    manifest.write_text(manifest.read_text().replace('"format": 1', '"format": 3'))
     with pytest.raises(CheckpointError, match="newer enrich"):
         Checkpoint.open(root, FP)
+
+
+def test_a_root_of_shards_is_refused_by_an_enrich_that_reads_one_area(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older enrich would see no run in a root of shards and pay for every row again."""
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.recorded_nothing and cp.shards == 1
+        cp.record_shards(8)
+    assert json.loads((root / "manifest.json").read_text())["format"] == 2
+    with Checkpoint.open(root, FP) as cp:
+        assert cp.shards == 8
+    monkeypatch.setattr(_checkpoint, "FORMAT", 1)  # what the previous enrich read
+    with pytest.raises(CheckpointError, match="newer enrich"):
+        Checkpoint.open(root, FP)
+
+
+def test_a_checkpoint_that_recorded_a_group_is_never_split(root: Path) -> None:
+    with Checkpoint.open(root, FP) as cp:
+        cp.record_group("tgrp_1")
+        assert not cp.recorded_nothing
+        with pytest.raises(CheckpointError, match="cannot be split"):
+            cp.record_shards(4)
 
 
 def test_open_without_create(root: Path) -> None:

@@ -5,7 +5,10 @@ One module per stage, each taking the previous one's output:
 1. `prepare`: read the frame, parse the output description, build each row's input, key it by content
    (input + task spec + processor), deduplicate, check everything the API would refuse (no network).
    Every bad input is a one-line `UsageError` here, before anything is sent or spent. → `_Plan`.
-2. `job`: the job's state, filtered against the checkpoint (`_Job.load`): keys with an outcome are done;
+2. `shards`: a job of more than 65,536 distinct rows is split by content (the top bits of each key)
+   into shards, each with its own checkpoint area and task group, run a few at a time under one rate
+   limiter, so memory does not grow with the job (`aenrich_shard` runs one). Then, per shard:
+   `job`: the job's state, filtered against the checkpoint (`_Job.load`): keys with an outcome are done;
    keys with a receipt are collected, never resubmitted. It records outcomes and reports progress.
 3. `reconcile`: creates whose answers were lost (an add-runs sent but not recorded, a timeout) are found
    again by reading the group's runs (their metadata carries the key) before anything new is sent; rows
@@ -27,8 +30,8 @@ receipts go with the next write).
 
 from enrich._engine.dry_run import JobPlan, plan
 from enrich._engine.job import JobStats
-from enrich._engine.pipeline import aenrich
+from enrich._engine.pipeline import aenrich, aenrich_shard
 from enrich._engine.prepare import KEY_FIELD, cache_dir
 from enrich._engine.sync import enrich
 
-__all__ = ["KEY_FIELD", "JobPlan", "JobStats", "aenrich", "cache_dir", "enrich", "plan"]
+__all__ = ["KEY_FIELD", "JobPlan", "JobStats", "aenrich", "aenrich_shard", "cache_dir", "enrich", "plan"]

@@ -28,8 +28,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from enrich._engine.job import _Job
-from enrich._engine.join import _distinct, _meta, _no_answers, _typed_basis
+from enrich._engine.join import _distinct, _no_answers, _typed_basis
 from enrich._engine.prepare import _Plan
 from enrich._engine.typed import TypedAnswers
 
@@ -54,11 +53,11 @@ class Spill:
     `typed.TypedAnswers`: run_id, the output columns, `_problem`, d)."""
 
     directory: Path
-    #: Distinct row of each completed run: run_id, d.
-    ids: pl.DataFrame
-    per_part: int = 0  # set from the size of the first answers read
-    #: The job's `_meta`, when `spill_answers` made it (the parts need it too).
+    #: The job's distinct rows.
+    total: int
+    #: Per distinct row (in the job's order) what became of it (`join._meta`), every shard's.
     meta: pl.DataFrame | None = None
+    per_part: int = 0  # set from the size of the first answers read
     _buffer: dict[tuple[str, int], list[pl.DataFrame]] = field(default_factory=dict)
     _buffered: int = 0
     _files: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -80,8 +79,9 @@ class Spill:
     def _keep(self, kind: str, part: pl.DataFrame) -> None:
         if not part.height:
             return
-        per = self.per_part or max(MIN_PART_ROWS, int(self.ids.height))
-        split = part.with_columns((pl.col("d") // per).alias("_part"))
+        if not self.per_part:
+            self.per_part = max(MIN_PART_ROWS, self.total)
+        split = part.with_columns((pl.col("d") // self.per_part).alias("_part"))
         for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
             self._buffer.setdefault((kind, int(j)), []).append(frame)  # type: ignore[arg-type]
         self._buffered += part.estimated_size()
@@ -115,27 +115,29 @@ class Spill:
         self._buffer.clear()
 
 
-def spill_answers(
-    cp: Any, job: _Job, directory: Path, *, basis: bool, typed: TypedAnswers | None = None
-) -> Spill:
-    """Read the answers of `job`'s completed rows from the checkpoint `cp` into a `Spill` in `directory`,
-    and the answers typed by earlier joins from `typed`."""
-    # The run each distinct row gets its answer from, found once for the spill and the parts.
-    meta = _meta(job.plan, job)
-    ids = (
+def answered(meta: pl.DataFrame, d: pl.Series | None = None) -> pl.DataFrame:
+    """The run each completed distinct row of `meta` gets its answer from: run_id, d (the row's place
+    in the job: `d`, else its place in `meta`)."""
+    place = d if d is not None else pl.int_range(meta.height, dtype=pl.Int64, eager=True)
+    return (
         meta.select(pl.col("answered").alias("run_id"))
-        .with_row_index("d")
+        .with_columns(place.cast(pl.Int64).alias("d"))
         .drop_nulls("run_id")
-        .select("run_id", pl.col("d").cast(pl.Int64))
     )
-    spill = Spill(directory, ids, meta=meta)
+
+
+def spill_answers(spill: Spill, cp: Any, ids: pl.DataFrame, *, basis: bool) -> None:
+    """Read the answers of the runs `ids` (run_id, d) from the checkpoint `cp` into `spill`."""
     if ids.height:
         cp.answers(ids, basis=basis, each=spill.add)
-        if typed is not None:
-            for frame in typed.read():
-                spill.add_typed(frame.join(ids, on="run_id", how="inner"))
+
+
+def spill_typed(spill: Spill, typed: TypedAnswers, ids: pl.DataFrame) -> None:
+    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`."""
+    if ids.height:
+        for frame in typed.read():
+            spill.add_typed(frame.join(ids, on="run_id", how="inner"))
     spill.flush()
-    return spill
 
 
 @dataclass
@@ -149,7 +151,6 @@ class _Part:
 
 def write_parts(
     plan: _Plan,
-    job: _Job | None,
     spill: Spill,
     directory: Path,
     *,
@@ -162,7 +163,8 @@ def write_parts(
     parts, the rows per status, and the schema of the result (without the position). Without `inputs`,
     the parts hold only the columns the job adds (a frame in memory has the input already). Answers
     typed here are kept in `typed` for the next join."""
-    meta = spill.meta if spill.meta is not None else _meta(plan, job)
+    meta = spill.meta
+    assert meta is not None, "the job's _meta is made before its parts"
     n = len(plan.keys)
     per = spill.per_part or max(n, 1)
     index = pl.Series("d", plan.index, dtype=pl.Int64)
@@ -271,8 +273,7 @@ def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator
 
 def joined_chunks(
     plan: _Plan,
-    job: _Job | None,
-    spill: Spill | None,
+    spill: Spill,
     directory: Path,
     *,
     basis: bool,
@@ -281,12 +282,10 @@ def joined_chunks(
     flatten: Any = None,
 ) -> tuple[list[Path], pl.Schema, dict[str, int], int]:
     """Steps 2 and 3: the parts joined and merged into chunk files in row order. Returns the chunks,
-    their schema, the rows per status and the rows per chunk. `spill` None (the answers could not be
-    read) joins no answer: every completed row says its answer could not be read back."""
-    if spill is None:
-        spill = Spill(directory, pl.DataFrame(schema={"run_id": pl.String, "d": pl.Int64}))
+    their schema, the rows per status and the rows per chunk. A completed row whose answer is not in
+    `spill` (it could not be read) says its answer could not be read back."""
     parts, statuses, schema = write_parts(
-        plan, job, spill, directory, basis=basis, flatten=flatten, inputs=inputs, typed=typed
+        plan, spill, directory, basis=basis, flatten=flatten, inputs=inputs, typed=typed
     )
     spill.remove()
     step = chunk_rows(parts)

@@ -14,6 +14,7 @@ import polars as pl
 from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
+from enrich._engine.shards import read_areas
 from enrich._exceptions import (
     UsageError,
 )
@@ -162,14 +163,15 @@ def _plan_and_prepared(
         cp = Checkpoint.read(path)
         cp.check_fingerprint(job.fingerprint)
         cp.check_service(svc)
-        runs_created = cp.runs
-        state = cp.state(outputs=False)
-        state = state.filter(pl.col("row_key").is_in(list(wanted)))
-        finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
-        if retry_failed:
-            finished = finished.filter(pl.col("status") == "completed")
-        done = finished.height
-        running = state.filter(pl.col("status") == "submitted").height
+        wanted_keys = pl.Series(list(wanted), dtype=pl.String).implode()
+        for area in read_areas(cp):  # a job split in shards: one checkpoint each under the root
+            runs_created += area.runs
+            state = area.state(outputs=False).filter(pl.col("row_key").is_in(wanted_keys))
+            finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
+            if retry_failed:
+                finished = finished.filter(pl.col("status") == "completed")
+            done += finished.height
+            running += state.filter(pl.col("status") == "submitted").height
     to_submit = len(wanted) - done - running
     proc = PROCESSORS.get(processor)
     price = proc.price_per_run if proc is not None else None

@@ -147,6 +147,9 @@ class _Job:
         self.keep_basis = keep_basis  # the join reads each row's basis (the checkpoint always has it)
         self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
         self.default_checkpoint = False  # checkpoint=None: so do they (other rows, another directory)
+        self.root = cp.path  # the job's checkpoint (a shard's `cp` is a directory under it)
+        # Runs the job's other shards have paid for (`max_cost` counts the whole job's).
+        self.paid_elsewhere: Callable[[], int] = lambda: 0
         processor_ = PROCESSORS.get(plan.processor)
         self.price = processor_.price_per_run if processor_ is not None else None
         self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
@@ -237,7 +240,7 @@ class _Job:
         running = state.filter(~status.is_in(["completed", "failed"]) & pl.col("run_id").is_not_null())
         for key, run_id, group_id in running.select("row_key", "run_id", "group_id").iter_rows():
             self._adopt(key, run_id, group_id)
-        self.stats.already_done = len(self.done)
+        self.stats.already_done += len(self.done)
         for key in self.plan.keys:
             if key in self.plan.local_errors:
                 self.done[key] = ("failed", self.plan.local_errors[key])
@@ -272,7 +275,14 @@ class _Job:
             return n
         buffered = self.committer.buffered if self.committer is not None else 0  # created, not yet recorded
         # Held rows may yet be created by a late commit: counted as spent until they are settled.
-        spent = (self.cp.runs + buffered + len(self._late) + self.reserved + len(self.held_keys)) * self.price
+        spent = (
+            self.cp.runs
+            + self.paid_elsewhere()
+            + buffered
+            + len(self._late)
+            + self.reserved
+            + len(self.held_keys)
+        ) * self.price
         room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True

@@ -78,8 +78,8 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
     held = pl.Series(list(job.held_keys) if job is not None else [], dtype=pl.String)
     if job is not None and (job.temporary or job.default_checkpoint):
         running = (
-            f"not finished yet: its run is recorded in {job.cp.path}; pass "
-            f"checkpoint={str(job.cp.path)!r} to collect it without paying twice"
+            f"not finished yet: its run is recorded in {job.root}; pass "
+            f"checkpoint={str(job.root)!r} to collect it without paying twice"
         )
     else:
         running = "not finished yet: run the same call again to collect it"

@@ -6,6 +6,7 @@ the call ends (an error, a timeout, Ctrl-C).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import math
@@ -13,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,9 @@ import polars as pl
 
 from enrich._checkpoint import Checkpoint
 from enrich._client import TaskClient, service_of
-from enrich._engine import assemble
+from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
-from enrich._engine.join import _join
+from enrich._engine.join import _join, _meta
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._engine.typed import TypedAnswers
@@ -67,11 +69,11 @@ async def _adopt_service(cp: Checkpoint, client: TaskClient, job: _Job, service:
     cp.adopt_service(service)
 
 
-async def _tick(job: _Job) -> None:
+async def _tick(tally: shards.Tally) -> None:
     """Report the counts twice a second: while rows wait for the rate limiter, nothing else does."""
     while True:
         await asyncio.sleep(0.5)
-        job.report(force=True)
+        tally.emit()
 
 
 def _keep_pacing(cp: Checkpoint, stats: JobStats, learned: dict[str, Any]) -> None:
@@ -132,6 +134,8 @@ async def aenrich(
     write_to: str | os.PathLike[str] | None = None,
     write_format: str | None = None,
     _prepared: _Plan | None = None,
+    _shard_rows: int = shards.SHARD_ROWS,
+    _limiter: RateLimiter | None = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -224,23 +228,42 @@ async def aenrich(
     stats.stages.update(plan.timings)
     # Everything above is local; an API key is needed only now, and only if there is work to send.
     t_load = time.monotonic()
-    cp = Checkpoint.open(path, plan.fingerprint, service=svc)
-    job: _Job | None = None
-    spill: assemble.Spill | None = None
-    typed: TypedAnswers | None = None
+    root = Checkpoint.open(path, plan.fingerprint, service=svc)
+    proc = PROCESSORS.get(plan.processor)
+    tally = shards.Tally(sink, len(plan.keys), proc.price_per_run if proc is not None else None)
+    run = _Run(
+        plan=plan,
+        root=root,
+        service=svc,
+        stats=stats,
+        tally=tally,
+        basis=basis,
+        options={
+            "retry_failed": retry_failed,
+            "concurrency": concurrency,
+            "max_cost": max_cost,
+            "keep_basis": basis,
+            "horizon": horizon,
+        },
+        temporary=temporary,
+        default_checkpoint=checkpoint is None or checkpoint is True,
+        timeout=timeout,
+        deadline=None if timeout is None else time.monotonic() + timeout,
+    )
+    near = root.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
     workspace: Path | None = None
-    reading = 0.0
     client: TaskClient | None = None
+    finished = False
     try:
         # The service counts a request when it arrives, the limiter when it is sent: a window a little
         # longer than the service's keeps arrival jitter from turning a full budget into a 429.
         # It starts from what the last process learned of the key's real quota (kept in the checkpoint).
-        limiter = RateLimiter(
+        limiter = _limiter or RateLimiter(
             requests_per_minute=rate_limit,
             runs_per_minute=run_rate,
             period=rate_window * (1 + _WINDOW_MARGIN),
-            learned=cp.pacing,
-            on_learn=functools.partial(_keep_pacing, cp, stats),
+            learned=root.pacing,
+            on_learn=functools.partial(_keep_pacing, root, stats),
         )
         client = TaskClient(
             api_key,
@@ -251,121 +274,83 @@ async def aenrich(
             timeout=request_timeout,
             max_connections=max(100, concurrency),
         )
-        job = _Job(
-            plan,
-            cp,
-            client,
-            limiter,
-            retry_failed=retry_failed,
-            sink=sink,
-            stats=stats,
-            concurrency=concurrency,
-            max_cost=max_cost,
-            keep_basis=basis,
-            horizon=horizon,
-        )
-        job.temporary = temporary
-        job.default_checkpoint = checkpoint is None or checkpoint is True
-        job.load()
-        if cp.service is None:  # written before services were recorded: its runs must be this service's
-            await _adopt_service(cp, client, job, svc)
-        cp.record_last_call(
+        run.client, run.limiter = client, limiter
+        count = shards.layout(root, len(plan.keys), rows_per_shard=_shard_rows)
+        areas = shards.split(plan, count)
+        plan.consumed = True
+        if max_cost is not None and count > 1:  # every run the job paid for counts, in every shard
+            tally.recorded.update(shards.recorded_runs(root))
+        root.record_last_call(
             {"rows": plan.df.height, "distinct": len(plan.keys), "at": datetime.now(UTC).isoformat()}
         )
-        stats.stages["load"] = time.monotonic() - t_load
         if temp_note:
-            job.report(temp_note)
-        job.report(force=True)
-        work = functools.partial(run_group_mode if plan.mode == "group" else run_runs_mode, job)
-        if job.todo or job.outstanding or cp.in_doubt():
-            t_work = time.monotonic()
-            ticker = asyncio.create_task(_tick(job))  # counts move while nothing finishes (rate waits)
-            try:
-                async with asyncio.timeout(timeout):
-                    await work()
-            except TimeoutError:
-                stats.timed_out = True
-                job.report(f"timeout after {timeout:g} s: unfinished rows come back as pending")
-            except BaseExceptionGroup as group:
-                leaf = _first_leaf(group)
-                raise job.explain(leaf.error if isinstance(leaf, _Fatal) else leaf) from None
-            except _Fatal as fatal:
-                raise job.explain(fatal.error) from None
-            except NotFoundError as exc:
-                raise job.explain(exc) from None
-            finally:
-                ticker.cancel()
-                end = time.monotonic()
-                submitted = job.submitted_at if job.submitted_at is not None else end
-                stats.stages["submit"] = submitted - t_work
-                stats.stages["collect"] = end - submitted
-        job.report(force=True)
+            tally.emit(temp_note)
+        workspace = assemble.workspace(near)
+        run.spill = assemble.Spill(workspace, len(plan.keys))
+        run.typed = TypedAnswers(root.path, plan.spec)
+        t_work = time.monotonic()
+        ticker = asyncio.create_task(_tick(tally))  # counts move while nothing finishes (rate waits)
+        try:
+            await _run_areas(run, areas)
+        finally:
+            ticker.cancel()
+            end = time.monotonic()
+            stats.stages["load"] = t_work - t_load + run.loading
+            if run.worked:
+                submitted = run.submitted_at if run.submitted_at is not None else end
+                stats.stages["submit"] = max(0.0, submitted - t_work - run.loading)
+                stats.stages["collect"] = end - max(submitted, t_work + run.loading)
+        finished = True
+        tally.emit()
     finally:
-        if job is not None:
-            stats.capped = job.capped
-            stats.held = len(job.held_keys)
         if client is not None:
             stats.requests = client.requests_sent
             stats.answered = client.answers_received
             stats.rate_limited = client.rate_limited_count
             await client.aclose()
         try:
-            if job is not None:
-                if job.committer is not None:
-                    job.committer.close()
-                job.push_outcomes()
-                job.report(force=True)  # the bar's last word is the truth, also after Ctrl-C or an error
-                cp.record_service_warnings(job.service_warnings)
-        except Exception as exc:  # never mask the job's own error, but never hide this one either
-            stats.warnings.append(
-                f"the answers collected last are not saved in the checkpoint ({exc}); "
-                "the next run collects them again without paying twice"
-            )
-        finally:
-            if job is not None:
-                t_answers = time.monotonic()
-                try:  # before the tables are freed: they tell which segment records each answer
-                    # Set aside on disk by part: the join holds one part at a time.
-                    near = cp.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
-                    workspace = assemble.workspace(near)
-                    typed = TypedAnswers(cp.path, plan.spec)
-                    spill = assemble.spill_answers(cp, job, workspace, basis=basis, typed=typed)
-                except Exception as exc:
-                    stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
-                reading = time.monotonic() - t_answers  # part of the join
-            try:  # always: a checkpoint left open stays locked for the life of the process (a notebook)
-                cp.close(forget=True)  # the join needs none of its tables: free them first
-            except Exception as exc:
-                stats.warnings.append(
-                    f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost"
-                )
-        stats.warnings.extend(cp.warnings)
-        stats.runs_total = cp.runs
-        proc = PROCESSORS.get(plan.processor)
-        stats.spent = cp.runs * proc.price_per_run if proc is not None else None
+            root.record_service_warnings(run.service_warnings)
+        except Exception as exc:
+            stats.warnings.append(f"the service's warnings on the runs are not kept ({exc})")
+        try:  # always: a checkpoint left open stays locked for the life of the process (a notebook)
+            root.close(forget=True)  # the join needs none of its tables: free them first
+        except Exception as exc:
+            stats.warnings.append(f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost")
+        stats.warnings.extend(root.warnings)
+        stats.runs_total = tally.paid()
+        stats.spent = stats.runs_total * tally.price if tally.price is not None else None
         with contextlib.suppress(Exception):
-            stats.service_warnings = cp.service_warnings
+            stats.service_warnings = root.service_warnings
         stats.elapsed = time.monotonic() - started
         if owned_bar is not None:
             owned_bar.close()
+        if not finished and workspace is not None:
+            assemble.remove(workspace)
+    assert workspace is not None and run.spill is not None
     t_join = time.monotonic()
+    spill = run.spill
+    spill.meta = pl.concat(run.metas).sort("d").drop("d") if len(run.metas) > 1 else run.metas[0].drop("d")
+    run.metas.clear()
+    try:
+        assemble.spill_typed(spill, run.typed, assemble.answered(spill.meta))
+    except Exception as exc:
+        stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
     result: Any = None
     if write_to is not None:
         _write_file(
-            plan, job, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=typed
+            plan, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=run.typed
         )
     else:
         try:
-            joined = _joined_frame(plan, job, spill, workspace, basis=basis, stats=stats, typed=typed)
+            joined = _joined_frame(plan, spill, workspace, basis=basis, stats=stats, typed=run.typed)
         finally:
-            if workspace is not None:
-                assemble.remove(workspace)
+            assemble.remove(workspace)
         result = from_polars(joined, plan.kind, plan.original, added=plan.added)
         del joined
-    stats.stages["join"] = time.monotonic() - t_join + reading
+    stats.stages["join"] = time.monotonic() - t_join + run.reading
     # Only once the result is out: a join that fails (a full disk) must find the answers again.
-    if temporary and job is not None:
-        if len(job.done) == len(plan.keys):
+    if temporary:
+        if stats.statuses.get("pending", 0) == 0:
             shutil.rmtree(path, ignore_errors=True)
             stats.checkpoint = ""
         else:
@@ -376,11 +361,196 @@ async def aenrich(
     return result
 
 
+@dataclass
+class _Run:
+    """What the shards of one call share: the plan, the root checkpoint, the client and its limiter,
+    the progress tally, and what each shard hands to the join."""
+
+    plan: _Plan
+    root: Checkpoint
+    service: str
+    stats: JobStats
+    tally: shards.Tally
+    basis: bool
+    options: dict[str, Any]
+    temporary: bool
+    default_checkpoint: bool
+    timeout: float | None
+    deadline: float | None  # time.monotonic() past which nothing more is sent
+    client: TaskClient | None = None
+    limiter: RateLimiter | None = None
+    spill: assemble.Spill | None = None
+    typed: TypedAnswers | None = None
+    metas: list[pl.DataFrame] = field(default_factory=list)  # each shard's `_meta`, with `d`
+    service_warnings: collections.Counter[str] = field(default_factory=collections.Counter)
+    submitted_at: float | None = None
+    worked: bool = False  # a shard sent or collected something
+    loading: float = 0.0  # seconds spent opening and loading the shards' checkpoints
+    reading: float = 0.0  # seconds spent reading answers from the checkpoint (part of the join)
+
+
+async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
+    """Run the shards, a bounded number at a time: the next starts once the last one has sent all its
+    runs, while up to `shards.AT_ONCE` collect their answers."""
+    if len(areas) == 1:
+        await _run_area(run, areas[0], asyncio.Event())
+        return
+    slots = asyncio.Semaphore(shards.AT_ONCE)
+    async with asyncio.TaskGroup() as tg:
+        previous: asyncio.Event | None = None
+        for area in areas:
+            if previous is not None:
+                await previous.wait()
+            await slots.acquire()
+            submitted = asyncio.Event()
+
+            async def one(area: shards.Area = area, submitted: asyncio.Event = submitted) -> None:
+                try:
+                    await _run_area(run, area, submitted)
+                finally:
+                    submitted.set()
+                    slots.release()
+
+            tg.create_task(one())
+            previous = submitted
+
+
+async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> None:
+    """One shard: its checkpoint opened and loaded, its rows sent and collected (until the call's
+    deadline), its answers set aside for the join, its state freed."""
+    assert run.client is not None and run.limiter is not None and run.spill is not None
+    t0 = time.monotonic()
+    cp = shards.open_area(run.root, area, run.service)
+    stats = run.stats
+    job: _Job | None = None
+    try:
+        run.tally.live[area.shard] = cp
+        job = _Job(
+            area.plan,
+            cp,
+            run.client,
+            run.limiter,
+            sink=run.tally.sink_for(area.shard),
+            stats=stats,
+            **run.options,
+        )
+        job.temporary = run.temporary
+        job.default_checkpoint = run.default_checkpoint
+        job.root = run.root.path
+        job.paid_elsewhere = functools.partial(run.tally.paid, besides=area.shard)
+        job.load()
+        if cp.service is None:  # written before services were recorded: its runs must be this service's
+            await _adopt_service(cp, run.client, job, run.service)
+        run.loading += time.monotonic() - t0
+        job.report(force=True)
+        left = None if run.deadline is None else run.deadline - time.monotonic()
+        work = run_group_mode if area.plan.mode == "group" else run_runs_mode
+        if (job.todo or job.outstanding or cp.in_doubt()) and (left is None or left > 0):
+            run.worked = True
+            waiter = asyncio.create_task(_when_submitted(job, submitted))
+            try:
+                async with asyncio.timeout(left):
+                    await work(job)
+            except TimeoutError:
+                if not stats.timed_out:
+                    stats.timed_out = True
+                    job.report(f"timeout after {run.timeout:g} s: unfinished rows come back as pending")
+            except BaseExceptionGroup as group:
+                leaf = _first_leaf(group)
+                raise job.explain(leaf.error if isinstance(leaf, _Fatal) else leaf) from None
+            except _Fatal as fatal:
+                raise job.explain(fatal.error) from None
+            except NotFoundError as exc:
+                raise job.explain(exc) from None
+            finally:
+                waiter.cancel()
+                if job.submitted_at is not None:
+                    run.submitted_at = max(run.submitted_at or 0.0, job.submitted_at)
+        submitted.set()
+        job.report(force=True)
+    finally:
+        if job is not None:
+            stats.capped = stats.capped or job.capped
+            stats.held += len(job.held_keys)
+            try:
+                if job.committer is not None:
+                    job.committer.close()
+                job.push_outcomes()
+                job.report(force=True)  # the bar's last word is the truth, also after Ctrl-C or an error
+                run.service_warnings.update(job.service_warnings)
+            except Exception as exc:  # never mask the job's own error, but never hide this one either
+                stats.warnings.append(
+                    f"the answers collected last are not saved in the checkpoint ({exc}); "
+                    "the next run collects them again without paying twice"
+                )
+        run.tally.recorded[area.shard] = cp.runs
+        run.tally.live.pop(area.shard, None)
+        if cp is not run.root:
+            stats.warnings.extend(cp.warnings)
+    # The job ended well (or at its deadline): what the join needs from this shard, then its state goes.
+    try:
+        assert job is not None
+        t_answers = time.monotonic()
+        meta = _meta(area.plan, job).with_columns(area.distinct.alias("d"))
+        run.metas.append(meta)
+        try:  # before the tables are freed: they tell which segment records each answer
+            assemble.spill_answers(run.spill, cp, assemble.answered(meta, area.distinct), basis=run.basis)
+        except Exception as exc:
+            stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
+        run.reading += time.monotonic() - t_answers
+    finally:
+        if cp is not run.root:
+            try:
+                cp.close(forget=True)
+            except Exception as exc:
+                stats.warnings.append(
+                    f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost"
+                )
+
+
+async def _when_submitted(job: _Job, submitted: asyncio.Event) -> None:
+    await job.submission_done.wait()
+    submitted.set()
+
+
+async def aenrich_shard(
+    data: Any,
+    output: Any,
+    *,
+    checkpoint: str | os.PathLike[str],
+    limiter: RateLimiter | None = None,
+    **options: Any,
+) -> Any:
+    """Run one shard of a job: `data` holds the shard's rows, recorded in `checkpoint` as one area (never
+    split again), sending under `limiter`. The other arguments are `aenrich()`'s.
+
+    This is the unit a distributed run hands to each worker: the shard's frame, the job's output and
+    options, and its own checkpoint. Shards run at once in one process share one `limiter`, made in the
+    running event loop, so together they keep to the key's quota (`rate_limit`, `run_rate` and
+    `rate_window` then do not apply); None: the shard has its own, from those arguments. The result is
+    `aenrich()`'s for `data`; running the same shard again resumes it without paying twice.
+
+    Example::
+
+        limiter = RateLimiter(requests_per_minute=2000, runs_per_minute=2000)
+        parts = await asyncio.gather(
+            *(aenrich_shard(part, output, checkpoint=f"job.enrich/{i}", limiter=limiter)
+              for i, part in enumerate(df.partition_by("region")))
+        )
+    """
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise UsageError("a shard needs its own checkpoint: give its directory (checkpoint=...)")
+    if limiter is not None and not isinstance(limiter, RateLimiter):
+        raise UsageError(f"limiter must be an enrich.RateLimiter, got {type(limiter).__name__}")
+    for private in ("_prepared", "_shard_rows", "_limiter"):
+        options.pop(private, None)
+    return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)
+
+
 def _joined_frame(
     plan: _Plan,
-    job: _Job | None,
-    spill: assemble.Spill | None,
-    workspace: Path | None,
+    spill: assemble.Spill,
+    workspace: Path,
     *,
     basis: bool,
     stats: JobStats,
@@ -388,19 +558,16 @@ def _joined_frame(
 ) -> pl.DataFrame:
     """The join for a frame in memory: the added columns built a part at a time, merged in row order
     and read back, so the result's own columns are the only large allocation."""
-    if workspace is None:  # the answers could not be read: every completed row says why
-        workspace = assemble.workspace(None)
     chunks, schema, stats.statuses, _ = assemble.joined_chunks(
-        plan, job, spill, workspace, basis=basis, typed=typed, inputs=False
+        plan, spill, workspace, basis=basis, typed=typed, inputs=False
     )
     return pl.concat([plan.df, assemble.read_chunks(chunks, schema)], how="horizontal")
 
 
 def _write_file(
     plan: _Plan,
-    job: _Job | None,
-    spill: assemble.Spill | None,
-    workspace: Path | None,
+    spill: assemble.Spill,
+    workspace: Path,
     write_to: str | os.PathLike[str],
     write_format: str | None,
     fmt: str | None,
@@ -410,12 +577,10 @@ def _write_file(
     typed: TypedAnswers | None = None,
 ) -> None:
     """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
-    if workspace is None:  # the answers could not be read: still a file, every completed row says why
-        workspace = assemble.workspace(None)
     try:
         flatten = flatten_for_csv if fmt == "csv" else None
         chunks, schema, stats.statuses, step = assemble.joined_chunks(
-            plan, job, spill, workspace, basis=basis, typed=typed, flatten=flatten
+            plan, spill, workspace, basis=basis, typed=typed, flatten=flatten
         )
         write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
     except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint

@@ -1,0 +1,189 @@
+"""Stage 2, shards: a large job is split by content into shards, each processed, checkpointed and
+resumed on its own, a bounded number at a time, so that what a job holds in memory does not grow with
+its rows.
+
+A shard is the set of distinct rows whose key (a sha256 prefix, `prepare`) starts with the same bits:
+the top `log2(count)` bits of the key's first byte. Where a row goes depends only on its content, so a
+resume, another process or another machine (a distributed run) puts it in the same shard.
+
+On disk a sharded checkpoint is a root directory whose manifest records `"shards": count` (with format 2,
+so that an older enrich refuses it instead of seeing no runs and paying again), and one ordinary
+checkpoint per shard under `shards/XX/` (XX: the shard's number, two hex digits), with its own task
+group. The root keeps what is the job's, not a shard's: the rate limiter's pacing, the service's
+warnings, the last call, and the typed answers of the join.
+
+The count is chosen once, when a checkpoint that recorded nothing is first opened: one shard for every
+`SHARD_ROWS` distinct rows, a power of two up to `MAX_SHARDS`. A checkpoint of an older enrich (or one
+that recorded runs in one area) keeps its single area: a job never moves a recorded run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from enrich._checkpoint import Checkpoint
+from enrich._engine.prepare import _Plan
+from enrich._progress import Progress, ProgressSink
+
+#: A job is split so that a shard holds at most about this many distinct rows.
+SHARD_ROWS = 65_536
+#: ... into at most this many shards (a key's first byte names at most 256).
+MAX_SHARDS = 256
+#: Shards whose state is held at once: one submitting, the others collecting their runs' answers.
+AT_ONCE = 4
+DIRECTORY = "shards"
+
+
+def shard_count(distinct: int, *, rows_per_shard: int = SHARD_ROWS) -> int:
+    """The number of shards for a job of `distinct` rows: a power of two, 1 up to `MAX_SHARDS`."""
+    if distinct <= rows_per_shard:
+        return 1
+    return min(MAX_SHARDS, 1 << math.ceil(math.log2(distinct / rows_per_shard)))
+
+
+def shard_of(keys: pl.Series, count: int) -> pl.Series:
+    """The shard of each row key (32 hex digits) in a job of `count` shards (a power of two)."""
+    if count == 1:
+        return pl.Series("shard", [0] * len(keys), dtype=pl.Int64)
+    shift = 8 - count.bit_length() + 1
+    first = keys.str.slice(0, 2).str.to_integer(base=16).cast(pl.Int64)
+    return (first // (1 << shift)).alias("shard")
+
+
+def area_name(shard: int) -> str:
+    return f"{DIRECTORY}/{shard:02x}"
+
+
+def layout(root: Checkpoint, distinct: int, *, rows_per_shard: int = SHARD_ROWS) -> int:
+    """The job's shard count: recorded in `root`, or chosen now (and recorded before anything else) if
+    it recorded nothing."""
+    if root.shards > 1 or not root.recorded_nothing:
+        return root.shards
+    count = shard_count(distinct, rows_per_shard=rows_per_shard)
+    if count > 1:
+        root.record_shards(count)
+    return count
+
+
+@dataclass
+class Area:
+    """One shard of a job: its rows (a plan of its own distinct rows) and where they are recorded."""
+
+    shard: int
+    #: The checkpoint directory under the root (None: the root itself, a job of one shard).
+    name: str | None
+    plan: _Plan
+    #: The place of each of the shard's distinct rows in the job's (`plan.keys` order).
+    distinct: pl.Series
+
+
+def split(plan: _Plan, count: int) -> list[Area]:
+    """The shards of `plan`, each a plan of its own distinct rows (in the job's order) that shares the
+    job's frame; shards with no row of this call are left out."""
+    if count == 1:
+        d = pl.int_range(len(plan.keys), dtype=pl.Int64, eager=True).alias("d")
+        return [Area(0, None, plan, d)]
+    keys = pl.Series("key", plan.keys, dtype=pl.String)
+    of = shard_of(keys, count)
+    areas = []
+    groups = pl.DataFrame({"shard": of}).with_row_index("d").partition_by("shard", as_dict=True)
+    for (shard,), frame in sorted(groups.items()):  # type: ignore[type-var]
+        at = frame["d"].cast(pl.Int64)
+        rows = at.to_list()
+        sub = dataclasses.replace(
+            plan,
+            keys=keys.gather(at).to_list(),
+            index=[],  # (the join works on the job's plan)
+            inputs=[plan.inputs[d] for d in rows] if plan.inputs is not None else None,
+            input_rows=rows if plan.input_rows is None else [plan.input_rows[d] for d in rows],
+            timings={},
+            notes=[],
+        )
+        areas.append(Area(int(shard), area_name(int(shard)), sub, at))  # type: ignore[call-overload]
+    plan.inputs = None  # the shards hold them now, and give them away as they load
+    return areas
+
+
+def open_area(root: Checkpoint, area: Area, service: str | None) -> Checkpoint:
+    """The checkpoint of `area` (the root itself for a job of one shard), opened for writing."""
+    if area.name is None:
+        return root
+    return Checkpoint.open(root.path / area.name, root.fingerprint, service=service)
+
+
+def read_areas(root: Checkpoint) -> list[Checkpoint]:
+    """Every area of the checkpoint `root`, read-only (for `enrich status` and the dry run)."""
+    if root.shards == 1:
+        return [root]
+    found = []
+    for shard in range(root.shards):
+        path = root.path / area_name(shard)
+        if (path / "manifest.json").exists():
+            found.append(Checkpoint.read(path))
+    return found
+
+
+def recorded_runs(root: Checkpoint) -> dict[int, int]:
+    """Runs recorded in each shard's area before this call (for `max_cost`, which counts every run the
+    job paid for), read one area at a time."""
+    runs: dict[int, int] = {}
+    for cp in read_areas(root):
+        shard = int(cp.path.name, 16) if root.shards > 1 else 0
+        runs[shard] = cp.runs
+        cp.close(forget=True)
+    return runs
+
+
+@dataclass
+class Tally:
+    """The counts of every shard summed into one progress bar, and the runs every shard has paid for
+    (`max_cost` counts the whole job's)."""
+
+    sink: ProgressSink | None
+    total: int
+    price: float | None
+    latest: dict[int, Progress] = field(default_factory=dict)
+    #: Runs recorded per shard: read before the work (with `max_cost`), or when the shard closed.
+    recorded: dict[int, int] = field(default_factory=dict)
+    #: The shards open now, whose runs are counted live.
+    live: dict[int, Checkpoint] = field(default_factory=dict)
+
+    def paid(self, *, besides: int | None = None) -> int:
+        """Runs the job has paid for, in every shard but `besides`."""
+        shards = set(self.recorded) | set(self.live)
+        return sum(self.live[s].runs if s in self.live else self.recorded[s] for s in shards if s != besides)
+
+    def sink_for(self, shard: int) -> ProgressSink | None:
+        if self.sink is None:
+            return None
+
+        def report(progress: Progress) -> None:
+            self.latest[shard] = progress
+            self.emit(progress.message, rate_limited=progress.rate_limited, refused=progress.refused)
+
+        return report
+
+    def emit(self, message: str | None = None, *, rate_limited: int = 0, refused: int = 0) -> None:
+        if self.sink is None:
+            return
+        shown = list(self.latest.values())
+        completed = sum(p.completed for p in shown)
+        failed = sum(p.failed for p in shown)
+        running = sum(p.running for p in shown)
+        self.sink(
+            Progress(
+                total=self.total,
+                completed=completed,
+                failed=failed,
+                running=running,
+                waiting=max(0, self.total - completed - failed - running),
+                rate_limited=rate_limited,
+                message=message,
+                refused=refused,
+                spent=self.paid() * self.price if self.price is not None else None,
+            )
+        )

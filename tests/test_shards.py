@@ -1,0 +1,246 @@
+"""A large job split by content into shards: each recorded in its own checkpoint area with its own task
+group, a bounded number at a time, under the call's one rate limiter. Small jobs are split here by
+`_shard_rows` (the rows per shard; 65,536 by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from enrich import EmulatorConfig, ServiceMismatchError, create_app
+from enrich._checkpoint import Checkpoint
+from enrich._engine import JobStats, aenrich, plan, shards
+from enrich._progress import Progress
+
+OUT = {"ceo": "Name of the CEO", "founded": ("integer", "Year founded")}
+
+
+def companies(n: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"company": [f"Company {i}" for i in range(n)], "city": [f"c{i % 7}" for i in range(n)]}
+    )
+
+
+def run_job(app: Any, data: Any, output: Any = OUT, **kw: Any) -> Any:
+    kw.setdefault("api_key", "test-key")
+    kw.setdefault("progress", False)
+    kw.setdefault("processor", "lite")
+    kw.setdefault("_shard_rows", 8)
+    return asyncio.run(
+        aenrich(data, output, base_url="http://emulator", transport=httpx.ASGITransport(app=app), **kw)
+    )
+
+
+def test_a_rows_shard_depends_only_on_its_key() -> None:
+    keys = pl.Series(["00" + "0" * 30, "3f" + "0" * 30, "40" + "0" * 30, "ff" + "a" * 30])
+    assert shards.shard_of(keys, 1).to_list() == [0, 0, 0, 0]
+    assert shards.shard_of(keys, 2).to_list() == [0, 0, 0, 1]
+    assert shards.shard_of(keys, 4).to_list() == [0, 0, 1, 3]
+    assert shards.shard_of(keys, 256).to_list() == [0, 0x3F, 0x40, 0xFF]
+    assert [shards.shard_count(n, rows_per_shard=8) for n in (1, 8, 9, 16, 17, 40, 10**9)] == [
+        1,
+        1,
+        2,
+        2,
+        4,
+        8,
+        256,
+    ]
+
+
+def test_a_sharded_job_gives_the_unsharded_result_with_a_group_per_shard(tmp_path: Path) -> None:
+    df = pl.concat([companies(40), companies(40).head(5)])  # 5 repeated rows share their runs
+    whole_app, app = create_app(EmulatorConfig(latency=0.02)), create_app(EmulatorConfig(latency=0.02))
+    whole = run_job(whole_app, df, checkpoint=tmp_path / "whole", _shard_rows=1000)
+    stats = JobStats()
+    split = run_job(app, df, checkpoint=tmp_path / "split", stats=stats)
+    assert split.drop("_run_id").equals(whole.drop("_run_id"))
+    assert set(split["_status"]) == {"completed"} and split["_run_id"].null_count() == 0
+    assert app.stats()["runs_created"] == 40 == stats.runs_total
+    manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
+    assert (manifest["format"], manifest["shards"]) == (2, 8)
+    areas = sorted(p.name for p in (tmp_path / "split" / "shards").iterdir())
+    assert 4 <= len(areas) <= 8 and all(len(a) == 2 for a in areas)
+    groups = set()
+    for area in areas:
+        cp = Checkpoint.read(tmp_path / "split" / "shards" / area)
+        assert len(cp.groups) == 1 and cp.runs > 0
+        groups.add(cp.groups[0])
+        keys = cp.state(outputs=False)["row_key"]
+        assert set(shards.shard_of(keys, 8).to_list()) == {int(area, 16)}
+    assert len(groups) == len(areas) == app.stats()["groups_created"]
+    assert not (tmp_path / "whole" / "shards").exists()
+
+
+def test_a_sharded_job_resumes_without_paying_twice(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=1.0))
+    df = companies(60)
+    first = run_job(app, df, checkpoint=tmp_path / "cp", timeout=0.5)
+    assert "pending" in set(first["_status"])
+    created = app.stats()["runs_created"]
+    # the recorded layout holds whatever rows per shard the next call would choose
+    stats = JobStats()
+    second = run_job(app, df, checkpoint=tmp_path / "cp", stats=stats, _shard_rows=1000)
+    assert set(second["_status"]) == {"completed"}
+    assert app.stats()["runs_created"] == 60
+    ran = first.filter(pl.col("_run_id").is_not_null())
+    again = second.filter(pl.col("company").is_in(ran["company"].implode()))
+    assert again["_run_id"].to_list() == ran["_run_id"].to_list()  # the runs made before are kept
+    assert 0 < created < 60 and stats.runs_now == 60 - created
+    requests = app.stats()["requests_total"]
+    third = run_job(app, df, checkpoint=tmp_path / "cp")
+    assert app.stats()["requests_total"] == requests and third.equals(second)
+
+
+def test_at_most_a_few_shards_are_held_at_once_and_one_submits_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(EmulatorConfig(latency=0.3))
+    opened = shards.open_area
+    live: set[int] = set()
+    most = 0
+    order: list[int] = []
+
+    def watching(root: Checkpoint, area: shards.Area, service: str | None) -> Checkpoint:
+        nonlocal most
+        cp = opened(root, area, service)
+        live.add(area.shard)
+        most = max(most, len(live))
+        order.append(area.shard)
+        close = cp.close
+
+        def closing(**kw: Any) -> None:
+            live.discard(area.shard)
+            close(**kw)
+
+        cp.close = closing  # type: ignore[method-assign]
+        return cp
+
+    monkeypatch.setattr(shards, "open_area", watching)
+    out = run_job(app, companies(200), checkpoint=tmp_path / "cp", _shard_rows=4)  # 64 shards
+    assert set(out["_status"]) == {"completed"}
+    assert order == sorted(order) and len(order) > shards.AT_ONCE
+    assert 1 < most <= shards.AT_ONCE  # later shards collect while the next one submits
+    assert not live
+
+
+def test_max_cost_counts_the_runs_of_every_shard(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    df = companies(50)
+    price = 0.005  # lite, per run
+    first = run_job(app, df, checkpoint=tmp_path / "cp", max_cost=20 * price)
+    assert app.stats()["runs_created"] == 20
+    assert (first["_status"] == "completed").sum() == 20
+    run_job(app, df, checkpoint=tmp_path / "cp", max_cost=20 * price)
+    assert app.stats()["runs_created"] == 20  # the shards run before paid for all of it
+    last = run_job(app, df, checkpoint=tmp_path / "cp", max_cost=50 * price)
+    assert app.stats()["runs_created"] == 50 and set(last["_status"]) == {"completed"}
+
+
+def test_a_checkpoint_with_runs_in_one_area_is_never_split(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    run_job(app, companies(10), checkpoint=tmp_path / "cp", _shard_rows=1000)
+    out = run_job(app, companies(40), checkpoint=tmp_path / "cp")  # would be 8 shards if new
+    assert set(out["_status"]) == {"completed"} and app.stats()["runs_created"] == 40
+    assert not (tmp_path / "cp" / "shards").exists()
+    assert "shards" not in json.loads((tmp_path / "cp" / "manifest.json").read_text())
+
+
+def test_runs_mode_in_shards(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    out = run_job(app, companies(30), checkpoint=tmp_path / "cp", mode="runs")
+    assert set(out["_status"]) == {"completed"} and app.stats()["runs_created"] == 30
+    assert len(list((tmp_path / "cp" / "shards").iterdir())) > 1
+
+
+def test_one_bar_counts_every_shard(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    events: list[Progress] = []
+    run_job(app, companies(40), checkpoint=tmp_path / "cp", progress=events.append)
+    assert {e.total for e in events} == {40}
+    last = events[-1]
+    assert (last.completed, last.running, last.waiting) == (40, 0, 0)
+    assert last.spent == pytest.approx(40 * 0.005)
+    finished = [e.finished for e in events]
+    assert finished == sorted(finished)
+
+
+def test_a_root_of_shards_of_another_service_is_refused(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    run_job(app, companies(20), checkpoint=tmp_path / "cp")
+    with pytest.raises(ServiceMismatchError):
+        run_job(app, companies(20), checkpoint=tmp_path / "cp", service="https://api.other.example")
+    assert json.loads((tmp_path / "cp" / "manifest.json").read_text())["service"] != (
+        "https://api.other.example"
+    )
+
+
+def test_the_dry_run_and_status_count_every_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from enrich._cli import main
+
+    app = create_app(EmulatorConfig(latency=1.0))
+    df = companies(40)
+    run_job(app, df, checkpoint=tmp_path / "cp", timeout=0.5)
+    here = "a custom transport at http://emulator"  # the service an in-process app's runs are recorded for
+    estimate = plan(df, OUT, processor="lite", checkpoint=tmp_path / "cp", service=here)
+    assert estimate.running + estimate.done == app.stats()["runs_created"] > 0
+    run_job(app, df, checkpoint=tmp_path / "cp")
+    assert main(["status", str(tmp_path / "cp"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"]["completed"] == 40 and report["runs_created"] == 40
+    assert report["shards"] == 8 and len(report["groups"]) == len(
+        list((tmp_path / "cp" / "shards").iterdir())
+    )
+
+
+def test_shards_run_by_the_caller_share_one_limiter_and_resume_on_their_own(tmp_path: Path) -> None:
+    from enrich import RateLimiter, aenrich_shard
+
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(30).with_row_index("i")
+    parts = [df.filter(pl.col("i") % 3 == r) for r in range(3)]
+    acquired = 0
+
+    class Counting(RateLimiter):
+        async def acquire(self, runs: int = 0) -> Any:
+            nonlocal acquired
+            acquired += 1
+            return await super().acquire(runs)
+
+    async def main() -> list[pl.DataFrame]:
+        limiter = Counting(requests_per_minute=600, runs_per_minute=600)
+        return await asyncio.gather(
+            *(
+                aenrich_shard(
+                    part.drop("i"),
+                    OUT,
+                    checkpoint=tmp_path / f"shard-{r}",
+                    limiter=limiter,
+                    base_url="http://emulator",
+                    transport=httpx.ASGITransport(app=app),
+                    api_key="k",
+                    processor="lite",
+                    progress=False,
+                )
+                for r, part in enumerate(parts)
+            )
+        )
+
+    results = asyncio.run(main())
+    assert acquired == app.stats()["requests_total"] > 0  # every request of every shard went through it
+    assert app.stats()["runs_created"] == 30 and app.stats()["groups_created"] == 3
+    for part, result in zip(parts, results, strict=True):
+        assert result["company"].to_list() == part["company"].to_list()
+        assert set(result["_status"]) == {"completed"}
+    requests = app.stats()["requests_total"]
+    again = run_job(app, parts[1].drop("i"), checkpoint=tmp_path / "shard-1")
+    assert again.equals(results[1]) and app.stats()["requests_total"] == requests
+    whole = run_job(create_app(EmulatorConfig(latency=0.05)), df.drop("i"), checkpoint=tmp_path / "whole")
+    joined = pl.concat(results).sort("company")
+    assert joined.drop("_run_id").equals(whole.sort("company").drop("_run_id"))
