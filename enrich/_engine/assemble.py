@@ -53,10 +53,10 @@ class Spill:
     `typed.TypedAnswers`: run_id, the output columns, `_problem`, d)."""
 
     directory: Path
-    #: The job's distinct rows.
+    #: The distinct rows (of a shard).
     total: int
-    #: Per distinct row (in the job's order) what became of it (`join._meta`), every shard's.
-    meta: pl.DataFrame | None = None
+    #: Names its files apart from other shards' in the same directory.
+    name: str = ""
     per_part: int = 0  # set from the size of the first answers read
     _buffer: dict[tuple[str, int], list[pl.DataFrame]] = field(default_factory=dict)
     _buffered: int = 0
@@ -91,7 +91,7 @@ class Spill:
     def flush(self) -> None:
         for (kind, j), frames in self._buffer.items():
             n = self._files.get((kind, j), 0)
-            path = self.directory / f"{kind}-{j}-{n}.arrow"
+            path = self.directory / f"{self.name}{kind}-{j}-{n}.arrow"
             pl.concat(frames).write_ipc(path, compression="uncompressed")
             self._files[(kind, j)] = n + 1
         self._buffer.clear()
@@ -100,7 +100,7 @@ class Spill:
     def part(self, j: int, kind: str = "answers") -> pl.DataFrame | None:
         """The answers of part `j` of `kind`; None when there are none."""
         frames = [
-            pl.read_ipc(self.directory / f"{kind}-{j}-{n}.arrow")
+            pl.read_ipc(self.directory / f"{self.name}{kind}-{j}-{n}.arrow")
             for n in range(self._files.get((kind, j), 0))
         ]
         frames.extend(self._buffer.get((kind, j), []))
@@ -110,19 +110,18 @@ class Spill:
         """Every part is joined: free the disk space of what was set aside."""
         for (kind, j), n in self._files.items():
             for i in range(n):
-                (self.directory / f"{kind}-{j}-{i}.arrow").unlink(missing_ok=True)
+                (self.directory / f"{self.name}{kind}-{j}-{i}.arrow").unlink(missing_ok=True)
         self._files.clear()
         self._buffer.clear()
 
 
-def answered(meta: pl.DataFrame, d: pl.Series | None = None) -> pl.DataFrame:
-    """The run each completed distinct row of `meta` gets its answer from: run_id, d (the row's place
-    in the job: `d`, else its place in `meta`)."""
-    place = d if d is not None else pl.int_range(meta.height, dtype=pl.Int64, eager=True)
+def answered(meta: pl.DataFrame) -> pl.DataFrame:
+    """The run each completed distinct row of `meta` gets its answer from: run_id, d (its place)."""
     return (
         meta.select(pl.col("answered").alias("run_id"))
-        .with_columns(place.cast(pl.Int64).alias("d"))
+        .with_row_index("d")
         .drop_nulls("run_id")
+        .select("run_id", pl.col("d").cast(pl.Int64))
     )
 
 
@@ -154,26 +153,32 @@ def write_parts(
     spill: Spill,
     directory: Path,
     *,
+    meta: pl.DataFrame,
+    index: pl.Series,
+    rows: pl.Series | None = None,
     basis: bool,
     flatten: Any = None,
     inputs: bool = True,
     typed: TypedAnswers | None = None,
+    batch_bytes: int | None = None,
 ) -> tuple[list[_Part], dict[str, int], pl.Schema]:
     """Join each part of `spill` onto its rows; write them to `directory`, sorted by position. Returns the
-    parts, the rows per status, and the schema of the result (without the position). Without `inputs`,
-    the parts hold only the columns the job adds (a frame in memory has the input already). Answers
-    typed here are kept in `typed` for the next join."""
-    meta = spill.meta
-    assert meta is not None, "the job's _meta is made before its parts"
-    n = len(plan.keys)
-    per = spill.per_part or max(n, 1)
-    index = pl.Series("d", plan.index, dtype=pl.Int64)
+    parts, the rows per status, and the schema of the result (without the position).
+
+    `meta` says what became of each distinct row (`join._meta`); `index` is the distinct row of each row
+    joined and `rows` its position in the frame (None: the rows of `plan.df` in order). Without
+    `inputs`, the parts hold only the columns the job adds (a frame in memory has the input already).
+    Answers typed here are kept in `typed` for the next join. A record batch holds about `batch_bytes`
+    (default `BATCH_BYTES`): the merge holds one batch of every part at once."""
+    per = spill.per_part or max(meta.height, 1)
+    index = index.cast(pl.Int64).alias("d")
+    if rows is None:
+        rows = pl.int_range(index.len(), dtype=pl.Int64, eager=True)
     counts = meta["_status"].gather(index).value_counts()
     statuses = dict(zip(counts["_status"].to_list(), counts["count"].to_list(), strict=True))
     # The rows of each part, each in row order.
     by_part = (
-        pl.DataFrame({"d": index})
-        .with_row_index("row")
+        pl.DataFrame({"row": rows.cast(pl.Int64), "d": index})
         .with_columns((pl.col("d") // per).alias("part"))
         .partition_by("part", as_dict=True, maintain_order=True)
     )
@@ -204,8 +209,8 @@ def write_parts(
             schema = frame.schema
         frame = frame.with_columns(rows.alias(_ROW))
         size = max(1, frame.estimated_size() // frame.height)
-        batch = max(16, BATCH_BYTES // size)
-        path = directory / f"part-{j}.arrow"
+        batch = max(16, (batch_bytes or BATCH_BYTES) // size)
+        path = directory / f"part-{spill.name}{j}.arrow"
         table = frame.to_arrow()
         del frame
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -271,28 +276,14 @@ def merge(parts: list[_Part], rows: int, directory: Path, step: int) -> Iterator
             part.reader = None
 
 
-def joined_chunks(
-    plan: _Plan,
-    spill: Spill,
-    directory: Path,
-    *,
-    basis: bool,
-    typed: TypedAnswers | None = None,
-    inputs: bool = True,
-    flatten: Any = None,
-) -> tuple[list[Path], pl.Schema, dict[str, int], int]:
-    """Steps 2 and 3: the parts joined and merged into chunk files in row order. Returns the chunks,
-    their schema, the rows per status and the rows per chunk. A completed row whose answer is not in
-    `spill` (it could not be read) says its answer could not be read back."""
-    parts, statuses, schema = write_parts(
-        plan, spill, directory, basis=basis, flatten=flatten, inputs=inputs, typed=typed
-    )
-    spill.remove()
+def merged(parts: list[_Part], rows: int, directory: Path) -> tuple[list[Path], int]:
+    """Step 3: the parts (of every shard) merged into chunk files in row order, the parts removed as
+    they are merged. Returns the chunks and the rows per chunk."""
     step = chunk_rows(parts)
-    chunks = list(merge(parts, plan.df.height, directory, step))
+    chunks = list(merge(parts, rows, directory, step))
     for part in parts:
         part.path.unlink(missing_ok=True)
-    return chunks, schema, statuses, step
+    return chunks, step
 
 
 def read_chunks(chunks: list[Path], schema: pl.Schema) -> pl.DataFrame:

@@ -249,6 +249,8 @@ async def aenrich(
         default_checkpoint=checkpoint is None or checkpoint is True,
         timeout=timeout,
         deadline=None if timeout is None else time.monotonic() + timeout,
+        write_to=write_to,
+        flatten=flatten_for_csv if fmt == "csv" else None,
     )
     near = root.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
     workspace: Path | None = None
@@ -285,9 +287,9 @@ async def aenrich(
         )
         if temp_note:
             tally.emit(temp_note)
-        workspace = assemble.workspace(near)
-        run.spill = assemble.Spill(workspace, len(plan.keys))
-        run.typed = TypedAnswers(root.path, plan.spec)
+        run.workspace = workspace = assemble.workspace(near)
+        # The merge holds a record batch of every part at once: the more shards, the smaller.
+        run.batch_bytes = min(assemble.BATCH_BYTES, max(64 << 10, (64 << 20) // len(areas)))
         t_work = time.monotonic()
         ticker = asyncio.create_task(_tick(tally))  # counts move while nothing finishes (rate waits)
         try:
@@ -326,27 +328,24 @@ async def aenrich(
             owned_bar.close()
         if not finished and workspace is not None:
             assemble.remove(workspace)
-    assert workspace is not None and run.spill is not None
+    assert workspace is not None
     t_join = time.monotonic()
-    spill = run.spill
-    spill.meta = pl.concat(run.metas).sort("d").drop("d") if len(run.metas) > 1 else run.metas[0].drop("d")
-    run.metas.clear()
-    try:
-        assemble.spill_typed(spill, run.typed, assemble.answered(spill.meta))
-    except Exception as exc:
-        stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
+    stats.statuses = dict(run.statuses)
     result: Any = None
-    if write_to is not None:
-        _write_file(
-            plan, spill, workspace, write_to, write_format, fmt, basis=basis, stats=stats, typed=run.typed
-        )
-    else:
-        try:
-            joined = _joined_frame(plan, spill, workspace, basis=basis, stats=stats, typed=run.typed)
-        finally:
-            assemble.remove(workspace)
-        result = from_polars(joined, plan.kind, plan.original, added=plan.added)
-        del joined
+    try:
+        chunks, step = assemble.merged(run.parts, plan.df.height, workspace)
+        if write_to is not None:
+            write_chunks(chunks, run.schema, write_to, write_format, row_group_rows=step)
+        else:
+            added = assemble.read_chunks(chunks, run.schema)
+            result = from_polars(
+                pl.concat([plan.df, added], how="horizontal"), plan.kind, plan.original, added=plan.added
+            )
+            del added
+    except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
+        raise _output_error(exc, write_to or workspace, stats) from exc
+    finally:
+        assemble.remove(workspace)
     stats.stages["join"] = time.monotonic() - t_join + run.reading
     # Only once the result is out: a join that fails (a full disk) must find the answers again.
     if temporary:
@@ -379,9 +378,15 @@ class _Run:
     deadline: float | None  # time.monotonic() past which nothing more is sent
     client: TaskClient | None = None
     limiter: RateLimiter | None = None
-    spill: assemble.Spill | None = None
-    typed: TypedAnswers | None = None
-    metas: list[pl.DataFrame] = field(default_factory=list)  # each shard's `_meta`, with `d`
+    #: The join's scratch directory, and what each shard put there: its rows joined, sorted by
+    #: position (`assemble.write_parts`), the rows per status, and the columns.
+    workspace: Path | None = None
+    write_to: str | os.PathLike[str] | None = None
+    flatten: Any = None
+    batch_bytes: int = assemble.BATCH_BYTES
+    parts: list[Any] = field(default_factory=list)
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    schema: pl.Schema = field(default_factory=pl.Schema)
     service_warnings: collections.Counter[str] = field(default_factory=collections.Counter)
     submitted_at: float | None = None
     worked: bool = False  # a shard sent or collected something
@@ -418,7 +423,7 @@ async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
 async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> None:
     """One shard: its checkpoint opened and loaded, its rows sent and collected (until the call's
     deadline), its answers set aside for the join, its state freed."""
-    assert run.client is not None and run.limiter is not None and run.spill is not None
+    assert run.client is not None and run.limiter is not None and run.workspace is not None
     t0 = time.monotonic()
     cp = shards.open_area(run.root, area, run.service)
     stats = run.stats
@@ -487,16 +492,12 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         run.tally.live.pop(area.shard, None)
         if cp is not run.root:
             stats.warnings.extend(cp.warnings)
-    # The job ended well (or at its deadline): what the join needs from this shard, then its state goes.
+    # The job ended well (or at its deadline): the shard's rows are joined now, while its checkpoint
+    # is open, and set aside in row order for the merge; then its state goes.
     try:
         assert job is not None
         t_answers = time.monotonic()
-        meta = _meta(area.plan, job).with_columns(area.distinct.alias("d"))
-        run.metas.append(meta)
-        try:  # before the tables are freed: they tell which segment records each answer
-            assemble.spill_answers(run.spill, cp, assemble.answered(meta, area.distinct), basis=run.basis)
-        except Exception as exc:
-            stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
+        _join_area(run, area, job, cp)
         run.reading += time.monotonic() - t_answers
     finally:
         if cp is not run.root:
@@ -547,47 +548,58 @@ async def aenrich_shard(
     return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)
 
 
-def _joined_frame(
-    plan: _Plan,
-    spill: assemble.Spill,
-    workspace: Path,
-    *,
-    basis: bool,
-    stats: JobStats,
-    typed: TypedAnswers | None = None,
-) -> pl.DataFrame:
-    """The join for a frame in memory: the added columns built a part at a time, merged in row order
-    and read back, so the result's own columns are the only large allocation."""
-    chunks, schema, stats.statuses, _ = assemble.joined_chunks(
-        plan, spill, workspace, basis=basis, typed=typed, inputs=False
-    )
-    return pl.concat([plan.df, assemble.read_chunks(chunks, schema)], how="horizontal")
-
-
-def _write_file(
-    plan: _Plan,
-    spill: assemble.Spill,
-    workspace: Path,
-    write_to: str | os.PathLike[str],
-    write_format: str | None,
-    fmt: str | None,
-    *,
-    basis: bool,
-    stats: JobStats,
-    typed: TypedAnswers | None = None,
-) -> None:
-    """The join for a file: a part at a time, merged in row order and streamed into `write_to`."""
+def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
+    """The rows of one shard joined with its answers, written sorted by position to `run.parts`: its
+    answers read from its checkpoint into parts of bounded size, with the answers typed by an earlier
+    join (kept in the shard's checkpoint), and a part at a time joined onto its rows."""
+    assert run.workspace is not None
+    stats = run.stats
+    meta = _meta(area.plan, job)
+    ids = assemble.answered(meta)
+    name = "" if area.name is None else f"{area.shard:02x}-"
+    spill = assemble.Spill(run.workspace, meta.height, name=name)
+    typed = TypedAnswers(cp.path, run.plan.spec)
     try:
-        flatten = flatten_for_csv if fmt == "csv" else None
-        chunks, schema, stats.statuses, step = assemble.joined_chunks(
-            plan, spill, workspace, basis=basis, typed=typed, flatten=flatten
-        )
-        write_chunks(chunks, schema, write_to, write_format, row_group_rows=step)
-    except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
-        where = "" if stats.checkpoint == "" else f" in {stats.checkpoint}"
-        raise OutputError(
-            f"cannot write {os.fspath(write_to)}: {exc.strerror or exc}; every answer is kept{where}: "
-            "fix this, then run the same call again (nothing is paid twice)"
-        ) from exc
+        try:  # before the tables are freed: they tell which segment records each answer
+            assemble.spill_answers(spill, cp, ids, basis=run.basis)
+        except OSError as exc:
+            raise _output_error(exc, run.workspace, stats) from exc
+        except Exception as exc:  # each completed row says its answer could not be read back
+            stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
+        try:
+            assemble.spill_typed(spill, typed, ids)
+        except OSError as exc:
+            raise _output_error(exc, run.workspace, stats) from exc
+        except Exception as exc:
+            stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
+        try:
+            parts, statuses, schema = assemble.write_parts(
+                run.plan,
+                spill,
+                run.workspace,
+                meta=meta,
+                index=area.index,
+                rows=area.rows,
+                basis=run.basis,
+                flatten=run.flatten,
+                inputs=run.write_to is not None,
+                typed=typed,
+                batch_bytes=run.batch_bytes,
+            )
+        except OSError as exc:
+            raise _output_error(exc, run.workspace, stats) from exc
     finally:
-        assemble.remove(workspace)
+        spill.remove()
+    run.parts.extend(parts)
+    run.statuses.update(statuses)
+    if not run.schema and schema:
+        run.schema = schema
+
+
+def _output_error(exc: OSError, where: str | os.PathLike[str], stats: JobStats) -> OutputError:
+    """A result that cannot be written (a full disk, a permission): the answers are safe."""
+    kept = "" if stats.checkpoint == "" else f" in {stats.checkpoint}"
+    return OutputError(
+        f"cannot write {os.fspath(where)}: {exc.strerror or exc}; every answer is kept{kept}: "
+        "fix this, then run the same call again (nothing is paid twice)"
+    )

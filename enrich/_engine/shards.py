@@ -77,33 +77,46 @@ class Area:
     #: The checkpoint directory under the root (None: the root itself, a job of one shard).
     name: str | None
     plan: _Plan
-    #: The place of each of the shard's distinct rows in the job's (`plan.keys` order).
-    distinct: pl.Series
+    #: The shard's rows: the distinct row of each (in `plan.keys`), and its place in the job's frame
+    #: (None: every row of the frame, in order).
+    index: pl.Series
+    rows: pl.Series | None
 
 
 def split(plan: _Plan, count: int) -> list[Area]:
     """The shards of `plan`, each a plan of its own distinct rows (in the job's order) that shares the
     job's frame; shards with no row of this call are left out."""
+    index = pl.Series("d", plan.index, dtype=pl.Int64)
     if count == 1:
-        d = pl.int_range(len(plan.keys), dtype=pl.Int64, eager=True).alias("d")
-        return [Area(0, None, plan, d)]
+        return [Area(0, None, plan, index, None)]
     keys = pl.Series("key", plan.keys, dtype=pl.String)
-    of = shard_of(keys, count)
+    # Each distinct row's shard and its place among the shard's distinct rows (in the job's order).
+    distinct = pl.DataFrame({"shard": shard_of(keys, count)}).with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).over("shard").alias("local")
+    )
+    by_row = (
+        distinct.gather(index)
+        .with_row_index("row")
+        .partition_by("shard", as_dict=True, include_key=False, maintain_order=True)
+    )
+    by_key = distinct.with_row_index("d").partition_by("shard", as_dict=True, maintain_order=True)
+    del distinct
     areas = []
-    groups = pl.DataFrame({"shard": of}).with_row_index("d").partition_by("shard", as_dict=True)
-    for (shard,), frame in sorted(groups.items()):  # type: ignore[type-var]
-        at = frame["d"].cast(pl.Int64)
-        rows = at.to_list()
+    for (shard,), frame in sorted(by_key.items()):  # type: ignore[type-var]
+        at = frame["d"].cast(pl.Int64).to_list()
         sub = dataclasses.replace(
             plan,
-            keys=keys.gather(at).to_list(),
-            index=[],  # (the join works on the job's plan)
-            inputs=[plan.inputs[d] for d in rows] if plan.inputs is not None else None,
-            input_rows=rows if plan.input_rows is None else [plan.input_rows[d] for d in rows],
+            keys=[plan.keys[d] for d in at],
+            index=[],  # (its rows are the area's)
+            inputs=[plan.inputs[d] for d in at] if plan.inputs is not None else None,
+            input_rows=at if plan.input_rows is None else [plan.input_rows[d] for d in at],
             timings={},
             notes=[],
         )
-        areas.append(Area(int(shard), area_name(int(shard)), sub, at))  # type: ignore[call-overload]
+        rows = by_row[(shard,)]
+        areas.append(
+            Area(int(shard), area_name(int(shard)), sub, rows["local"], rows["row"].cast(pl.Int64))  # type: ignore[call-overload]
+        )
     plan.inputs = None  # the shards hold them now, and give them away as they load
     return areas
 
