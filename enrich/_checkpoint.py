@@ -5,7 +5,11 @@ money and take minutes to hours, so when the process dies (SIGKILL, a laptop goi
 run of the same command must know which rows already have a run and never create a second one for them. This
 module is that memory; the engine decides what to do with it.
 
-On disk a checkpoint is one directory:
+Its files live in a `CheckpointStore` (`enrich._store`): by default a local directory (`LocalStore`), or
+any store given to `Checkpoint.open` (`MemoryStore`, one for object storage). This module does no file I/O
+of its own: it lists, reads, writes (whole, and without overwriting unless it replaces a small JSON file),
+deletes and locks through the store, and the store keeps the invariants below that are about files. In a
+directory, a checkpoint is:
 
     manifest.json                  {"format": 1, "job_id", "fingerprint", "service", "created_at",
                                    "enrich_version"}
@@ -26,12 +30,13 @@ Every segment row also holds `_order`, its place in the history (see below).
 
 Invariants, each chosen for "what if the process dies right here?":
 
-* Whole files or nothing. Every file (the manifest and each segment) is written under `<name>.tmp`,
-  fsynced, renamed into place, and the directory fsynced, before the call that wrote it returns. A reader
-  therefore sees a file complete or not at all. `*.tmp` files are debris of a write that died; opening for
-  writing deletes them.
-* Append-only. A segment is never modified after its rename. The number in its name (`seq`) is unique and
-  grows across kinds; a failed write may leave a gap. Nothing is deleted except by compaction (below).
+* Whole files or nothing. Every file (the manifest and each segment) is made durable whole before the
+  call that wrote it returns (`CheckpointStore.write`; in a directory: written under `<name>.tmp`,
+  fsynced, linked or renamed into place, and the directory fsynced). A reader therefore sees a file
+  complete or not at all. `*.tmp` files are debris of a write that died; opening for writing deletes them.
+* Append-only. A segment is never modified after it appears: it is written only if its name is absent
+  (the manifest too, when it is created). The number in its name (`seq`) is unique and grows across
+  kinds; a failed write may leave a gap. Nothing is deleted except by compaction (below).
 * Order. `_order` is `seq * 2**32 + i` for the i-th row of the write that first recorded it. "Latest" always
   means the greatest `_order`, never the file a row sits in, so compaction may move rows freely.
 * Service. The manifest names the service whose runs the checkpoint records (the base URL, or "emulator"):
@@ -43,8 +48,8 @@ Invariants, each chosen for "what if the process dies right here?":
   `job_id` (and its kind, seq, tier and, for a merged segment, the seqs it replaces) in its Parquet key-value
   metadata. A segment of another job, or one that cannot be read (a torn write, a disk fault), is skipped and
   reported in `Checkpoint.warnings`; every other segment is still read, so nothing else is lost.
-* One writer. `Checkpoint.open` holds an exclusive `flock` on the directory until `close()` (the kernel drops
-  it when the process dies); `Checkpoint.read` takes no lock and changes nothing on disk.
+* One writer. `Checkpoint.open` holds the store's lock until `close()` (in a directory, an exclusive `flock`
+  that the kernel drops when the process dies); `Checkpoint.read` takes no lock and changes nothing.
 
 What a record means:
 
@@ -84,7 +89,6 @@ import itertools
 import json
 import os
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -100,9 +104,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._exceptions import CheckpointError, CheckpointMismatchError, ServiceMismatchError
-
-if sys.platform != "win32":
-    import fcntl
+from ._store import CheckpointStore, LocalStore, as_store
 
 __all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
 
@@ -290,7 +292,7 @@ class _Reload(Exception):
 
 
 class Checkpoint:
-    """The durable record of one job, in one directory (see the module docstring for the layout).
+    """The durable record of one job, in one store: a directory by default (see the module docstring).
 
     Open it with `Checkpoint.open` to run a job (one process at a time) or `Checkpoint.read` to look at one.
     Methods that record (`record_group`, `record_intents`, `record_receipts`, `resolve_intents`, `flush`)
@@ -313,11 +315,10 @@ class Checkpoint:
 
     def __init__(
         self,
-        path: Path,
+        store: CheckpointStore,
         manifest: dict[str, Any],
         *,
         readonly: bool,
-        dir_fd: int | None,
         compact_fanout: int = 16,
         flush_rows: int = 1000,
         flush_seconds: float = 5.0,
@@ -325,11 +326,12 @@ class Checkpoint:
         """Use `Checkpoint.open` or `Checkpoint.read`."""
         if compact_fanout < 2:
             raise ValueError("compact_fanout must be at least 2")
-        self._path = path
+        self._store = store
+        self._path = store.path if isinstance(store, LocalStore) else Path(store.location)
+        self._where = store.location  # for messages
         self._manifest = manifest
         self._job_id: str = manifest["job_id"]
         self._readonly = readonly
-        self._dir_fd = dir_fd
         self._closed = False
         self._forgotten = False  # close(forget=True) dropped the in-memory tables
         self._lock = threading.RLock()
@@ -367,7 +369,7 @@ class Checkpoint:
     @classmethod
     def open(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | CheckpointStore,
         fingerprint: Mapping[str, Any],
         *,
         create: bool = True,
@@ -378,6 +380,7 @@ class Checkpoint:
     ) -> Checkpoint:
         """Open the checkpoint at `path` for writing, creating it (and missing parents) when `create` is true.
 
+        `path` is a directory or a `CheckpointStore` (a directory means `LocalStore(path)`).
         `fingerprint` is a JSON-able mapping that names the job (output schema, processor, mode, ...). A
         checkpoint made with a different fingerprint raises `CheckpointMismatchError`, whose one line names
         the keys that differ. The keys an older enrich fingerprinted and this one does not (`_RETIRED`)
@@ -392,25 +395,23 @@ class Checkpoint:
 
         Example: `cp = Checkpoint.open("out.enrich", {"processor": "core", "schema": schema})`
         """
-        root = Path(path)
+        store = as_store(path)
+        where = store.location
         canonical_fp = _normalise(fingerprint)
         job_id = _job_id(canonical_fp)
         try:
-            if not root.exists():
-                if not create:
-                    raise CheckpointError(f"no checkpoint at {root}")
-                root.mkdir(parents=True, exist_ok=True)
-                _sync_dir_path(root.parent)
-            elif not root.is_dir():
-                raise CheckpointError(f"checkpoint path {root} is not a directory")
-            dir_fd = _open_dir(root)
+            if not create and not store.exists():
+                raise CheckpointError(f"no checkpoint at {where}")
+            store.create()
+            store.lock()
+        except NotADirectoryError:
+            raise CheckpointError(f"checkpoint path {where} is not a directory") from None
         except OSError as exc:
-            raise CheckpointError(f"cannot open checkpoint {root}: {_reason(exc)}") from exc
+            raise CheckpointError(f"cannot open checkpoint {where}: {_reason(exc)}") from exc
         try:
-            _lock_dir(dir_fd, root)
-            manifest = _read_manifest(root)
+            manifest = _read_manifest(store)
             if manifest is None:
-                _check_empty(root)
+                _check_empty(store)
                 manifest = {
                     "format": 1,  # 2 once it is made a root of shards (`record_shards`)
                     "job_id": job_id,
@@ -420,57 +421,72 @@ class Checkpoint:
                 }
                 if service is not None:
                     manifest["service"] = service
-                _write_json(root, dir_fd, MANIFEST, manifest)
+                _write_json(store, MANIFEST, manifest, overwrite=False)
             else:
                 if _differences(manifest["fingerprint"], canonical_fp, known=True):
                     raise CheckpointMismatchError(
-                        _mismatch_message(root, manifest["fingerprint"], canonical_fp)
+                        _mismatch_message(where, manifest["fingerprint"], canonical_fp)
                     )
                 recorded = manifest.get("service")
                 if service is not None and recorded != service:
                     if manifest.get("shards", 1) == 1 and not any(
-                        _SEGMENT_RE.fullmatch(n) for n in os.listdir(root)
+                        _SEGMENT_RE.fullmatch(n) for n in _list(store)
                     ):
                         # It recorded nothing (a wrong address refused before any group, or an older
                         # enrich's never used): no run binds it to a service.
                         manifest = {**manifest, "service": service}
-                        _write_json(root, dir_fd, MANIFEST, manifest)
+                        _write_json(store, MANIFEST, manifest, overwrite=True)
                     elif recorded is not None:
-                        raise ServiceMismatchError(_service_message(root, recorded, service))
+                        raise ServiceMismatchError(_service_message(where, recorded, service))
                     # else an older enrich's, with runs: the engine looks one up, then `adopt_service`
             return cls(
-                root,
+                store,
                 manifest,
                 readonly=False,
-                dir_fd=dir_fd,
                 compact_fanout=compact_fanout,
                 flush_rows=flush_rows,
                 flush_seconds=flush_seconds,
             )
         except BaseException:
-            _close_fd(dir_fd)
+            store.unlock()
             raise
 
     @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> Checkpoint:
-        """Open the checkpoint at `path` read-only, whatever its fingerprint (for `enrich status`).
+    def read(cls, path: str | os.PathLike[str] | CheckpointStore) -> Checkpoint:
+        """Open the checkpoint at `path` (a directory or a `CheckpointStore`) read-only, whatever its
+        fingerprint (for `enrich status`).
 
-        Takes no lock and changes nothing on disk, so it may look at a checkpoint a running job is writing.
+        Takes no lock and changes nothing, so it may look at a checkpoint a running job is writing.
         Record methods raise `CheckpointError`.
         """
-        root = Path(path)
-        if not root.is_dir():
-            raise CheckpointError(f"no checkpoint at {root}")
-        manifest = _read_manifest(root)
+        store = as_store(path)
+        try:
+            exists = store.exists()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read checkpoint {store.location}: {_reason(exc)}") from exc
+        if not exists:
+            raise CheckpointError(f"no checkpoint at {store.location}")
+        manifest = _read_manifest(store)
         if manifest is None:
-            raise CheckpointError(f"no checkpoint at {root}: it has no {MANIFEST}")
-        return cls(root, manifest, readonly=True, dir_fd=None)
+            raise CheckpointError(f"no checkpoint at {store.location}: it has no {MANIFEST}")
+        return cls(store, manifest, readonly=True)
 
     # -- what it is --------------------------------------------------------------------------------
 
     @property
     def path(self) -> Path:
+        """The checkpoint's directory (for a store that is not a directory: its `location` as a path)."""
         return self._path
+
+    @property
+    def store(self) -> CheckpointStore:
+        """Where the checkpoint's files are."""
+        return self._store
+
+    @property
+    def directory(self) -> Path | None:
+        """The checkpoint's local directory, or None when its store is not one (memory, object storage)."""
+        return self._path if isinstance(self._store, LocalStore) else None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -485,7 +501,7 @@ class Checkpoint:
         canonical_fp = _normalise(fingerprint)
         if _differences(self._manifest["fingerprint"], canonical_fp, known=True):
             raise CheckpointMismatchError(
-                _mismatch_message(self._path, self._manifest["fingerprint"], canonical_fp)
+                _mismatch_message(self._where, self._manifest["fingerprint"], canonical_fp)
             )
 
     @property
@@ -501,7 +517,7 @@ class Checkpoint:
         with self._lock:
             self._check_writable()
             if self.service is not None:
-                raise CheckpointError(f"checkpoint {self._path} already records {self.service}")
+                raise CheckpointError(f"checkpoint {self._where} already records {self.service}")
             manifest = {**self._manifest, "service": service}
             self._write_json(MANIFEST, manifest)
             self._manifest = manifest
@@ -513,7 +529,7 @@ class Checkpoint:
         """
         recorded = self.service
         if recorded is not None and recorded != service and (any(self._segments.values()) or self.shards > 1):
-            raise ServiceMismatchError(_service_message(self._path, recorded, service))
+            raise ServiceMismatchError(_service_message(self._where, recorded, service))
 
     @property
     def shards(self) -> int:
@@ -534,7 +550,7 @@ class Checkpoint:
         with self._lock:
             self._check_writable()
             if not self.recorded_nothing:
-                raise CheckpointError(f"checkpoint {self._path} recorded runs: it cannot be split in shards")
+                raise CheckpointError(f"checkpoint {self._where} recorded runs: it cannot be split in shards")
             manifest = {**self._manifest, "format": 2, "shards": int(count)}
             self._write_json(MANIFEST, manifest)
             self._manifest = manifest
@@ -558,7 +574,7 @@ class Checkpoint:
         (from memory)."""
         with self._lock:
             if self._forgotten:
-                raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
+                raise CheckpointError(f"checkpoint {self._where} was closed and its tables dropped")
             if not self._runs:  # a new job (a million keys to look up, for nothing)
                 return set()
             keys = pl.Series(list(row_keys), dtype=pl.String)
@@ -579,7 +595,7 @@ class Checkpoint:
         mode = "closed" if self._closed else "read-only" if self._readonly else "open"
         segments = sum(len(s) for s in self._segments.values())
         return (
-            f"<Checkpoint {str(self._path)!r} {mode} segments={segments} in_doubt={len(self._pending)} "
+            f"<Checkpoint {self._where!r} {mode} segments={segments} in_doubt={len(self._pending)} "
             f"buffered={self._buffered}>"
         )
 
@@ -734,7 +750,7 @@ class Checkpoint:
             if run_id in self._duplicates:
                 return True
             if self._forgotten:
-                raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
+                raise CheckpointError(f"checkpoint {self._where} was closed and its tables dropped")
             if self._run_hashes is None or not self._run_hashes:
                 self._run_hashes = {hash(r) for r in self._receipts.frame()["run_id"].unique().to_list()}
             if hash(run_id) not in self._run_hashes:
@@ -758,13 +774,13 @@ class Checkpoint:
     def service_warnings(self) -> dict[str, int]:
         """The warnings the service attached to the job's runs: each distinct message -> how many runs
         carried it (`record_service_warnings`)."""
-        data = _read_json(self._path / SERVICE_WARNINGS) or {}
+        data = _read_json(self._store, SERVICE_WARNINGS) or {}
         return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 
     @property
     def last_call(self) -> dict[str, Any] | None:
         """What `record_last_call` kept of the last call (rows, distinct inputs, ...), or None."""
-        return _read_json(self._path / LAST_CALL)
+        return _read_json(self._store, LAST_CALL)
 
     def record_last_call(self, info: Mapping[str, Any]) -> None:
         """Keep a JSON-able summary of the call that has the checkpoint open (for `enrich status`)."""
@@ -795,7 +811,7 @@ class Checkpoint:
             self._pacing = data
 
     def _write_json(self, name: str, data: Mapping[str, Any]) -> None:
-        _write_json(self._path, self._dir_fd, name, data)
+        _write_json(self._store, name, data, overwrite=True)
 
     def add_outcomes(self, outcomes: Iterable[Outcome] | pl.DataFrame) -> None:
         """Buffer finished runs; they are written by the next flush (see `open` for when that happens).
@@ -842,8 +858,8 @@ class Checkpoint:
             finally:
                 if not self._closed:
                     self._closed = True
-                    _close_fd(self._dir_fd)
-                    self._dir_fd = None
+                    if not self._readonly:
+                        self._store.unlock()
                 if forget:
                     self._forgotten = True
                     self._receipts = _Chunks(_empty("receipts").select(_MEMORY["receipts"]))
@@ -871,8 +887,8 @@ class Checkpoint:
             self._buffer.clear()
             self._buffered = 0
             self._closed = True
-            _close_fd(self._dir_fd)
-            self._dir_fd = None
+            if not self._readonly:
+                self._store.unlock()
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -906,7 +922,7 @@ class Checkpoint:
         """
         with self._lock:
             if self._forgotten:
-                raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped")
+                raise CheckpointError(f"checkpoint {self._where} was closed and its tables dropped")
             batches: dict[str, tuple[str | None, datetime | None, list[tuple[int, str]]]] = {}
             for key, (batch, group, order, sent_at) in self._pending.items():
                 entry = batches.setdefault(batch, (group, sent_at, []))
@@ -952,7 +968,9 @@ class Checkpoint:
     def _outcome_records(self) -> pl.DataFrame:
         """Every outcome record in memory (`_MEMORY` columns), buffered ones last, sorted by `_order`."""
         if self._forgotten:
-            raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped; open it again")
+            raise CheckpointError(
+                f"checkpoint {self._where} was closed and its tables dropped; open it again"
+            )
         outcomes = self._outcomes.frame()
         if self._buffer:
             outcomes = pl.concat([outcomes, self._buffered_frame().select(_MEMORY["outcomes"])])
@@ -960,7 +978,9 @@ class Checkpoint:
 
     def _light_state(self) -> pl.DataFrame:
         if self._forgotten:
-            raise CheckpointError(f"checkpoint {self._path} was closed and its tables dropped; open it again")
+            raise CheckpointError(
+                f"checkpoint {self._where} was closed and its tables dropped; open it again"
+            )
         if self._light is None:
             # Both tables are sorted by _order, so a key's last occurrence is its latest record.
             receipts = self._receipts.frame()
@@ -1029,7 +1049,7 @@ class Checkpoint:
         for segment in list(self._segments["outcomes"]):
             got: list[pl.DataFrame] = []
             try:  # a row group at a time: no more than one group's text is held before `each` types it
-                for group in _read_groups(self._path / segment.name, columns, "outcomes"):
+                for group in _read_groups(self._store, segment.name, columns, "outcomes"):
                     got.append(part(_wanted(group, wanted)))
                     del group
             except (OSError, pa.ArrowException, ValueError) as exc:
@@ -1047,9 +1067,9 @@ class Checkpoint:
 
     def _check_writable(self) -> None:
         if self._readonly:
-            raise CheckpointError(f"checkpoint {self._path} was opened read-only")
+            raise CheckpointError(f"checkpoint {self._where} was opened read-only")
         if self._closed:
-            raise CheckpointError(f"checkpoint {self._path} is closed")
+            raise CheckpointError(f"checkpoint {self._where} is closed")
 
     def _warn(self, message: str) -> None:
         if message not in self.warnings:  # a damaged segment is met again by each state(outputs=True)
@@ -1083,7 +1103,7 @@ class Checkpoint:
         def write(f: BinaryIO) -> None:
             pq.write_table(table, f, compression="zstd", write_page_checksum=True)
 
-        _write_atomic(self._path, self._dir_fd, segment.name, write)
+        _write(self._store, segment.name, write)
 
     def _write_merged(self, segment: _Segment, parts: list[tuple[_Segment, pl.Series]]) -> None:
         """Write `segment` from `parts` (a source and the mask of its rows to keep), one row group of a
@@ -1101,7 +1121,7 @@ class Checkpoint:
                 for source, keep in parts:
                     # A row group at a time: a source of a higher tier holds thousands of answers. Only a
                     # failed read makes the source bad; a failed write is the target's (raised as is).
-                    groups = _read_groups(self._path / source.name, columns, kind)
+                    groups = _read_groups(self._store, source.name, columns, kind)
                     start = 0
                     while True:
                         try:
@@ -1115,7 +1135,7 @@ class Checkpoint:
                         writer.write_table(frame.filter(mask).to_arrow().cast(schema))
                         del frame
 
-        _write_atomic(self._path, self._dir_fd, segment.name, write)
+        _write(self._store, segment.name, write)
 
     def _compact(self, kind: str) -> None:
         """Merge every tier whose segment count reached the fanout, lowest tier first."""
@@ -1192,20 +1212,16 @@ class Checkpoint:
         live.append(target)
         for segment in group:
             try:
-                os.unlink(self._path / segment.name)
-            except FileNotFoundError:
-                pass
+                self._store.delete(segment.name)
             except OSError as exc:
                 self._warn(
                     f"could not delete merged segment {segment.name} ({_reason(exc)}); the next open will"
                 )
-        with suppress(OSError):
-            _sync_dir(self._dir_fd)
         return True
 
     def _read_segment(self, segment: _Segment, columns: list[str]) -> pl.DataFrame:
         """`columns` of one segment, pages checksummed, cast to the kind's schema."""
-        return _read_table(self._path / segment.name, columns, segment.kind)
+        return _read_table(self._store, segment.name, columns, segment.kind)
 
     def _merged_in_memory(self, kind: str, group: list[_Segment]) -> pl.DataFrame:
         columns = list(_SCHEMAS[kind])
@@ -1221,22 +1237,15 @@ class Checkpoint:
                 return
             except (_Vanished, _Reload):
                 continue  # a writer compacted while we listed, or a merged segment is bad: list again
-        raise CheckpointError(f"checkpoint {self._path} kept changing while it was read; try again")
+        raise CheckpointError(f"checkpoint {self._where} kept changing while it was read; try again")
 
     def _load_once(self) -> None:
         try:
-            names = os.listdir(self._path)
+            names = _list(self._store)
         except OSError as exc:
-            raise CheckpointError(f"cannot read checkpoint {self._path}: {_reason(exc)}") from exc
+            raise CheckpointError(f"cannot read checkpoint {self._where}: {_reason(exc)}") from exc
         found: list[tuple[int, str, str]] = []
-        debris = False
-        for name in names:
-            if name.endswith(".tmp"):
-                if not self._readonly:  # half-written by a process that died; never renamed, so never counted
-                    with suppress(OSError):
-                        os.unlink(self._path / name)
-                        debris = True
-                continue
+        for name in names:  # (the store's lock removed the debris of writes that died: `*.tmp`)
             match = _SEGMENT_RE.fullmatch(name)
             if match:
                 found.append((int(match[2]), match[1], name))
@@ -1271,7 +1280,7 @@ class Checkpoint:
         )
         self._runs = receipts["run_id"].n_unique() + len(self._duplicates)
         self._run_hashes = None if self._runs else set()
-        self._pacing = _read_pacing(self._path)
+        self._pacing = _read_json(self._store, PACING)
         self._outcomes = _Chunks(self._read_kind("outcomes", on_disk))
         self._light = None
         pa.default_memory_pool().release_unused()  # give back what reading borrowed
@@ -1281,11 +1290,7 @@ class Checkpoint:
             for seq, _, name in found:
                 if seq in replaced and seq in on_disk:
                     with suppress(OSError):
-                        os.unlink(self._path / name)
-                        debris = True
-            if debris:
-                with suppress(OSError):
-                    _sync_dir(self._dir_fd)
+                        self._store.delete(name)
 
     def _find_pending(
         self, intents: pl.DataFrame, receipts: pl.DataFrame
@@ -1314,7 +1319,8 @@ class Checkpoint:
     def _inspect(self, kind: str, seq: int, name: str) -> _Segment | None:
         """Check a segment's footer: its job, kind and columns."""
         try:
-            footer = pq.read_metadata(self._path / name)
+            with self._store.open(name) as f:
+                footer = pq.read_metadata(f)
             meta = {k.decode(): v.decode() for k, v in (footer.metadata or {}).items()}
             job = meta.get("enrich.job_id")
             if job != self._job_id:
@@ -1357,7 +1363,7 @@ class Checkpoint:
         frames = []
         for segment in list(self._segments[kind]):
             try:
-                table = _read_table(self._path / segment.name, columns, kind)
+                table = _read_table(self._store, segment.name, columns, kind)
             except FileNotFoundError:
                 if self._readonly:
                     raise _Vanished from None
@@ -1397,10 +1403,10 @@ def _conform(frame: pl.DataFrame | pl.Series, columns: list[str], kind: str) -> 
     )
 
 
-def _read_groups(path: Path, columns: list[str], kind: str) -> Iterator[pl.DataFrame]:
+def _read_groups(store: CheckpointStore, name: str, columns: list[str], kind: str) -> Iterator[pl.DataFrame]:
     """`_read_table`, a row group at a time: a merged outcome segment holds the answers of thousands of
     runs (16,000 rows with citations: 340 MB of text), read whole only to be filtered and typed."""
-    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+    with store.open(name) as f, pq.ParquetFile(f, page_checksum_verification=True) as parquet:
         added = _ADDED.get(kind, frozenset())
         present = set(parquet.schema_arrow.names) if added else set()
         wanted = [c for c in columns if c not in added or c in present]
@@ -1408,25 +1414,27 @@ def _read_groups(path: Path, columns: list[str], kind: str) -> Iterator[pl.DataF
             yield _conform(pl.from_arrow(parquet.read_row_group(i, columns=wanted)), columns, kind)
 
 
-def _read_table(path: Path, columns: list[str], kind: str) -> pl.DataFrame:
-    """`columns` of the segment at `path`, pages checksummed, cast to the kind's schema; a column added to
+def _read_table(store: CheckpointStore, name: str, columns: list[str], kind: str) -> pl.DataFrame:
+    """`columns` of the segment `name`, pages checksummed, cast to the kind's schema; a column added to
     the kind after the segment was written reads as null."""
-    with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+    with store.open(name) as f, pq.ParquetFile(f, page_checksum_verification=True) as parquet:
         added = _ADDED.get(kind, frozenset())
         present = set(parquet.schema_arrow.names) if added else set()
         wanted = [c for c in columns if c not in added or c in present]
         return _conform(pl.from_arrow(parquet.read(columns=wanted)), columns, kind)
 
 
-def _read_pacing(root: Path) -> dict[str, Any] | None:
-    """The pacing file's mapping, or None when it is missing or unreadable (it is only a head start)."""
-    return _read_json(root / PACING)
+def _list(store: CheckpointStore) -> list[str]:
+    """The names of the checkpoint's own files (not those of its sub-areas: `typed/`, ...)."""
+    return [name for name in store.list() if "/" not in name]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file's mapping, or None when it is missing or unreadable."""
+def _read_json(store: CheckpointStore, name: str) -> dict[str, Any] | None:
+    """A JSON object file's mapping, or None when it is missing or unreadable (pacing.json, for one, is
+    only a head start)."""
     try:
-        data = json.loads(path.read_bytes())
+        with store.open(name) as f:
+            data = json.loads(f.read())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -1562,7 +1570,7 @@ def _shorten(value: Any, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _mismatch_message(root: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+def _mismatch_message(root: str, old: dict[str, Any], new: dict[str, Any]) -> str:
     found = _differences(old, new)
     shown = "; ".join(f"{where}: {_shorten(a)} → {_shorten(b)}" for where, a, b in found[:5])
     if len(found) > 5:
@@ -1573,7 +1581,7 @@ def _mismatch_message(root: Path, old: dict[str, Any], new: dict[str, Any]) -> s
     )
 
 
-def _service_message(root: Path, recorded: str, service: str) -> str:
+def _service_message(root: str, recorded: str, service: str) -> str:
     return (
         f"checkpoint {root} holds runs of {recorded}, not of {service}: its answers are never used for "
         f"another service; use a new checkpoint for this one (--checkpoint DIR, or checkpoint=), or point "
@@ -1581,19 +1589,23 @@ def _service_message(root: Path, recorded: str, service: str) -> str:
     )
 
 
-def _write_json(root: Path, dir_fd: int | None, name: str, data: Mapping[str, Any]) -> None:
-    """Replace the JSON file `name` (the manifest, pacing.json, ...) atomically; durable on return."""
+def _write_json(store: CheckpointStore, name: str, data: Mapping[str, Any], *, overwrite: bool) -> None:
+    """Write the JSON file `name` (the manifest, pacing.json, ...) whole, replacing it with `overwrite`;
+    durable on return."""
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
-    try:
-        _write_atomic(root, dir_fd, name, lambda f: f.write(text.encode()))
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {root / name}: {_reason(exc)}") from exc
+    _write(store, name, lambda f: f.write(text.encode()), overwrite=overwrite)
 
 
-def _read_manifest(root: Path) -> dict[str, Any] | None:
-    path = root / MANIFEST
+def _file(store: CheckpointStore, name: str) -> str:
+    """The file `name` of `store`, for messages."""
+    return str(store.path / name) if isinstance(store, LocalStore) else f"{store.location}/{name}"
+
+
+def _read_manifest(store: CheckpointStore) -> dict[str, Any] | None:
+    root, path = store.location, _file(store, MANIFEST)
     try:
-        raw = path.read_bytes()
+        with store.open(MANIFEST) as f:
+            raw = f.read()
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -1623,9 +1635,10 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
     return data
 
 
-def _check_empty(root: Path) -> None:
+def _check_empty(store: CheckpointStore) -> None:
     """Refuse to make a checkpoint where one was lost, or in a directory that holds other things."""
-    for name in os.listdir(root):
+    root = store.location
+    for name in store.list():
         if name.endswith(".tmp") or name.startswith("."):
             continue
         if _SEGMENT_RE.fullmatch(name):
@@ -1665,73 +1678,11 @@ class _BadSource(Exception):
         self.error = error
 
 
-def _write_atomic(root: Path, dir_fd: int | None, name: str, write: Callable[[BinaryIO], object]) -> None:
-    """Write `root/name` whole or not at all: tmp file, fsync, rename, directory fsync."""
-    final = root / name
-    tmp = root / (name + ".tmp")
+def _write(
+    store: CheckpointStore, name: str, write: Callable[[BinaryIO], object], *, overwrite: bool = False
+) -> None:
+    """`store.write`, its failures (a full disk, a name taken) as `CheckpointError`s naming the store."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            _fsync(f.fileno())
-        os.replace(tmp, final)
-        _sync_dir(dir_fd)
+        store.write(name, write, overwrite=overwrite)
     except (OSError, pa.ArrowException) as exc:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise CheckpointError(f"cannot write checkpoint {root}: {_reason(exc)}") from exc
-    except BaseException:  # whatever `write` raised: no half-written file is left behind
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync(fd: int) -> None:
-    # On macOS fsync() leaves data in the drive's cache; F_FULLFSYNC flushes it (a laptop may sleep next).
-    full = getattr(fcntl, "F_FULLFSYNC", None) if sys.platform != "win32" else None
-    if full is not None:
-        try:
-            fcntl.fcntl(fd, full)
-            return
-        except OSError:
-            pass
-    os.fsync(fd)
-
-
-def _open_dir(root: Path) -> int | None:
-    if sys.platform == "win32":  # no directory handles, no directory fsync
-        return None
-    return os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-
-
-def _sync_dir(dir_fd: int | None) -> None:
-    if dir_fd is not None:
-        _fsync(dir_fd)
-
-
-def _sync_dir_path(path: Path) -> None:
-    with suppress(OSError):
-        fd = _open_dir(path)
-        try:
-            _sync_dir(fd)
-        finally:
-            _close_fd(fd)
-
-
-def _close_fd(fd: int | None) -> None:
-    if fd is not None:
-        with suppress(OSError):
-            os.close(fd)
-
-
-def _lock_dir(dir_fd: int | None, root: Path) -> None:
-    if sys.platform == "win32" or dir_fd is None:
-        return
-    try:
-        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise CheckpointError(
-            f"checkpoint {root} is in use by another enrich process; wait for it to end or stop it"
-        ) from None
-    except OSError:
-        pass  # a file system without locks (some network mounts): go on unlocked
+        raise CheckpointError(f"cannot write checkpoint {store.location}: {_reason(exc)}") from exc

@@ -5,7 +5,8 @@ events stream (which stays open while runs are active) reaches the engine only o
 `StreamingASGITransport` hands each body chunk over as the app sends it, like a socket would, and tells
 the app when the client hung up, so the engine meets the emulator in-process as it would over HTTP.
 
-`FullDisk` stands in for `os.replace`/`os.fsync` so that the checkpoint's writes fail as on a full disk.
+`FullDisk` stands in for `os.replace`/`os.link`/`os.fsync` so that the checkpoint's writes fail as on a
+full disk.
 
 `Tap` wraps the emulator app: a subclass overrides `request` (answer without forwarding), `response`
 (look at or delay an answer that was carried out) or `event` (rewrite, drop or cut the events of an SSE
@@ -272,19 +273,20 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
 
 
 class FullDisk:
-    """os.replace / os.fsync that fail with `code` for the checkpoint's files from a chosen write on.
+    """os.replace / os.link / os.fsync failing with `code` for the checkpoint's files from a chosen write on.
 
     `kind` picks the segment kind whose `after`-th write (0-based) fails first ("" for any file); from
     then on every checkpoint write fails, as on a full disk. `filled()` is called once, at the first
-    failure (a subclass records what it needs then). Patch `enrich._checkpoint.os.replace` with
-    `replace` and `enrich._checkpoint.os.fsync` with `fsync`.
+    failure (a subclass records what it needs then). Patch `enrich._store.os.replace` with `replace`,
+    `enrich._store.os.link` with `link` (a new file is linked into place) and `enrich._store.os.fsync`
+    with `fsync`.
     """
 
     def __init__(self, checkpoint: Path, kind: str, after: int, code: int = errno.ENOSPC) -> None:
         self.checkpoint, self.kind, self.after, self.code = checkpoint, kind, after, code
         self.failing = False
         self.seen = 0
-        self.real_replace, self.real_fsync = os.replace, os.fsync
+        self.real_replace, self.real_link, self.real_fsync = os.replace, os.link, os.fsync
 
     def filled(self) -> None:
         """Called once, when the first write fails."""
@@ -302,6 +304,12 @@ class FullDisk:
         if path.parent == self.checkpoint and self._fail(path.name):
             raise OSError(self.code, os.strerror(self.code))
         self.real_replace(src, dst, *args, **kwargs)
+
+    def link(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        path = Path(dst)
+        if path.parent == self.checkpoint and self._fail(path.name):
+            raise OSError(self.code, os.strerror(self.code))
+        self.real_link(src, dst, *args, **kwargs)
 
     def fsync(self, fd: int) -> None:
         try:

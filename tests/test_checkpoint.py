@@ -1,4 +1,7 @@
-"""The checkpoint store: round trips, state semantics, damage, failures, compaction, and a crash model."""
+"""The checkpoint: round trips, state semantics, damage, failures, compaction, and a crash model.
+
+Tests marked `@both` run on a local directory and on a `MemoryStore`: the checkpoint assumes no file system.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from hypothesis.stateful import (
 from enrich import _checkpoint
 from enrich._checkpoint import Checkpoint, Counts, Intent, Outcome, Receipt
 from enrich._exceptions import CheckpointError, CheckpointMismatchError, UsageError
+from enrich._store import CheckpointStore, MemoryStore
 
 FP = {
     "processor": "base",
@@ -44,15 +48,23 @@ def key(i: int) -> str:
     return f"{i:032x}"
 
 
-def segments(path: Path, kind: str | None = None) -> list[str]:
+def segments(path: Path | CheckpointStore, kind: str | None = None) -> list[str]:
+    names = path.list() if isinstance(path, CheckpointStore) else [p.name for p in path.iterdir()]
     return sorted(
-        p.name for p in path.iterdir() if p.suffix == ".parquet" and (kind is None or p.name.startswith(kind))
+        n for n in names if "/" not in n and n.endswith(".parquet") and (kind is None or n.startswith(kind))
     )
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
+def root(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """The checkpoint's directory; a `MemoryStore` in a test marked `@both` (typed as a Path for brevity)."""
+    if getattr(request, "param", "local") == "memory":
+        return MemoryStore()  # type: ignore[return-value]
     return tmp_path / "job.enrich"
+
+
+#: Run the test on a local directory and on a MemoryStore (as `root`, and so `cp`).
+both = pytest.mark.parametrize("root", ["local", "memory"], indirect=True)
 
 
 @pytest.fixture
@@ -64,7 +76,7 @@ def cp(root: Path) -> Iterator[Checkpoint]:
 
 def reopen(checkpoint: Checkpoint, **kwargs: Any) -> Checkpoint:
     checkpoint.close()
-    return Checkpoint.open(checkpoint.path, FP, flush_seconds=float("inf"), **kwargs)
+    return Checkpoint.open(checkpoint.store, FP, flush_seconds=float("inf"), **kwargs)
 
 
 def rows(frame: pl.DataFrame, *columns: str) -> list[tuple[Any, ...]]:
@@ -87,12 +99,14 @@ def test_open_creates_directory_and_manifest(root: Path) -> None:
     assert [p.name for p in root.iterdir()] == ["manifest.json"]
 
 
+@both
 def test_fingerprint_is_compared_as_json(root: Path) -> None:
     Checkpoint.open(root, {"a": [1, 2], "b": {"y": 1, "x": 2}}).close()
     with Checkpoint.open(root, {"b": {"x": 2, "y": 1}, "a": (1, 2)}) as cp:
         assert cp.fingerprint == {"a": [1, 2], "b": {"x": 2, "y": 1}}
 
 
+@both
 def test_fingerprint_mismatch_names_what_differs(root: Path) -> None:
     Checkpoint.open(root, FP).close()
     other: dict[str, Any] = {
@@ -171,6 +185,7 @@ def test_a_checkpoint_that_recorded_a_group_is_never_split(root: Path) -> None:
             cp.record_shards(4)
 
 
+@both
 def test_open_without_create(root: Path) -> None:
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Checkpoint.open(root, FP, create=False)
@@ -207,6 +222,7 @@ def test_fingerprint_must_be_json(root: Path) -> None:
         Checkpoint.open(root, {"x": object()})
 
 
+@both
 def test_one_writer_at_a_time(root: Path, cp: Checkpoint) -> None:
     with pytest.raises(CheckpointError, match="in use by another"):
         Checkpoint.open(root, FP)
@@ -217,6 +233,7 @@ def test_one_writer_at_a_time(root: Path, cp: Checkpoint) -> None:
 # -- round trips and state semantics -------------------------------------------------------------------------
 
 
+@both
 def test_round_trip_every_kind(cp: Checkpoint) -> None:
     cp.record_group("g1")
     cp.record_group("g1")  # idempotent
@@ -274,6 +291,7 @@ def test_round_trip_every_kind(cp: Checkpoint) -> None:
     cp.close()
 
 
+@both
 def test_columnar_input(cp: Checkpoint) -> None:
     cp.record_receipts(
         pl.DataFrame(
@@ -294,6 +312,7 @@ def test_columnar_input(cp: Checkpoint) -> None:
     cp.close()
 
 
+@both
 def test_latest_receipt_wins_and_outcome_must_match_its_run(cp: Checkpoint) -> None:
     cp.record_receipts([Receipt(key(1), "run_a", "g1", "b1"), Receipt(key(2), "run_b", "g1", "b1")])
     cp.add_outcomes([Outcome(key(1), "run_a", "failed", error="boom")])
@@ -320,6 +339,7 @@ def test_latest_receipt_wins_and_outcome_must_match_its_run(cp: Checkpoint) -> N
     cp.close()
 
 
+@both
 def test_recording_a_run_twice_counts_it_once(cp: Checkpoint) -> None:
     cp.record_receipts([Receipt(key(1), "run_1", "g1", "b1")])
     cp.record_receipts([Receipt(key(1), "run_1", "g1", "b1")])
@@ -329,6 +349,7 @@ def test_recording_a_run_twice_counts_it_once(cp: Checkpoint) -> None:
     cp.close()
 
 
+@both
 def test_in_doubt(cp: Checkpoint) -> None:
     cp.record_intents("b1", "g1", [key(1), key(2), key(3)])
     cp.record_intents("b2", "g1", [key(4)])
@@ -364,6 +385,7 @@ def test_in_doubt(cp: Checkpoint) -> None:
     cp.close()
 
 
+@both
 def test_in_doubt_keeps_when_each_request_was_sent(cp: Checkpoint) -> None:
     t1 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     t2 = datetime(2026, 1, 1, 12, 0, 7, tzinfo=UTC)
@@ -403,12 +425,13 @@ def test_intents_written_before_sent_at_existed_still_read(root: Path) -> None:
         assert Intent("b1", "g1", (key(1),)) in cp.in_doubt() and cp.warnings == []
 
 
+@both
 def test_duplicates_are_paid_for_and_never_a_rows_run(cp: Checkpoint) -> None:
     cp.record_intents("b1", "g1", [key(1), key(2)])
     cp.record_receipts([Receipt(key(1), "r1", "g1", "b1"), Receipt(key(2), "r2", "g1", "b1")])
     cp.record_duplicates([(key(1), "r1-late", "g1"), (key(1), "r1", "g1")])  # r1 is no duplicate: skipped
     cp.record_duplicates([(key(1), "r1-late", "g1")])  # recorded already: nothing written
-    assert len(segments(cp.path, "duplicates")) == 1
+    assert len(segments(cp.store, "duplicates")) == 1
     assert cp.runs == 3 and cp.duplicates == {"r1-late": key(1)}
     assert cp.knows_run("r1-late") and cp.knows_run("r2") and not cp.knows_run("r3")
     assert cp.run_ids([key(1)]) == {"r1", "r1-late"}
@@ -442,6 +465,7 @@ def test_pacing_is_kept_across_opens(root: Path) -> None:
             Checkpoint.read(root).record_pacing({})
 
 
+@both
 def test_outcomes_are_buffered_until_flushed(root: Path) -> None:
     cp = Checkpoint.open(root, FP, flush_rows=3, flush_seconds=float("inf"))
     cp.record_receipts([Receipt(key(i), f"r{i}", None, "b") for i in range(5)])
@@ -468,6 +492,7 @@ def test_outcomes_flush_after_flush_seconds(root: Path) -> None:
     cp.close()
 
 
+@both
 def test_context_manager_flushes_on_interrupt(root: Path) -> None:
     with pytest.raises(KeyboardInterrupt), Checkpoint.open(root, FP) as cp:
         cp.record_receipts([Receipt(key(1), "r1", None, "b")])
@@ -492,7 +517,7 @@ def test_bad_records_are_refused(cp: Checkpoint) -> None:
     with pytest.raises(ValueError, match="at least one"):
         cp.record_intents("b", None, [])
     cp.record_receipts([])  # nothing to do
-    assert segments(cp.path) == []
+    assert segments(cp.store) == []
 
 
 def test_read_only(root: Path, cp: Checkpoint) -> None:
@@ -509,24 +534,27 @@ def test_read_only(root: Path, cp: Checkpoint) -> None:
     reader.close()
 
 
+@both
 def test_reader_lists_again_when_a_writer_compacts_under_it(root: Path, cp: Checkpoint) -> None:
     cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
-    real_listdir = os.listdir
+    store = type(cp.store)
+    real_list = store.list
     calls = 0
 
-    def listdir(path: Any) -> list[str]:
+    def listing(self: CheckpointStore, prefix: str = "") -> list[str]:
         nonlocal calls
         calls += 1
-        names = real_listdir(path)
+        names = real_list(self, prefix)
         return [*names, "receipts-000000000.parquet"] if calls == 1 else names  # gone when read
 
-    with mock.patch("os.listdir", listdir):
+    with mock.patch.object(store, "list", listing):
         reader = Checkpoint.read(root)
     assert calls == 2
     assert reader.warnings == []
     assert reader.state()["run_id"].to_list() == ["r1"]
 
 
+@both
 def test_closed(cp: Checkpoint) -> None:
     cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
     cp.close()
@@ -537,6 +565,7 @@ def test_closed(cp: Checkpoint) -> None:
     assert "closed" in repr(cp)
 
 
+@both
 def test_close_forget_drops_the_tables_but_keeps_every_record(cp: Checkpoint, root: Path) -> None:
     """A job at its end frees the in-memory tables before its join; the disk has everything."""
     cp.record_intents("b", "g", [key(1), key(2)])
@@ -586,9 +615,10 @@ def test_a_merge_source_unreadable_past_its_keys_is_left_out_not_retried(root: P
 
 
 def test_durable_before_return(cp: Checkpoint, root: Path) -> None:
-    """Each record call fsyncs the file, renames it into place and fsyncs the directory, in that order."""
+    """Each record call fsyncs the file, links it into place (a new file: never one replaced) and fsyncs
+    the directory, in that order; a replaced file (pacing.json) is renamed over the old one."""
     events: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd: int) -> None:
         events.append("fsync dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
@@ -598,9 +628,18 @@ def test_durable_before_return(cp: Checkpoint, root: Path) -> None:
         events.append("rename")
         real_replace(src, dst)
 
-    with mock.patch("os.fsync", fsync), mock.patch("os.replace", replace):
+    def link(src: Any, dst: Any) -> None:
+        events.append("link")
+        real_link(src, dst)
+
+    with mock.patch("os.fsync", fsync), mock.patch("os.replace", replace), mock.patch("os.link", link):
         cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
-    assert events == ["fsync file", "rename", "fsync dir"]
+        assert events == ["fsync file", "link", "fsync dir"]
+        events.clear()
+        cp.record_pacing({"size": 1})
+        cp.record_pacing({"size": 2})
+    assert events == ["fsync file", "rename", "fsync dir"] * 2
+    assert not list(root.glob("*.tmp"))
 
 
 # -- damage on disk ------------------------------------------------------------------------------------------
@@ -685,7 +724,7 @@ def test_died_while_creating_leaves_only_temp_manifest(root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("target", "code"),
-    [("os.replace", errno.ENOSPC), ("os.fsync", errno.EROFS), ("os.replace", errno.EACCES)],
+    [("os.link", errno.ENOSPC), ("os.fsync", errno.EROFS), ("os.link", errno.EACCES)],
 )
 def test_write_failure_raises_and_loses_nothing(root: Path, cp: Checkpoint, target: str, code: int) -> None:
     cp.record_group("g1")
@@ -724,7 +763,7 @@ def test_write_failure_raises_and_loses_nothing(root: Path, cp: Checkpoint, targ
 
 def test_cannot_create_checkpoint(root: Path) -> None:
     with (
-        mock.patch("os.replace", side_effect=OSError(errno.ENOSPC, "No space left on device")),
+        mock.patch("os.link", side_effect=OSError(errno.ENOSPC, "No space left on device")),
         pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left"),
     ):
         Checkpoint.open(root, FP)
@@ -748,6 +787,7 @@ def write_history(cp: Checkpoint) -> None:
             cp.add_outcomes([Outcome(keys[0], f"r{batch}-0", "failed", error="late")])
 
 
+@both
 def test_compaction_keeps_state_and_bounds_segments(tmp_path: Path, root: Path) -> None:
     fanout = 4
     cp = Checkpoint.open(root, FP, compact_fanout=fanout, flush_rows=1, flush_seconds=float("inf"))
@@ -771,11 +811,13 @@ def test_compaction_keeps_state_and_bounds_segments(tmp_path: Path, root: Path) 
     assert reader.state().equals(state)
 
 
+@both
 def test_compaction_interrupted_before_deleting_sources(root: Path) -> None:
     cp = Checkpoint.open(root, FP, compact_fanout=3, flush_seconds=float("inf"))
     cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
     cp.record_receipts([Receipt(key(2), "r2", "g", "b")])
-    with mock.patch("os.unlink", side_effect=OSError(errno.EIO, "Input/output error")):
+    failing = OSError(errno.EIO, "Input/output error")
+    with mock.patch.object(type(cp.store), "delete", side_effect=failing):
         cp.record_receipts([Receipt(key(1), "r1b", "g", "c")])  # the third segment triggers a merge
     assert len(segments(root, "receipts")) == 4  # 3 sources + the merged segment
     assert any("could not delete merged" in w for w in cp.warnings)
@@ -817,14 +859,14 @@ def test_unreadable_merged_segment_falls_back_to_its_sources(root: Path) -> None
 def test_compaction_failure_is_a_warning(root: Path) -> None:
     cp = Checkpoint.open(root, FP, compact_fanout=2, flush_seconds=float("inf"))
     cp.record_receipts([Receipt(key(1), "r1", "g", "b")])
-    real_replace = os.replace
+    real_link = os.link
 
-    def replace(src: Any, dst: Any) -> None:
+    def link(src: Any, dst: Any) -> None:
         if "receipts-000000003" in str(dst):  # the merge
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_replace(src, dst)
+        real_link(src, dst)
 
-    with mock.patch("os.replace", replace):
+    with mock.patch("os.link", link):
         cp.record_receipts([Receipt(key(2), "r2", "g", "b")])  # durable, its merge postponed
     assert cp.warnings == [
         f"compaction of receipts postponed: cannot write checkpoint {root}: No space left on device"
@@ -835,6 +877,7 @@ def test_compaction_failure_is_a_warning(root: Path) -> None:
     cp.close()
 
 
+@both
 def test_write_cost_is_amortised(root: Path) -> None:
     """Compaction rewrites a row at most once per tier: total rows written stay O(n log n)."""
     written: list[int] = []
@@ -990,7 +1033,7 @@ class CheckpointMachine(RuleBasedStateMachine):
     )
     def failed_write(self, which: str, code: int) -> None:
         with (
-            mock.patch("os.replace", side_effect=OSError(code, os.strerror(code))),
+            mock.patch("os.link", side_effect=OSError(code, os.strerror(code))),
             pytest.raises(CheckpointError),
         ):
             if which == "receipts":

@@ -493,8 +493,9 @@ def _runs_mode_job_on_a_full_disk(
 
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "open", classmethod(tracked))
-        patch.setattr("enrich._checkpoint.os.replace", disk.replace)
-        patch.setattr("enrich._checkpoint.os.fsync", disk.fsync)
+        patch.setattr("enrich._store.os.replace", disk.replace)
+        patch.setattr("enrich._store.os.link", disk.link)
+        patch.setattr("enrich._store.os.fsync", disk.fsync)
         transport = _Counting(httpx.ASGITransport(app=app), disk)
         with pytest.raises(CheckpointError, match=os.strerror(errno.ENOSPC)):
             asyncio.run(aenrich(companies(30), CEO, transport=transport, **kw))

@@ -484,8 +484,9 @@ def test_full_disk_stops_submission_and_loses_nothing(
 
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "record_receipts", logged)
-        patch.setattr("enrich._checkpoint.os.replace", disk.replace)
-        patch.setattr("enrich._checkpoint.os.fsync", disk.fsync)
+        patch.setattr("enrich._store.os.replace", disk.replace)
+        patch.setattr("enrich._store.os.link", disk.link)
+        patch.setattr("enrich._store.os.fsync", disk.fsync)
         assert main(args) == 3
         created = emu.stats()["runs_created"]
     *warnings, error = err_lines(capsys)
@@ -517,7 +518,8 @@ def test_last_flush_failing_is_a_warning_and_the_answers_are_written(
     checkpoint = tmp_path / "out.parquet.enrich"
     disk = FullDisk(checkpoint, emu, "outcomes", 0, errno.ENOSPC)
     with monkeypatch.context() as patch:
-        patch.setattr("enrich._checkpoint.os.replace", disk.replace)
+        patch.setattr("enrich._store.os.replace", disk.replace)
+        patch.setattr("enrich._store.os.link", disk.link)
         assert main(args) == 0  # every answer is in the output; only the checkpoint missed them
     err = err_lines(capsys)
     assert any("warning:" in line and os.strerror(errno.ENOSPC) in line for line in err), err
