@@ -49,6 +49,7 @@ from enrich._models import (
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress
 from enrich._retry import RetryPolicy
+from enrich._store import CheckpointStore, LocalStore, MemoryStore
 
 # The library's log ("enrich") reaches the handlers an application configures, never stderr by itself.
 _logging.getLogger("enrich").addHandler(_logging.NullHandler())
@@ -67,6 +68,7 @@ __all__ = [
     "BadRequestError",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CheckpointStore",
     "Citation",
     "ConflictError",
     "Emulator",
@@ -78,6 +80,8 @@ __all__ = [
     "GroupStatus",
     "JobPlan",
     "JobStats",
+    "LocalStore",
+    "MemoryStore",
     "NotFoundError",
     "OutcomeUnknownError",
     "OutputError",

@@ -19,6 +19,7 @@ from enrich._exceptions import (
     UsageError,
 )
 from enrich._processors import PROCESSORS
+from enrich._store import CheckpointStore, as_store
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +83,7 @@ def plan(
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     processor: str = "core",
-    checkpoint: str | os.PathLike[str] | bool | None = None,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
     retry_failed: bool = False,
     base_url: str | None = None,
@@ -128,7 +129,7 @@ def _plan_and_prepared(
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     processor: str = "core",
-    checkpoint: str | os.PathLike[str] | bool | None = None,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
     retry_failed: bool = False,
     base_url: str | None = None,
@@ -159,7 +160,7 @@ def _plan_and_prepared(
     wanted = set(job.keys) - set(job.local_errors)
     svc = service if service is not None else service_of(base_url)
     path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc, job.keys)[0]
-    if path is not None and (path / "manifest.json").exists():
+    if path is not None and "manifest.json" in as_store(path).list("manifest.json"):
         cp = Checkpoint.read(path)
         cp.check_fingerprint(job.fingerprint)
         cp.check_service(svc)

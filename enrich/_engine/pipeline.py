@@ -44,6 +44,7 @@ from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
 from enrich._progress import ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
+from enrich._store import CheckpointStore
 
 # The limiter's window is this much longer than the service's (a share of it), to absorb network jitter.
 _WINDOW_MARGIN = 0.02
@@ -113,7 +114,7 @@ async def aenrich(
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
     processor: str = "core",
-    checkpoint: str | os.PathLike[str] | bool | None = None,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
     basis: bool = False,
     retry_failed: bool = False,
@@ -252,7 +253,7 @@ async def aenrich(
         write_to=write_to,
         flatten=flatten_for_csv if fmt == "csv" else None,
     )
-    near = root.path if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
+    near = root.directory if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
     workspace: Path | None = None
     client: TaskClient | None = None
     finished = False
@@ -558,7 +559,7 @@ def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
     ids = assemble.answered(meta)
     name = "" if area.name is None else f"{area.shard:02x}-"
     spill = assemble.Spill(run.workspace, meta.height, name=name)
-    typed = TypedAnswers(cp.path, run.plan.spec)
+    typed = TypedAnswers(cp.store, run.plan.spec)
     try:
         try:  # before the tables are freed: they tell which segment records each answer
             assemble.spill_answers(spill, cp, ids, basis=run.basis)

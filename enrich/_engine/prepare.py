@@ -32,6 +32,7 @@ from enrich._inputs import (
 )
 from enrich._processors import PROCESSORS
 from enrich._schema import RESERVED_COLUMNS, OutputSpec, check_collisions, parse_output
+from enrich._store import CheckpointStore
 
 #: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
 KEY_FIELD = "enrich_key"
@@ -231,18 +232,22 @@ def cache_dir() -> Path:
 
 
 def _checkpoint_path(
-    checkpoint: str | os.PathLike[str] | bool | None,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None,
     fingerprint: Mapping[str, Any],
     service: str,
     keys: Iterable[str] = (),
-) -> tuple[Path, bool]:
-    """(the checkpoint directory, whether it is temporary) for the `checkpoint=` argument.
+) -> tuple[Path | CheckpointStore, bool]:
+    """(the checkpoint directory or store, whether it is temporary) for the `checkpoint=` argument.
+
+    A `CheckpointStore` is used as it is.
 
     None (or True): a directory under `cache_dir()` named by the job, the service and the distinct
     inputs (`keys`), so the same call made again (a notebook cell run twice) resumes instead of paying
     twice, and a call on other data is another job (its own max_cost, its own lock). False: a new
     temporary one.
     """
+    if isinstance(checkpoint, CheckpointStore):
+        return checkpoint, False
     if checkpoint is False:
         return Path(tempfile.mkdtemp(prefix="enrich-")), True
     if checkpoint is None or checkpoint is True:
@@ -253,7 +258,7 @@ def _checkpoint_path(
         return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(
-            f"checkpoint must be a directory path, None (a default one) or False (none), "
+            "checkpoint must be a directory path, a CheckpointStore, None (a default one) or False (none), "
             f"got {type(checkpoint).__name__}"
         )
     return Path(checkpoint), False

@@ -42,7 +42,8 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             Default (None): one under the user cache directory (`~/.cache/enrich/checkpoints/...` on
             Linux; env `ENRICH_CACHE_DIR` moves it) named by the job and the service, so a notebook cell
             run twice resumes instead of paying twice; its path is said in the progress output and in
-            `JobStats.checkpoint`. False: a temporary one, removed when every row finished. A checkpoint
+            `JobStats.checkpoint`. False: a temporary one, removed when every row finished. A
+            `CheckpointStore` (`MemoryStore()`, one for object storage) keeps it there. A checkpoint
             records the service it ran on and is never used with another one.
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
             create per row, each sent as soon as the budget allows; collected through the job's group).

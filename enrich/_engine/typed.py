@@ -3,13 +3,14 @@
 The checkpoint records each answer as the service sent it (JSON text), and that record is never replaced.
 Typing it (`OutputSpec.to_frame`: decode, check every value against its column, build typed Series) is
 Python work per answer, a third of a million-row resume. So a join keeps what it typed in `typed/` inside
-the checkpoint directory: Parquet files of run_id, the output columns and `_problem` (what did not fit),
-named by a tag of the output columns' types and of this module's version, so that another typing never
-reads them. A run's answer never changes, so a typed answer stays true for its run id.
+the checkpoint (its store's sub-area `typed`; in a directory, a subdirectory): Parquet files of run_id,
+the output columns and `_problem` (what did not fit), named by a tag of the output columns' types and of
+this module's version, so that another typing never reads them. A run's answer never changes, so a typed
+answer stays true for its run id.
 
 It is a cache derived from the record, never a record: a file that cannot be read is set aside and its
-answers typed again from their JSON; deleting `typed/` loses nothing. Files are written whole and renamed
-into place; past `MAX_FILES` they are merged into one, a row group at a time.
+answers typed again from their JSON; deleting `typed/` loses nothing. Files are written whole, each under
+a new name (`CheckpointStore.write`); past `MAX_FILES` they are merged into one, a row group at a time.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from typing import BinaryIO
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from enrich._schema import OutputSpec
+from enrich._store import CheckpointStore, as_store
 
 _VERSION = 1  # the typing of answers (`OutputSpec.to_frame`): a change makes earlier files unread
 MAX_FILES = 32
@@ -35,10 +37,10 @@ DIRECTORY = "typed"
 
 
 class TypedAnswers:
-    """The typed answers of one checkpoint, for one output spec."""
+    """The typed answers of one checkpoint (its store, or its directory), for one output spec."""
 
-    def __init__(self, checkpoint: Path, spec: OutputSpec) -> None:
-        self.directory = Path(checkpoint) / DIRECTORY
+    def __init__(self, checkpoint: CheckpointStore | str | os.PathLike[str], spec: OutputSpec) -> None:
+        self.store = as_store(checkpoint).child(DIRECTORY)
         self.schema = pl.Schema({"run_id": pl.String, **spec.polars_schema(), "_problem": pl.String})
         described = json.dumps(
             {"version": _VERSION, "columns": [[c, str(d)] for c, d in self.schema.items()]}, sort_keys=True
@@ -46,22 +48,24 @@ class TypedAnswers:
         self.tag = hashlib.sha256(described.encode()).hexdigest()[:16]
         self.unreadable = 0  # files set aside this call
 
-    def files(self) -> list[Path]:
+    def files(self) -> list[str]:
+        """The names (in `store`) of the files of this typing."""
         try:
-            return sorted(self.directory.glob(f"typed-{self.tag}-*.parquet"))
+            names = self.store.list(f"typed-{self.tag}-")
         except OSError:
             return []
+        return [n for n in names if "/" not in n and n.endswith(".parquet")]
 
     def read(self) -> Iterator[pl.DataFrame]:
         """Every typed answer kept, a row group at a time, as frames of `schema`."""
-        for path in self.files():
+        for name in self.files():
             try:
-                with pq.ParquetFile(path) as parquet:
+                with self.store.open(name) as f, pq.ParquetFile(f) as parquet:
                     groups = [parquet.read_row_group(i) for i in range(parquet.num_row_groups)]
                 frames = [self._conform(pl.from_arrow(g)) for g in groups]  # type: ignore[arg-type]
                 del groups
             except (OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError):
-                self._set_aside(path)
+                self._set_aside(name)
                 continue
             yield from frames
 
@@ -71,7 +75,6 @@ class TypedAnswers:
         if not frame.height:
             return
         with contextlib.suppress(OSError, pa.ArrowException):
-            self.directory.mkdir(exist_ok=True)
             self._write(frame.select(list(self.schema)).to_arrow(), None)
 
     def compact(self) -> None:
@@ -81,33 +84,32 @@ class TypedAnswers:
             return
         with contextlib.suppress(OSError, pa.ArrowException, ValueError, pl.exceptions.PolarsError):
             self._write(None, files)
-            for path in files:
-                path.unlink(missing_ok=True)
+            for name in files:
+                self.store.delete(name)
 
-    def _write(self, table: pa.Table | None, sources: list[Path] | None) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=".typed-", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if table is not None:
-                    pq.write_table(table, f, compression="zstd")
-                else:
-                    schema = pl.DataFrame(schema=self.schema).to_arrow().schema
-                    with pq.ParquetWriter(f, schema, compression="zstd") as writer:
-                        for source in sources or []:
-                            with pq.ParquetFile(source) as parquet:
-                                for i in range(parquet.num_row_groups):
-                                    group = pl.from_arrow(parquet.read_row_group(i))
-                                    writer.write_table(self._conform(group).to_arrow().cast(schema))  # type: ignore[arg-type]
-            os.replace(tmp, self.directory / f"typed-{self.tag}-{uuid.uuid4().hex}.parquet")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+    def _write(self, table: pa.Table | None, sources: list[str] | None) -> None:
+        def write(f: BinaryIO) -> None:
+            if table is not None:
+                pq.write_table(table, f, compression="zstd")
+                return
+            schema = pl.DataFrame(schema=self.schema).to_arrow().schema
+            with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+                for source in sources or []:
+                    with self.store.open(source) as g, pq.ParquetFile(g) as parquet:
+                        for i in range(parquet.num_row_groups):
+                            group = pl.from_arrow(parquet.read_row_group(i))
+                            writer.write_table(self._conform(group).to_arrow().cast(schema))  # type: ignore[arg-type]
+
+        self.store.write(f"typed-{self.tag}-{uuid.uuid4().hex}.parquet", write)
 
     def _conform(self, frame: pl.DataFrame) -> pl.DataFrame:
         return frame.select(pl.col(c).cast(d) for c, d in self.schema.items())
 
-    def _set_aside(self, path: Path) -> None:
+    def _set_aside(self, name: str) -> None:
+        """Keep an unreadable file as `<stem>.unreadable` (never read again), for whoever looks into it."""
         self.unreadable += 1
         with contextlib.suppress(OSError):
-            path.rename(path.with_suffix(".unreadable"))
+            with self.store.open(name) as f:
+                aside = name.removesuffix(".parquet") + ".unreadable"
+                self.store.write(aside, lambda out: shutil.copyfileobj(f, out), overwrite=True)
+            self.store.delete(name)
