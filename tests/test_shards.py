@@ -244,3 +244,17 @@ def test_shards_run_by_the_caller_share_one_limiter_and_resume_on_their_own(tmp_
     whole = run_job(create_app(EmulatorConfig(latency=0.05)), df.drop("i"), checkpoint=tmp_path / "whole")
     joined = pl.concat(results).sort("company")
     assert joined.drop("_run_id").equals(whole.sort("company").drop("_run_id"))
+
+
+def test_a_sharded_job_on_a_store_that_is_not_a_directory() -> None:
+    from enrich import MemoryStore
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    store = MemoryStore()
+    first = run_job(app, companies(40), checkpoint=store, basis=True)
+    assert set(first["_status"]) == {"completed"} and app.stats()["runs_created"] == 40
+    assert any(n.startswith("shards/") and n.endswith("/manifest.json") for n in store.list())
+    assert any(n.startswith("shards/") and "/typed/" in n for n in store.list())  # each shard's own
+    requests = app.stats()["requests_total"]
+    again = run_job(app, companies(40), checkpoint=store, basis=True)
+    assert again.equals(first) and app.stats()["requests_total"] == requests

@@ -519,7 +519,7 @@ async def aenrich_shard(
     data: Any,
     output: Any,
     *,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | CheckpointStore,
     limiter: RateLimiter | None = None,
     **options: Any,
 ) -> Any:
@@ -540,8 +540,8 @@ async def aenrich_shard(
               for i, part in enumerate(df.partition_by("region")))
         )
     """
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        raise UsageError("a shard needs its own checkpoint: give its directory (checkpoint=...)")
+    if not isinstance(checkpoint, (str, os.PathLike, CheckpointStore)):
+        raise UsageError("a shard needs its own checkpoint: give its directory or store (checkpoint=...)")
     if limiter is not None and not isinstance(limiter, RateLimiter):
         raise UsageError(f"limiter must be an enrich.RateLimiter, got {type(limiter).__name__}")
     for private in ("_prepared", "_shard_rows", "_limiter"):

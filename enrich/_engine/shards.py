@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -125,29 +126,35 @@ def open_area(root: Checkpoint, area: Area, service: str | None) -> Checkpoint:
     """The checkpoint of `area` (the root itself for a job of one shard), opened for writing."""
     if area.name is None:
         return root
-    return Checkpoint.open(root.path / area.name, root.fingerprint, service=service)
+    return Checkpoint.open(root.store.child(area.name), root.fingerprint, service=service)
 
 
 def read_areas(root: Checkpoint) -> list[Checkpoint]:
     """Every area of the checkpoint `root`, read-only (for `enrich status` and the dry run)."""
     if root.shards == 1:
         return [root]
-    found = []
+    return [cp for _, cp in _areas(root)]
+
+
+def _areas(root: Checkpoint) -> Iterator[tuple[int, Checkpoint]]:
+    if root.shards == 1:
+        yield 0, root
+        return
+    made = set(root.store.list(DIRECTORY + "/"))
     for shard in range(root.shards):
-        path = root.path / area_name(shard)
-        if (path / "manifest.json").exists():
-            found.append(Checkpoint.read(path))
-    return found
+        name = area_name(shard)
+        if f"{name}/manifest.json" in made:
+            yield shard, Checkpoint.read(root.store.child(name))
 
 
 def recorded_runs(root: Checkpoint) -> dict[int, int]:
     """Runs recorded in each shard's area before this call (for `max_cost`, which counts every run the
     job paid for), read one area at a time."""
     runs: dict[int, int] = {}
-    for cp in read_areas(root):
-        shard = int(cp.path.name, 16) if root.shards > 1 else 0
+    for shard, cp in _areas(root):
         runs[shard] = cp.runs
-        cp.close(forget=True)
+        if cp is not root:
+            cp.close(forget=True)
     return runs
 
 
