@@ -211,6 +211,34 @@ def test_a_resumed_join_reads_the_answers_typed_before(
     assert app.stats()["runs_created"] == 119
 
 
+def test_without_the_basis_a_resumed_join_reads_no_answer_text_it_typed_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the basis, an answer typed before is joined from `typed/` alone: the text of its record
+    is not read again (a million-row resume spent most of its join there). An answer typed before
+    whose record is gone is still never passed off as read: its row says it could not be read."""
+    from enrich._checkpoint import Checkpoint
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    df = table(200, 120, seed=6)
+    cp = tmp_path / "cp"
+    first = run(app, df, checkpoint=cp)
+    read: list[int] = []
+    answers = Checkpoint.answers
+
+    def counting(self: Checkpoint, run_ids: Any, **kw: Any) -> Any:
+        read.append(len(run_ids))
+        return answers(self, run_ids, **kw)
+
+    monkeypatch.setattr(Checkpoint, "answers", counting)
+    again = run(app, df, checkpoint=cp)
+    assert again.equals(first) and sum(read) == 0
+    # With the basis every record is read (the basis is in it), and the typed answers are reused.
+    with_basis = run(app, df, checkpoint=cp, basis=True)
+    assert sum(read) == 119 and with_basis.drop("_basis").equals(first)
+    assert app.stats()["runs_created"] == 119
+
+
 _NO_NUMPY = """
 import sys
 sys.modules["numpy"] = None  # as if numpy were not installed: `import numpy` raises ImportError

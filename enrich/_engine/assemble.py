@@ -57,7 +57,7 @@ class Spill:
     total: int
     #: Names its files apart from other shards' in the same directory.
     name: str = ""
-    per_part: int = 0  # set from the size of the first answers read
+    per_part: int = 0  # set from the size of the first answers set aside
     _buffer: dict[tuple[str, int], list[pl.DataFrame]] = field(default_factory=dict)
     _buffered: int = 0
     _files: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -66,9 +66,6 @@ class Spill:
         """`Checkpoint.answers`'s `each`: type the basis of a segment's answers, set them aside by part,
         and return nothing to hold."""
         part = _typed_basis(part)  # `d` carried by the checkpoint (`spill_answers`)
-        if part.height and not self.per_part:
-            size = max(1, part.estimated_size() // part.height)
-            self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
         self._keep("answers", part)
         return part.clear()
 
@@ -79,8 +76,9 @@ class Spill:
     def _keep(self, kind: str, part: pl.DataFrame) -> None:
         if not part.height:
             return
-        if not self.per_part:
-            self.per_part = max(MIN_PART_ROWS, self.total)
+        if not self.per_part:  # sized by the first answers set aside (typed ones, without the basis)
+            size = max(1, part.estimated_size() // part.height)
+            self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
         split = part.with_columns((pl.col("d") // self.per_part).alias("_part"))
         for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
             self._buffer.setdefault((kind, int(j)), []).append(frame)  # type: ignore[arg-type]
@@ -131,12 +129,16 @@ def spill_answers(spill: Spill, cp: Any, ids: pl.DataFrame, *, basis: bool) -> N
         cp.answers(ids, basis=basis, each=spill.add)
 
 
-def spill_typed(spill: Spill, typed: TypedAnswers, ids: pl.DataFrame) -> None:
-    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`."""
+def spill_typed(spill: Spill, typed: TypedAnswers, ids: pl.DataFrame) -> pl.DataFrame:
+    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`;
+    returns the run ids found."""
+    found = []
     if ids.height:
         for frame in typed.read():
-            spill.add_typed(frame.join(ids, on="run_id", how="inner"))
-    spill.flush()
+            frame = frame.join(ids, on="run_id", how="inner")
+            found.append(frame.select("run_id"))
+            spill.add_typed(frame)
+    return pl.concat(found) if found else pl.DataFrame(schema={"run_id": pl.String})
 
 
 @dataclass

@@ -127,7 +127,10 @@ def _distinct(
     `_error`, `_run_id`, and `_basis` with `basis`; and the answers typed here (run_id, the output
     columns, `_problem`), for `typed.TypedAnswers` to keep.
 
-    `typed` holds answers typed by an earlier join (same columns): those are not decoded again.
+    `typed` holds answers typed by an earlier join (same columns): those are not decoded again. Without
+    `basis` their text need not have been read (`answers` may lack them): the record of a completed
+    run is known from the checkpoint's light columns, and its typed answer was made from that record.
+    With `basis` a row's basis comes from its record, so a row whose record was not read back says so.
     """
     columns = plan.spec.columns
     looked = meta.select(pl.col("answered").alias("run_id")).join(
@@ -149,6 +152,10 @@ def _distinct(
             schema={**plan.spec.polars_schema(), "_problem": pl.String, "_typed": pl.Boolean}
         )
         looked = pl.concat([looked, empty.clear(looked.height)], how="horizontal")
+    # A row's answer is there if its text was read, or (without the basis) it was typed before.
+    read = pl.col("_text").is_not_null()
+    if not basis:
+        read = read | pl.col("_typed").fill_null(False)
     # Only the answers not typed before are decoded (in Python: a third of a million-row resume was this).
     todo = (looked["_text"].is_not_null() & looked["_typed"].is_null()).arg_true()
     texts = looked["_text"].gather(todo)
@@ -174,10 +181,8 @@ def _distinct(
             "_basis_in",
             # Typed answers count only beside their record: an answer whose record cannot be read back
             # is said so on its row, whatever was typed from it before.
-            *(
-                pl.when(pl.col("_text").is_not_null()).then(pl.coalesce(c, f"{c}_fresh")).alias(c)
-                for c in [*columns, "_problem"]
-            ),
+            *(pl.when(read).then(pl.coalesce(c, f"{c}_fresh")).alias(c) for c in [*columns, "_problem"]),
+            read.alias("_read"),
         )
     )
     del looked
@@ -186,7 +191,7 @@ def _distinct(
     completed = meta["_status"] == "completed"
     # A completed run's answer is always recorded (JSON text, "null" at the least): none read back means
     # its segment could not be read. Said on the row, never passed off as an empty answer.
-    unreadable = merged["_text"].is_null() & merged["run_id"].is_not_null()
+    unreadable = ~merged["_read"] & merged["run_id"].is_not_null()
     error = (
         pl.select(
             pl.when(unreadable)

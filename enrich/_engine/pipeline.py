@@ -561,18 +561,21 @@ def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
     spill = assemble.Spill(run.workspace, meta.height, name=name)
     typed = TypedAnswers(cp.store, run.plan.spec)
     try:
-        try:  # before the tables are freed: they tell which segment records each answer
-            assemble.spill_answers(spill, cp, ids, basis=run.basis)
-        except OSError as exc:
-            raise _output_error(exc, run.workspace, stats) from exc
-        except Exception as exc:  # each completed row says its answer could not be read back
-            stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
+        # Without the basis, the answers typed by an earlier join are read first, and their text is not
+        # read again. With it, the text (and basis) of every answer is read first: the parts are sized
+        # by the largest columns.
+        if run.basis:
+            _spill_answers(run, spill, cp, ids)
         try:
-            assemble.spill_typed(spill, typed, ids)
+            found = assemble.spill_typed(spill, typed, ids)
         except OSError as exc:
             raise _output_error(exc, run.workspace, stats) from exc
         except Exception as exc:
+            found = None
             stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
+        if not run.basis:
+            _spill_answers(run, spill, cp, ids if found is None else ids.join(found, on="run_id", how="anti"))
+        spill.flush()
         try:
             parts, statuses, schema = assemble.write_parts(
                 run.plan,
@@ -595,6 +598,16 @@ def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
     run.statuses.update(statuses)
     if not run.schema and schema:
         run.schema = schema
+
+
+def _spill_answers(run: _Run, spill: assemble.Spill, cp: Checkpoint, ids: pl.DataFrame) -> None:
+    assert run.workspace is not None
+    try:  # before the tables are freed: they tell which segment records each answer
+        assemble.spill_answers(spill, cp, ids, basis=run.basis)
+    except OSError as exc:
+        raise _output_error(exc, run.workspace, run.stats) from exc
+    except Exception as exc:  # each completed row says its answer could not be read back
+        run.stats.warnings.append(f"the answers could not be read from the checkpoint ({exc})")
 
 
 def _output_error(exc: OSError, where: str | os.PathLike[str], stats: JobStats) -> OutputError:
