@@ -258,3 +258,29 @@ def test_a_sharded_job_on_a_store_that_is_not_a_directory() -> None:
     requests = app.stats()["requests_total"]
     again = run_job(app, companies(40), checkpoint=store, basis=True)
     assert again.equals(first) and app.stats()["requests_total"] == requests
+
+
+def test_a_finished_shard_is_joined_from_its_checkpoint_without_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume reads what a finished shard needs column-wise; a shard with a row to retry, or one
+    refused locally, still comes back right."""
+    from enrich._engine import job as job_module
+
+    app = create_app(EmulatorConfig(latency=0.02, failure_rate=0.3, seed=3))
+    df = pl.concat([companies(40), pl.DataFrame({"company": ["x" * 30_000], "city": ["c0"]})])  # too long
+    first = run_job(app, df, checkpoint=tmp_path / "cp")
+    assert first["_status"][-1] == "failed" and "25,000" in first["_error"][-1]
+    failed = int((first["_status"] == "failed").sum()) - 1
+    assert failed > 0
+    loads: list[int] = []
+    load = job_module._Job.load
+    monkeypatch.setattr(job_module._Job, "load", lambda self: (loads.append(1), load(self))[1])
+    stats = JobStats()
+    again = run_job(app, df, checkpoint=tmp_path / "cp", stats=stats)
+    assert again.equals(first) and not loads  # no shard had anything left to do
+    assert stats.already_done == 40 and stats.statuses == {"completed": 40 - failed, "failed": failed + 1}
+    retried = run_job(app, df, checkpoint=tmp_path / "cp", retry_failed=True)
+    assert 0 < len(loads) < 8  # only the shards with a failure to retry
+    assert app.stats()["runs_created"] == 40 + failed
+    assert retried["_error"][-1] == first["_error"][-1]

@@ -26,7 +26,7 @@ from enrich._checkpoint import Checkpoint
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
-from enrich._engine.join import _join, _meta
+from enrich._engine.join import _finished_meta, _join, _meta
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._engine.typed import TypedAnswers
@@ -42,7 +42,7 @@ from enrich._inputs import (
 from enrich._io import check_output_path, flatten_for_csv, format_of, write_chunks, write_table
 from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
-from enrich._progress import ProgressSink, TqdmSink
+from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
 from enrich._store import CheckpointStore
 
@@ -426,11 +426,25 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
     deadline), its answers set aside for the join, its state freed."""
     assert run.client is not None and run.limiter is not None and run.workspace is not None
     t0 = time.monotonic()
-    cp = shards.open_area(run.root, area, run.service)
     stats = run.stats
     job: _Job | None = None
+    cp = shards.open_area(run.root, area, run.service)
+    run.tally.live[area.shard] = cp
+    try:  # a shard with nothing left to do: joined from its checkpoint's columns, no job state built
+        meta = _finished_meta(area.plan, cp, retry_failed=run.options["retry_failed"])
+    except BaseException:
+        _close_area(run, area, cp)
+        raise
+    if meta is not None:
+        run.loading += time.monotonic() - t0
+        _say_finished(run, area, meta)
+        submitted.set()
+        try:
+            _join_area(run, area, meta, cp)
+        finally:
+            _close_area(run, area, cp)
+        return
     try:
-        run.tally.live[area.shard] = cp
         job = _Job(
             area.plan,
             cp,
@@ -490,24 +504,38 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
                     "the next run collects them again without paying twice"
                 )
         run.tally.recorded[area.shard] = cp.runs
-        run.tally.live.pop(area.shard, None)
-        if cp is not run.root:
-            stats.warnings.extend(cp.warnings)
     # The job ended well (or at its deadline): the shard's rows are joined now, while its checkpoint
     # is open, and set aside in row order for the merge; then its state goes.
     try:
         assert job is not None
-        t_answers = time.monotonic()
-        _join_area(run, area, job, cp)
-        run.reading += time.monotonic() - t_answers
+        meta = _meta(area.plan, job)
+        del job
+        _join_area(run, area, meta, cp)
     finally:
-        if cp is not run.root:
-            try:
-                cp.close(forget=True)
-            except Exception as exc:
-                stats.warnings.append(
-                    f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost"
-                )
+        _close_area(run, area, cp)
+
+
+def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
+    """The counts of a shard found finished, for the progress bar and the stats."""
+    failed = int((meta["_status"] == "failed").sum())
+    run.stats.already_done += int(meta["_run_id"].is_not_null().sum())  # (refused rows have no run)
+    area.plan.inputs = None
+    area.plan.consumed = True
+    sink = run.tally.sink_for(area.shard)
+    if sink is not None:
+        sink(Progress(total=meta.height, completed=meta.height - failed, failed=failed, running=0, waiting=0))
+
+
+def _close_area(run: _Run, area: shards.Area, cp: Checkpoint) -> None:
+    run.tally.recorded[area.shard] = cp.runs
+    run.tally.live.pop(area.shard, None)
+    if cp is run.root:
+        return
+    run.stats.warnings.extend(cp.warnings)
+    try:
+        cp.close(forget=True)
+    except Exception as exc:
+        run.stats.warnings.append(f"the checkpoint was not closed cleanly ({exc}); nothing recorded is lost")
 
 
 async def _when_submitted(job: _Job, submitted: asyncio.Event) -> None:
@@ -549,13 +577,13 @@ async def aenrich_shard(
     return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)
 
 
-def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
+def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint) -> None:
     """The rows of one shard joined with its answers, written sorted by position to `run.parts`: its
     answers read from its checkpoint into parts of bounded size, with the answers typed by an earlier
     join (kept in the shard's checkpoint), and a part at a time joined onto its rows."""
     assert run.workspace is not None
+    t0 = time.monotonic()
     stats = run.stats
-    meta = _meta(area.plan, job)
     ids = assemble.answered(meta)
     name = "" if area.name is None else f"{area.shard:02x}-"
     spill = assemble.Spill(run.workspace, meta.height, name=name)
@@ -598,6 +626,7 @@ def _join_area(run: _Run, area: shards.Area, job: _Job, cp: Checkpoint) -> None:
     run.statuses.update(statuses)
     if not run.schema and schema:
         run.schema = schema
+    run.reading += time.monotonic() - t0
 
 
 def _spill_answers(run: _Run, spill: assemble.Spill, cp: Checkpoint, ids: pl.DataFrame) -> None:

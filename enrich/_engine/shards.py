@@ -174,8 +174,12 @@ class Tally:
 
     def paid(self, *, besides: int | None = None) -> int:
         """Runs the job has paid for, in every shard but `besides`."""
-        shards = set(self.recorded) | set(self.live)
-        return sum(self.live[s].runs if s in self.live else self.recorded[s] for s in shards if s != besides)
+        total = 0
+        for shard in set(self.recorded) | set(self.live):
+            if shard != besides:
+                cp = self.live.get(shard)
+                total += cp.runs if cp is not None else self.recorded.get(shard, 0)
+        return total
 
     def sink_for(self, shard: int) -> ProgressSink | None:
         if self.sink is None:
