@@ -284,3 +284,23 @@ def test_a_finished_shard_is_joined_from_its_checkpoint_without_a_job(
     assert 0 < len(loads) < 8  # only the shards with a failure to retry
     assert app.stats()["runs_created"] == 40 + failed
     assert retried["_error"][-1] == first["_error"][-1]
+
+
+def test_a_shard_that_fails_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """An error that ends the job (a wrong key, credit spent) closes every shard it opened: the same
+    process can run the job again at once (a notebook), and nothing recorded is paid twice."""
+    from enrich import AuthenticationError, PaymentRequiredError
+
+    app = create_app(EmulatorConfig(api_key="right", latency=0.02))
+    with pytest.raises(AuthenticationError):
+        run_job(app, companies(40), checkpoint=tmp_path / "cp", api_key="wrong")
+    poor = create_app(EmulatorConfig(latency=0.02, credit=20 * 0.005))
+    with pytest.raises(PaymentRequiredError):
+        run_job(poor, companies(40), checkpoint=tmp_path / "poor")
+    paid = poor.stats()["runs_created"]
+    assert 0 < paid < 40
+    out = run_job(app, companies(40), checkpoint=tmp_path / "cp", api_key="right")
+    assert set(out["_status"]) == {"completed"}
+    with pytest.raises(PaymentRequiredError):  # not "in use": the shards were closed
+        run_job(poor, companies(40), checkpoint=tmp_path / "poor")
+    assert poor.stats()["runs_created"] == paid

@@ -402,23 +402,26 @@ async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
         await _run_area(run, areas[0], asyncio.Event())
         return
     slots = asyncio.Semaphore(shards.AT_ONCE)
-    async with asyncio.TaskGroup() as tg:
-        previous: asyncio.Event | None = None
-        for area in areas:
-            if previous is not None:
-                await previous.wait()
-            await slots.acquire()
-            submitted = asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            previous: asyncio.Event | None = None
+            for area in areas:
+                if previous is not None:
+                    await previous.wait()
+                await slots.acquire()
+                submitted = asyncio.Event()
 
-            async def one(area: shards.Area = area, submitted: asyncio.Event = submitted) -> None:
-                try:
-                    await _run_area(run, area, submitted)
-                finally:
-                    submitted.set()
-                    slots.release()
+                async def one(area: shards.Area = area, submitted: asyncio.Event = submitted) -> None:
+                    try:
+                        await _run_area(run, area, submitted)
+                    finally:
+                        submitted.set()
+                        slots.release()
 
-            tg.create_task(one())
-            previous = submitted
+                tg.create_task(one())
+                previous = submitted
+    except BaseExceptionGroup as group:  # the error of the shard that ended the job, as one shard's
+        raise _first_leaf(group) from None
 
 
 async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> None:
@@ -444,6 +447,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         finally:
             _close_area(run, area, cp)
         return
+    ended = False
     try:
         job = _Job(
             area.plan,
@@ -488,6 +492,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
                     run.submitted_at = max(run.submitted_at or 0.0, job.submitted_at)
         submitted.set()
         job.report(force=True)
+        ended = True
     finally:
         if job is not None:
             stats.capped = stats.capped or job.capped
@@ -503,7 +508,8 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
                     f"the answers collected last are not saved in the checkpoint ({exc}); "
                     "the next run collects them again without paying twice"
                 )
-        run.tally.recorded[area.shard] = cp.runs
+        if not ended:  # an error, Ctrl-C: nothing to join, and the shard's lock must not outlive the call
+            _close_area(run, area, cp)
     # The job ended well (or at its deadline): the shard's rows are joined now, while its checkpoint
     # is open, and set aside in row order for the merge; then its state goes.
     try:
