@@ -388,7 +388,7 @@ def job_table(
         (
             "client peak RSS",
             f"{job['rss']:,.0f} MB",
-            "<= 2,048 MB",
+            "<= 1,024 MB",  # issue 12
             f"after read {job['rss_read']:,.0f}, after aenrich {job['rss_enrich']:,.0f}",
         ),
         (
@@ -453,7 +453,7 @@ def resume_table(
         ("load", _s(load), "", "stages['load']" if load is not None else "n/a until JobStats.stages lands"),
         ("aenrich wall", f"{r['enrich']:.2f} s", "<= 5 s", "key + dedupe + load + join"),
         ("total wall", f"{r['wall']:.2f} s", "", "read + aenrich"),
-        ("peak RSS", f"{r['rss']:,.0f} MB", "", f"after read {r['rss_read']:,.0f}"),
+        ("peak RSS", f"{r['rss']:,.0f} MB", "<= 1,024 MB", f"after read {r['rss_read']:,.0f}"),
         ("CPU", f"{r['cpu']:.2f} s", "", ""),
         ("requests sent", f"{sent:,}", "0", f"emulator counter; the engine counted {r['requests']:,}"),
         ("rows completed", f"{r['completed']:,}", f"{rows:,}", f"already done {r['already_done']:,}"),

@@ -28,6 +28,11 @@ directory, a checkpoint is:
 
 Every segment row also holds `_order`, its place in the history (see below).
 
+A large job is split into shards (`enrich._engine.shards`): its checkpoint is then a *root* whose manifest
+says `"shards": n` (format 2, refused by an enrich that reads one area: it would see no runs and pay for
+every row again; `record_shards`), with one ordinary checkpoint per shard in the sub-area `shards/XX/`.
+The root records no segment; its pacing, warnings and last call are the job's.
+
 Invariants, each chosen for "what if the process dies right here?":
 
 * Whole files or nothing. Every file (the manifest and each segment) is made durable whole before the

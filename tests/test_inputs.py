@@ -689,3 +689,6 @@ def test_dedupe_of_many_keys_is_first_seen_order() -> None:
     positions: dict[str, int] = {}
     index = [positions.setdefault(k, len(positions)) for k in keys]
     assert dedupe(keys) == (list(positions), index)
+    distinct = [f"{i:032x}" for i in range(20_000)]  # no repeats: the same objects, and a range
+    kept, at = dedupe(distinct)
+    assert kept is distinct and list(at) == list(range(20_000))

@@ -5,7 +5,7 @@ One module per stage, each taking the previous one's output:
 1. `prepare`: read the frame, parse the output description, build each row's input, key it by content
    (input + task spec + processor), deduplicate, check everything the API would refuse (no network).
    Every bad input is a one-line `UsageError` here, before anything is sent or spent. → `_Plan`.
-2. `shards`: a job of more than 65,536 distinct rows is split by content (the top bits of each key)
+2. `shards`: a job of more than 32,768 distinct rows is split by content (the top bits of each key)
    into shards, each with its own checkpoint area and task group, run a few at a time under one rate
    limiter, so memory does not grow with the job (`aenrich_shard` runs one). Then, per shard:
    `job`: the job's state, filtered against the checkpoint (`_Job.load`): keys with an outcome are done;

@@ -53,7 +53,7 @@ class _Plan:
     mode: str
     metadata: dict[str, Any]
     keys: list[str]  # distinct keys, first-seen order
-    index: list[int]  # row -> distinct key index
+    index: Sequence[int]  # row -> distinct key index (a range when no row repeats another)
     inputs: list[Any] | None  # distinct inputs; None: built when asked (`inputs_of`)
     input_rows: list[int] | None  # the first row of each distinct key (None: row i is key i)
     columns: list[str]  # the columns sent

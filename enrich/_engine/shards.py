@@ -31,7 +31,7 @@ from enrich._engine.prepare import _Plan
 from enrich._progress import Progress, ProgressSink
 
 #: A job is split so that a shard holds at most about this many distinct rows.
-SHARD_ROWS = 65_536
+SHARD_ROWS = 32_768
 #: ... into at most this many shards (a key's first byte names at most 256).
 MAX_SHARDS = 256
 #: Shards whose state is held at once: one submitting, the others collecting their runs' answers.
