@@ -290,7 +290,7 @@ async def aenrich(
             tally.emit(temp_note)
         run.workspace = workspace = assemble.workspace(near)
         # The merge holds a record batch of every part at once: the more shards, the smaller.
-        run.batch_bytes = min(assemble.BATCH_BYTES, max(64 << 10, (64 << 20) // len(areas)))
+        run.batch_bytes = min(assemble.BATCH_BYTES, max(64 << 10, (16 << 20) // len(areas)))
         t_work = time.monotonic()
         ticker = asyncio.create_task(_tick(tally))  # counts move while nothing finishes (rate waits)
         try:
@@ -334,11 +334,11 @@ async def aenrich(
     stats.statuses = dict(run.statuses)
     result: Any = None
     try:
-        chunks, step = assemble.merged(run.parts, plan.df.height, workspace)
         if write_to is not None:
+            chunks, step = assemble.merged(run.parts, plan.df.height, workspace)
             write_chunks(chunks, run.schema, write_to, write_format, row_group_rows=step)
         else:
-            added = assemble.read_chunks(chunks, run.schema)
+            added = assemble.merged_frame(run.parts, plan.df.height, run.schema)
             result = from_polars(
                 pl.concat([plan.df, added], how="horizontal"), plan.kind, plan.original, added=plan.added
             )
@@ -609,7 +609,7 @@ def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint)
             stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
         if not run.basis:
             _spill_answers(run, spill, cp, ids if found is None else ids.join(found, on="run_id", how="anti"))
-        spill.flush()
+        # (set aside in memory up to SPILL_BYTES: a small shard never writes its answers to disk)
         try:
             parts, statuses, schema = assemble.write_parts(
                 run.plan,
