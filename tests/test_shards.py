@@ -304,3 +304,12 @@ def test_a_shard_that_fails_leaves_no_lock_behind(tmp_path: Path) -> None:
     with pytest.raises(PaymentRequiredError):  # not "in use": the shards were closed
         run_job(poor, companies(40), checkpoint=tmp_path / "poor")
     assert poor.stats()["runs_created"] == paid
+
+
+def test_the_jobs_spend_counts_the_shards_a_call_has_no_row_of(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    run_job(app, companies(40), checkpoint=tmp_path / "cp")
+    stats = JobStats()
+    some = run_job(app, companies(40).head(3), checkpoint=tmp_path / "cp", stats=stats)
+    assert set(some["_status"]) == {"completed"} and stats.requests == 0
+    assert stats.runs_total == 40 and stats.spent == pytest.approx(40 * 0.005)

@@ -303,6 +303,9 @@ async def aenrich(
                 submitted = run.submitted_at if run.submitted_at is not None else end
                 stats.stages["submit"] = max(0.0, submitted - t_work - run.loading)
                 stats.stages["collect"] = end - max(submitted, t_work + run.loading)
+        unseen = set(range(count)) - set(tally.recorded) if count > 1 else set()
+        if unseen:  # shards this call has no row of: what they paid counts in the job's spend
+            tally.recorded.update(shards.recorded_runs(root, only=unseen))
         finished = True
         tally.emit()
     finally:

@@ -136,22 +136,23 @@ def read_areas(root: Checkpoint) -> list[Checkpoint]:
     return [cp for _, cp in _areas(root)]
 
 
-def _areas(root: Checkpoint) -> Iterator[tuple[int, Checkpoint]]:
+def _areas(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Checkpoint]]:
     if root.shards == 1:
         yield 0, root
         return
     made = set(root.store.list(DIRECTORY + "/"))
     for shard in range(root.shards):
         name = area_name(shard)
-        if f"{name}/manifest.json" in made:
+        if f"{name}/manifest.json" in made and (only is None or shard in only):
             yield shard, Checkpoint.read(root.store.child(name))
 
 
-def recorded_runs(root: Checkpoint) -> dict[int, int]:
-    """Runs recorded in each shard's area before this call (for `max_cost`, which counts every run the
-    job paid for), read one area at a time."""
+def recorded_runs(root: Checkpoint, only: set[int] | None = None) -> dict[int, int]:
+    """Runs recorded in each shard's area (of the shards `only`, None: all), read one area at a time:
+    `max_cost` and the job's spend count every run the job paid for, in shards this call has no row of
+    too."""
     runs: dict[int, int] = {}
-    for shard, cp in _areas(root):
+    for shard, cp in _areas(root, only):
         runs[shard] = cp.runs
         if cp is not root:
             cp.close(forget=True)
