@@ -545,8 +545,9 @@ class Checkpoint:
 
     @property
     def recorded_nothing(self) -> bool:
-        """No segment at all (no group, intent or run): the job's layout may still be chosen."""
-        return not any(self._segments.values()) and not self._buffer
+        """No segment at all (no group, intent or run): the job's layout may still be chosen. Asked of the
+        store's listing, not of the segments read: one that could not be read still holds runs."""
+        return not self._buffer and not any(_SEGMENT_RE.fullmatch(n) for n in _list(self._store))
 
     def record_shards(self, count: int) -> None:
         """Make this checkpoint, which recorded nothing, the root of `count` shards, each recorded in its

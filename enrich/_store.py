@@ -182,6 +182,9 @@ class LocalStore(CheckpointStore):
             return
         if self.path.exists():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.path))
+        if self._root in self.path.parents:  # a child area (a shard): each level made durable, and the
+            self._make_parents(self.path)  # root never made again (a checkpoint deleted under a job)
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         _sync_dir_path(self.path.parent)
 

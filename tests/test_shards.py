@@ -1,6 +1,6 @@
 """A large job split by content into shards: each recorded in its own checkpoint area with its own task
 group, a bounded number at a time, under the call's one rate limiter. Small jobs are split here by
-`_shard_rows` (the rows per shard; 65,536 by default)."""
+`_shard_rows` (the rows per shard; 32,768 by default)."""
 
 from __future__ import annotations
 
@@ -313,3 +313,76 @@ def test_the_jobs_spend_counts_the_shards_a_call_has_no_row_of(tmp_path: Path) -
     some = run_job(app, companies(40).head(3), checkpoint=tmp_path / "cp", stats=stats)
     assert set(some["_status"]) == {"completed"} and stats.requests == 0
     assert stats.runs_total == 40 and stats.spent == pytest.approx(40 * 0.005)
+
+
+def test_a_progress_callback_that_raises_leaves_no_shard_locked(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.02))
+    first = run_job(app, companies(20), checkpoint=tmp_path / "cp")
+
+    def broken(progress: Progress) -> None:
+        raise RuntimeError("the sink broke")
+
+    with pytest.raises(RuntimeError, match="sink broke"):
+        run_job(app, companies(20), checkpoint=tmp_path / "cp", progress=broken)
+    assert run_job(app, companies(20), checkpoint=tmp_path / "cp").equals(first)  # not "in use"
+
+
+def test_a_checkpoint_whose_segments_could_not_be_read_once_is_never_split(tmp_path: Path) -> None:
+    """A one-area checkpoint whose every segment fails to read in one call (an I/O error) still holds
+    its runs: it must not become a root of shards, which would never read them again."""
+    from enrich import MemoryStore
+
+    class Flaky(MemoryStore):
+        failing = False
+
+        def open(self, name: str) -> Any:
+            if self.failing and name.endswith(".parquet") and "/" not in name:
+                raise OSError(5, "Input/output error")
+            return super().open(name)
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    store = Flaky()
+    run_job(app, companies(12), checkpoint=store, _shard_rows=1000)
+    store.failing = True
+    run_job(app, companies(12), checkpoint=store)  # 12 rows at 8 per shard would be 2 shards if new
+    store.failing = False
+    assert not any(n.startswith("shards/") for n in store.list())
+    stats = JobStats()
+    run_job(app, companies(12), checkpoint=store, stats=stats)
+    assert stats.runs_total == app.stats()["runs_created"]
+
+
+def test_typed_answers_kept_twice_are_joined_once(tmp_path: Path) -> None:
+    """A compaction of typed answers that died before removing its sources leaves each answer twice:
+    the join takes one, never a row per copy."""
+    app = create_app(EmulatorConfig(latency=0.02))
+    first = run_job(app, companies(20), checkpoint=tmp_path / "cp")
+    typed = next((tmp_path / "cp" / "shards").glob("*/typed/typed-*.parquet"))
+    copy = typed.with_name(typed.name.replace(".parquet", "-copy.parquet"))
+    copy.write_bytes(typed.read_bytes())
+    assert run_job(app, companies(20), checkpoint=tmp_path / "cp").equals(first)
+
+
+def test_a_deadline_passed_between_shards_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The call's timeout passed while one shard was joined: the shards after it send nothing, and the
+    call says it timed out (their rows come back pending)."""
+    import time
+
+    from enrich._engine import pipeline
+
+    monkeypatch.setattr(shards, "AT_ONCE", 1)  # one shard after another
+    app = create_app(EmulatorConfig(latency=0.02))
+    join = pipeline._join_area
+    joined: list[int] = []
+
+    def slow_join(*args: Any) -> None:
+        join(*args)
+        if not joined:
+            time.sleep(1.5)  # the first shard's join outlasts the call's timeout
+        joined.append(1)
+
+    monkeypatch.setattr(pipeline, "_join_area", slow_join)
+    stats = JobStats()
+    out = run_job(app, companies(40), checkpoint=tmp_path / "cp", timeout=1.0, stats=stats)
+    assert "pending" in set(out["_status"]) and "completed" in set(out["_status"])
+    assert stats.timed_out

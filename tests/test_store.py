@@ -458,3 +458,19 @@ def test_a_store_with_only_the_abstract_methods_runs_a_job(mode: str) -> None:
     assert app.stats()["runs_created"] == 40
     more, stats = job(app, companies(45), DictStore(store.objects), mode=mode)
     assert app.stats()["runs_created"] == 45 and more.head(40).equals(first)
+
+
+def test_a_child_area_is_made_level_by_level_and_never_remakes_a_deleted_root(tmp_path: Path) -> None:
+    from enrich import LocalStore
+
+    root = LocalStore(tmp_path / "cp")
+    root.create()
+    shard = root.child("shards/03")
+    shard.create()
+    assert (tmp_path / "cp" / "shards" / "03").is_dir()
+    (tmp_path / "cp" / "shards" / "03").rmdir()
+    (tmp_path / "cp" / "shards").rmdir()
+    (tmp_path / "cp").rmdir()  # the checkpoint deleted under a running job
+    with pytest.raises(OSError):
+        root.child("shards/04").create()
+    assert not (tmp_path / "cp").exists()

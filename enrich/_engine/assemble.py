@@ -24,6 +24,7 @@ rows: the merge keeps its place in every part, never the part itself.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -246,6 +247,7 @@ def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pa.Table]:
     """The rows of `parts` (each sorted by position) in position order, as tables of `step` rows."""
     if not parts:
         return
+    _allow_open_files(len(parts))
     for part in parts:
         part.reader = pa.ipc.open_file(pa.OSFile(str(part.path), "rb"))
     try:
@@ -277,6 +279,23 @@ def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pa.Table]:
         for part in parts:
             part.pending = None
             part.reader = None
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit of open files, if need be and allowed, for a merge of `n` parts (a file each:
+    256 shards pass macOS's default of 256)."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard)
+        )
 
 
 def merged(parts: list[_Part], rows: int, directory: Path) -> tuple[list[Path], int]:

@@ -180,7 +180,10 @@ def _distinct(
     )
     if typed is not None and typed.height:
         looked = looked.join(
-            typed.select("run_id", *columns, "_problem").with_columns(pl.lit(True).alias("_typed")),
+            # (one per run: a compaction that died before removing its sources leaves two copies)
+            typed.select("run_id", *columns, "_problem")
+            .unique("run_id", keep="last", maintain_order=True)
+            .with_columns(pl.lit(True).alias("_typed")),
             on="run_id",
             how="left",
             maintain_order="left",

@@ -442,10 +442,10 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         _close_area(run, area, cp)
         raise
     if meta is not None:
-        run.loading += time.monotonic() - t0
-        _say_finished(run, area, meta)
-        submitted.set()
-        try:
+        try:  # (a progress callback that raises must not leave the shard locked)
+            run.loading += time.monotonic() - t0
+            _say_finished(run, area, meta)
+            submitted.set()
             _join_area(run, area, meta, cp)
         finally:
             _close_area(run, area, cp)
@@ -472,7 +472,11 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         job.report(force=True)
         left = None if run.deadline is None else run.deadline - time.monotonic()
         work = run_group_mode if area.plan.mode == "group" else run_runs_mode
-        if (job.todo or job.outstanding or cp.in_doubt()) and (left is None or left > 0):
+        pending = bool(job.todo or job.outstanding or cp.in_doubt())
+        if pending and left is not None and left <= 0 and not stats.timed_out:  # the deadline passed
+            stats.timed_out = True  # while an earlier shard ended: this one sends nothing
+            job.report(f"timeout after {run.timeout:g} s: unfinished rows come back as pending")
+        if pending and (left is None or left > 0):
             run.worked = True
             waiter = asyncio.create_task(_when_submitted(job, submitted))
             try:
@@ -560,8 +564,9 @@ async def aenrich_shard(
     limiter: RateLimiter | None = None,
     **options: Any,
 ) -> Any:
-    """Run one shard of a job: `data` holds the shard's rows, recorded in `checkpoint` as one area (never
-    split again), sending under `limiter`. The other arguments are `aenrich()`'s.
+    """Run one shard of a job: `data` holds the shard's rows, recorded in `checkpoint` as one area (not
+    split in shards however many rows it has, unless it already is a root of shards), sending under
+    `limiter`. The other arguments are `aenrich()`'s.
 
     This is the unit a distributed run hands to each worker: the shard's frame, the job's output and
     options, and its own checkpoint. Shards run at once in one process share one `limiter`, made in the

@@ -9,8 +9,8 @@ resume, another process or another machine (a distributed run) puts it in the sa
 On disk a sharded checkpoint is a root directory whose manifest records `"shards": count` (with format 2,
 so that an older enrich refuses it instead of seeing no runs and paying again), and one ordinary
 checkpoint per shard under `shards/XX/` (XX: the shard's number, two hex digits), with its own task
-group. The root keeps what is the job's, not a shard's: the rate limiter's pacing, the service's
-warnings, the last call, and the typed answers of the join.
+group and its own typed answers (`typed/`). The root keeps what is the job's, not a shard's: the rate
+limiter's pacing, the service's warnings and the last call.
 
 The count is chosen once, when a checkpoint that recorded nothing is first opened: one shard for every
 `SHARD_ROWS` distinct rows, a power of two up to `MAX_SHARDS`. A checkpoint of an older enrich (or one
@@ -62,7 +62,9 @@ def area_name(shard: int) -> str:
 def layout(root: Checkpoint, distinct: int, *, rows_per_shard: int = SHARD_ROWS) -> int:
     """The job's shard count: recorded in `root`, or chosen now (and recorded before anything else) if
     it recorded nothing."""
-    if root.shards > 1 or not root.recorded_nothing:
+    # Split only a checkpoint known to hold nothing: a segment that could not be read this once (an I/O
+    # error, an object store's hiccup) must not make a root of shards that never reads it again.
+    if root.shards > 1 or not root.recorded_nothing or root.warnings:
         return root.shards
     count = shard_count(distinct, rows_per_shard=rows_per_shard)
     if count > 1:
