@@ -405,8 +405,12 @@ def _status(args: argparse.Namespace) -> int:
             if counts.duplicates
             else ""
         ),
-        f"groups:      {', '.join(groups) or '-'}"
-        + (f" (the job is split in {cp.shards} shards, a group each)" if cp.shards > 1 else ""),
+        (
+            f"groups:      {len(groups):,}, a group per shard of the {cp.shards} the job is split in "
+            "(--json lists them)"
+            if cp.shards > 1
+            else f"groups:      {', '.join(groups) or '-'}"
+        ),
         f"times:       first submitted {report['first_submitted'] or '-'}, "
         f"last finished {report['last_finished'] or '-'}",
     ]

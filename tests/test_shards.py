@@ -197,6 +197,8 @@ def test_the_dry_run_and_status_count_every_shard(tmp_path: Path, capsys: pytest
     assert report["shards"] == 8 and len(report["groups"]) == len(
         list((tmp_path / "cp" / "shards").iterdir())
     )
+    assert main(["status", str(tmp_path / "cp")]) == 0
+    assert "a group per shard of the 8 the job is split in" in capsys.readouterr().out
 
 
 def test_shards_run_by_the_caller_share_one_limiter_and_resume_on_their_own(tmp_path: Path) -> None:
