@@ -633,7 +633,7 @@ _KEY_SLICE = 65_536
 
 def text_keys_and_sizes(
     df: pl.DataFrame, columns: Sequence[str], task_spec: Mapping[str, Any], processor: str
-) -> tuple[list[str], list[int]] | None:
+) -> tuple[list[str], pl.Series] | None:
     """`keys_and_sizes(build_inputs(df, columns=columns), task_spec, processor)` when every column sent
     is text, computed from the columns: polars writes each row's canonical JSON (`struct.json_encode`,
     fields in sorted order), so no Python dict is built per row (a million rows: 1 s instead of 5, and
@@ -664,7 +664,7 @@ def text_keys_and_sizes(
             h.update(row)
             h.update(b"]")
             keys.append(h.hexdigest()[:32])
-    return keys, text.str.len_chars().to_list()
+    return keys, text.str.len_chars()  # (a Series: no int object per row)
 
 
 def _encode_many(values: Sequence[Any]) -> list[str]:
@@ -764,6 +764,11 @@ def check_input_size(
     """
     spec_chars = len(canonical_json(task_spec))
     room = limit - spec_chars
+    if isinstance(sizes, pl.Series):  # (from `text_keys_and_sizes`): only the rows over are looked at
+        over = (sizes > room).fill_null(False)
+        if not over.any():
+            return [None] * len(sizes)
+        sizes = sizes.to_list()
     if sizes is None:  # `keys_and_sizes` gives them without a second encoding
         if all(type(v) is str for v in inputs):
             sizes = [len(v) for v in inputs]

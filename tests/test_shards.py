@@ -388,3 +388,14 @@ def test_a_deadline_passed_between_shards_is_said(tmp_path: Path, monkeypatch: p
     out = run_job(app, companies(40), checkpoint=tmp_path / "cp", timeout=1.0, stats=stats)
     assert "pending" in set(out["_status"]) and "completed" in set(out["_status"])
     assert stats.timed_out
+
+
+def test_the_jobs_spend_counts_every_shard_also_when_the_call_fails(tmp_path: Path) -> None:
+    from enrich import AuthenticationError
+
+    app = create_app(EmulatorConfig(api_key="right", latency=0.02))
+    run_job(app, companies(40), checkpoint=tmp_path / "cp", api_key="right")
+    stats = JobStats()
+    with pytest.raises(AuthenticationError):  # new rows in some shard: the wrong key stops the job there
+        run_job(app, companies(60), checkpoint=tmp_path / "cp", api_key="wrong", stats=stats)
+    assert stats.runs_total == 40

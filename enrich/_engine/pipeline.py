@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -303,12 +304,14 @@ async def aenrich(
                 submitted = run.submitted_at if run.submitted_at is not None else end
                 stats.stages["submit"] = max(0.0, submitted - t_work - run.loading)
                 stats.stages["collect"] = end - max(submitted, t_work + run.loading)
-        unseen = set(range(count)) - set(tally.recorded) if count > 1 else set()
-        if unseen:  # shards this call has no row of: what they paid counts in the job's spend
-            tally.recorded.update(shards.recorded_runs(root, only=unseen))
         finished = True
         tally.emit()
     finally:
+        unseen = set(range(root.shards)) - set(tally.recorded) - set(tally.live) if root.shards > 1 else set()
+        stopped = isinstance(sys.exc_info()[1], KeyboardInterrupt | asyncio.CancelledError)
+        if unseen and not stopped:  # shards this call has no row of (or did not reach) paid for the job too
+            with contextlib.suppress(Exception):
+                tally.recorded.update(shards.recorded_runs(root, only=unseen))
         if client is not None:
             stats.requests = client.requests_sent
             stats.answered = client.answers_received

@@ -174,7 +174,7 @@ def _prepare(
             first.setdefault(key, row)
         rows = [first[k] for k in keys]
         distinct_inputs = [inputs[r] for r in rows] if inputs is not None else None
-        sizes = [all_sizes[r] for r in rows]
+        sizes = all_sizes.gather(rows) if isinstance(all_sizes, pl.Series) else [all_sizes[r] for r in rows]
     del all_keys, all_sizes
     local_errors: dict[str, str] = {}
     for key, problem in zip(
