@@ -399,3 +399,54 @@ def test_the_jobs_spend_counts_every_shard_also_when_the_call_fails(tmp_path: Pa
     with pytest.raises(AuthenticationError):  # new rows in some shard: the wrong key stops the job there
         run_job(app, companies(60), checkpoint=tmp_path / "cp", api_key="wrong", stats=stats)
     assert stats.runs_total == 40
+
+
+@pytest.mark.parametrize("mode", ["group", "runs"])
+def test_shards_against_an_unkind_service_pay_once_and_join_their_own_answers(
+    tmp_path: Path, mode: str
+) -> None:
+    """Every shard's creates are committed a second after an HTML 504, its streams are closed on the
+    service's timer: each row still gets the answer of its own input, from one run, over real HTTP."""
+    from enrich import Emulator
+    from enrich._emulator.synth import synth_output
+    from enrich._inputs import build_inputs
+    from enrich._schema import parse_output
+
+    df = companies(24)
+    unkind = {
+        "latency": 0.2,
+        "late_commit_seconds": 1.0,
+        "late_commit_rate": 0.5,
+        "stream_close_seconds": 0.7,
+        "seed": 5,
+    }
+    with Emulator(**unkind) as emu:
+        out = asyncio.run(
+            aenrich(
+                df,
+                {"ceo": "Name of the CEO"},
+                api_key=emu.api_key,
+                base_url=emu.url,
+                checkpoint=tmp_path / "cp",
+                processor="lite",
+                progress=False,
+                mode=mode,
+                commit_horizon=5.0,  # (late commits come after 1 s)
+                timeout=120,
+                _shard_rows=8,
+            )
+        )
+        served = emu.stats()
+        runs = emu.app.state.runs
+    schema = parse_output({"ceo": "Name of the CEO"}).task_spec()["output_schema"]
+    assert out["_status"].to_list() == ["completed"] * 24, out["_error"].drop_nulls().to_list()[:3]
+    assert out["ceo"].to_list() == [
+        synth_output(i, schema, processor="lite")[0]["ceo"] for i in build_inputs(df)
+    ]
+    for row in out.iter_rows(named=True):
+        assert json.loads(runs[row["_run_id"]].body)["input"] == {
+            "company": row["company"],
+            "city": row["city"],
+        }
+    assert served["runs_created"] == 24 and served["duplicate_runs"] == 0
+    assert served["late_commits"] >= 1 and len(list((tmp_path / "cp" / "shards").iterdir())) > 1

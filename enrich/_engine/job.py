@@ -193,6 +193,9 @@ class _Job:
         self._last_report = 0.0
         self.collect_wakeup = asyncio.Event()
         self.submission_done = asyncio.Event()
+        # Every row not held has been sent (held rows may still be sent again past their horizon):
+        # the job's next shard may start sending (`pipeline._run_areas`).
+        self.fresh_sent = asyncio.Event()
         self.submitted_at: float | None = None  # time.monotonic() when the last run was created
         self.committer: _Committer | None = None  # runs mode's group commit of intents and receipts
 
@@ -273,20 +276,17 @@ class _Job:
         created (across resumes) and those being created now."""
         if self.max_cost is None or self.price is None:
             return n
-        buffered = self.committer.buffered if self.committer is not None else 0  # created, not yet recorded
-        # Held rows may yet be created by a late commit: counted as spent until they are settled.
-        spent = (
-            self.cp.runs
-            + self.paid_elsewhere()
-            + buffered
-            + len(self._late)
-            + self.reserved
-            + len(self.held_keys)
-        ) * self.price
+        spent = (self.spending() + self.paid_elsewhere()) * self.price
         room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True
         return max(0, min(n, room))
+
+    def spending(self) -> int:
+        """Runs this shard has paid for or may have: recorded, created and not recorded yet, being
+        created, and held (a late commit may still create them)."""
+        buffered = self.committer.buffered if self.committer is not None else 0
+        return self.cp.runs + buffered + len(self._late) + self.reserved + len(self.held_keys)
 
     @property
     def outstanding(self) -> int:

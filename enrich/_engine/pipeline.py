@@ -468,6 +468,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         job.default_checkpoint = run.default_checkpoint
         job.root = run.root.path
         job.paid_elsewhere = functools.partial(run.tally.paid, besides=area.shard)
+        run.tally.jobs[area.shard] = job
         job.load()
         if cp.service is None:  # written before services were recorded: its runs must be this service's
             await _adopt_service(cp, run.client, job, run.service)
@@ -545,6 +546,7 @@ def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
 def _close_area(run: _Run, area: shards.Area, cp: Checkpoint) -> None:
     run.tally.recorded[area.shard] = cp.runs
     run.tally.live.pop(area.shard, None)
+    run.tally.jobs.pop(area.shard, None)
     if cp is run.root:
         return
     run.stats.warnings.extend(cp.warnings)
@@ -555,7 +557,7 @@ def _close_area(run: _Run, area: shards.Area, cp: Checkpoint) -> None:
 
 
 async def _when_submitted(job: _Job, submitted: asyncio.Event) -> None:
-    await job.submission_done.wait()
+    await job.fresh_sent.wait()
     submitted.set()
 
 

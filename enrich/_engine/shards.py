@@ -23,6 +23,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import polars as pl
 
@@ -174,14 +175,21 @@ class Tally:
     recorded: dict[int, int] = field(default_factory=dict)
     #: The shards open now, whose runs are counted live.
     live: dict[int, Checkpoint] = field(default_factory=dict)
+    #: The jobs of the shards sending now: their runs being created, and held rows (which a late commit
+    #: may still create), count too (`_Job.spending`).
+    jobs: dict[int, Any] = field(default_factory=dict)
 
     def paid(self, *, besides: int | None = None) -> int:
         """Runs the job has paid for, in every shard but `besides`."""
         total = 0
         for shard in set(self.recorded) | set(self.live):
             if shard != besides:
+                job = self.jobs.get(shard)
                 cp = self.live.get(shard)
-                total += cp.runs if cp is not None else self.recorded.get(shard, 0)
+                if job is not None and cp is not None:
+                    total += job.spending()
+                else:
+                    total += cp.runs if cp is not None else self.recorded.get(shard, 0)
         return total
 
     def sink_for(self, shard: int) -> ProgressSink | None:

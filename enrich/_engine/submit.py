@@ -51,6 +51,7 @@ async def run_group_mode(job: _Job) -> None:
             collector = collectors[group_id]
             await submit_group(job, group_id, collector)
         job.submission_done.set()
+        job.fresh_sent.set()
         job.submitted_at = time.monotonic()
         for c in collectors.values():
             c.wake()
@@ -70,6 +71,7 @@ async def submit_group(job: _Job, group_id: str, collector: _GroupCollector) -> 
         if capped or not job.todo:
             if not job.held:
                 break
+            job.fresh_sent.set()  # only held rows are left: the next shard need not wait for them
             collector.new_runs.set()  # held rows: the collector listens for their late commits
             await job.wait_for_holds()
             continue
@@ -218,6 +220,7 @@ async def run_runs_mode(job: _Job) -> None:
         nonlocal capped
         while queue or job.held:
             if not queue:  # only held rows left: settle them as their horizons pass
+                job.fresh_sent.set()  # (the next shard need not wait for them)
                 again = await settle_holds(job)
                 (job.todo if capped else queue).extend(again)
                 if not queue and job.held:
@@ -255,6 +258,7 @@ async def run_runs_mode(job: _Job) -> None:
             committer.close()  # also on a timeout, an interrupt or a fatal answer
         job.submitted_at = time.monotonic()
         job.submission_done.set()
+        job.fresh_sent.set()
         for c in collectors.values():
             c.wake()
             c.new_runs.set()
