@@ -153,9 +153,9 @@ def _read_answer() -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from enrich._client import service_of
-    from enrich._engine import JobStats, enrich
     from enrich._engine.dry_run import _plan_and_prepared
-    from enrich._io import check_checkpoint_dir, check_output_path, read_tables
+    from enrich._engine.spool import Spool
+    from enrich._io import check_checkpoint_dir, check_output_path, read_tables, scan_tables
 
     # Everything that can be refused is refused here, before a request: the output and the checkpoint
     # must be writable (a job paid for and then not written is the worst way to learn it).
@@ -167,7 +167,11 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint = None  # stdout has no "beside": the default checkpoint under the user cache directory
     else:
         checkpoint = check_checkpoint_dir(Path(str(output_path) + ".enrich"))
-    df = read_tables(args.input, infer_types=args.infer_types, stdin_format=args.input_format or "csv")
+    # Files polars can scan are read a batch at a time (a table larger than memory is set aside by
+    # shard on disk); stdin, .gz and JSON arrays are read whole.
+    df: Any = scan_tables(args.input, infer_types=args.infer_types)
+    if df is None:
+        df = read_tables(args.input, infer_types=args.infer_types, stdin_format=args.input_format or "csv")
     args.service_name = EMULATOR_SERVICE if args.emulator else service_of(args.base_url)
     job: dict[str, Any] = {
         "service": args.service_name,
@@ -183,6 +187,25 @@ def _run(args: argparse.Namespace) -> int:
     if args.commit_horizon is not None and args.commit_horizon < 0:
         raise UsageError("--commit-horizon must be a number of seconds of 0 or more")
     the_plan, prepared = _plan_and_prepared(df, output, base_url=args.base_url, **job)
+    try:
+        return _run_planned(args, df, output, output_path, checkpoint, job, the_plan, prepared)
+    finally:
+        if isinstance(prepared, Spool):  # (the job removes it too; not when it never ran)
+            prepared.remove()
+
+
+def _run_planned(
+    args: argparse.Namespace,
+    df: Any,
+    output: Any,
+    output_path: Any,
+    checkpoint: Path | None,
+    job: dict[str, Any],
+    the_plan: Any,
+    prepared: Any,
+) -> int:
+    from enrich._engine import JobStats, enrich
+
     if checkpoint is None and the_plan.checkpoint is not None:
         checkpoint = Path(the_plan.checkpoint)
     if args.dry_run:
@@ -324,7 +347,7 @@ def _status(args: argparse.Namespace) -> int:
     import polars as pl
 
     from enrich._checkpoint import Checkpoint, Counts
-    from enrich._engine.shards import read_areas
+    from enrich._engine.shards import areas_of
     from enrich._processors import PROCESSORS
 
     path = Path(args.path)
@@ -339,23 +362,44 @@ def _status(args: argparse.Namespace) -> int:
         )
     cp = Checkpoint.read(path)
     fingerprint = cp.fingerprint
-    areas = read_areas(cp)  # a job split in shards: one checkpoint each under the root
-    counts = Counts(*(sum(getattr(a.counts(), f.name) for a in areas) for f in dataclasses.fields(Counts)))
+    # A job split in shards: one checkpoint each under the root, read one at a time.
+    totals = dict.fromkeys((f.name for f in dataclasses.fields(Counts)), 0)
+    groups: list[str] = []
+    warnings: list[str] = []
+    failures: list[pl.DataFrame] = []
+    first = last = None
+    for _, area in areas_of(cp):
+        for name, value in dataclasses.asdict(area.counts()).items():
+            totals[name] += value
+        groups.extend(area.groups)
+        warnings.extend(area.warnings)
+        state = area.state(outputs=False)
+        failures.append(
+            state.filter(pl.col("status") == "failed", pl.col("error").is_not_null())
+            .sort("finished_at", descending=True, nulls_last=True)
+            .unique("error", keep="first", maintain_order=True)
+            .head(5)
+            .select("finished_at", "error")
+        )
+        if state.height:
+            created, finished = state["created_at"].min(), state["finished_at"].max()
+            first = created if first is None or (created is not None and created < first) else first
+            last = finished if last is None or (finished is not None and finished > last) else last
+        del state
+        if area is not cp:
+            area.close(forget=True)
+    counts = Counts(**totals)
     processor = str(fingerprint.get("processor", "?"))
     price = PROCESSORS[processor].price_per_run if processor in PROCESSORS else None
-    state = pl.concat([a.state(outputs=False) for a in areas])
-    groups = [g for a in areas for g in a.groups]
-    warnings = [w for a in areas for w in a.warnings]
     errors = (
-        state.filter(pl.col("status") == "failed")
+        pl.concat(failures)
         .sort("finished_at", descending=True, nulls_last=True)["error"]
-        .drop_nulls()
         .unique(maintain_order=True)
         .head(5)
         .to_list()
+        if failures
+        else []
     )
-    first = state["created_at"].min() if state.height else None
-    last = state["finished_at"].max() if state.height else None
     report = {
         "checkpoint": str(path),
         "service": cp.service,

@@ -43,6 +43,7 @@ __all__ = [
     "format_of",
     "read_table",
     "read_tables",
+    "scan_tables",
     "write_chunks",
     "write_table",
 ]
@@ -259,31 +260,103 @@ def read_tables(
     frames: list[pl.DataFrame] = []
     for f in files:
         df = read_table(f, infer_types=infer_types, format=stdin_fmt if f == _STDIO else None)
-        if frames and df.columns != frames[0].columns:
-            first, label = frames[0].columns, "- (stdin)" if f == _STDIO else f
-            missing = [c for c in first if c not in df.columns]
-            extra = [c for c in df.columns if c not in first]
-            if missing or extra:
-                diff = "; ".join(
-                    part
-                    for part in (
-                        f"missing {_names(missing)}" if missing else "",
-                        f"extra {_names(extra)}" if extra else "",
-                    )
-                    if part
-                )
-            else:
-                diff = f"same columns in another order ({_names(df.columns)})"
-            raise UsageError(
-                f"input {label}: its columns differ from those of {files[0]}: {diff}; "
-                "every input must have the same columns in the same order"
-            )
+        if frames:
+            _check_same_columns(f, df.columns, files[0], frames[0].columns)
         frames.append(df)
     if len(frames) == 1:
         return frames[0]
+    schema = _common_schema(files, [df.schema for df in frames])
+    frames = [
+        df.with_columns(
+            pl.col(c).cast(schema[c]) for c, t in df.schema.items() if t == pl.Null and c in schema
+        )
+        for df in frames
+    ]
+    return pl.concat(frames, how="vertical")
+
+
+def scan_tables(paths: Sequence[_PathLike], *, infer_types: bool = False) -> pl.LazyFrame | None:
+    """The table `read_tables` reads, as a LazyFrame that reads it a batch at a time, when every input
+    is a file polars can scan: CSV, Parquet or JSON lines, not gzip-compressed. None otherwise (stdin,
+    a .gz file, a .json array): then the table is read whole. The same checks, and the same values."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise UsageError("no input given: name at least one file, glob pattern, or - for stdin")
+    files = _expand(paths)
+    formats = []
+    for f in files:
+        if f == _STDIO:
+            return None
+        fmt, gz = _check_input_file(Path(f))
+        if gz or fmt == "json" or (fmt == "ndjson" and _GLOB_MAGIC.search(f)):  # (scan_ndjson globs)
+            return None
+        formats.append(fmt)
+    frames: list[pl.LazyFrame] = []
+    schemas: list[pl.Schema] = []
+    for f, fmt in zip(files, formats, strict=True):
+        try:
+            if fmt == "csv":
+                _check_csv_header(Path(f), f)
+                if infer_types:
+                    frame = pl.scan_csv(f, try_parse_dates=True, infer_schema_length=10_000, glob=False)
+                else:
+                    frame = pl.scan_csv(f, infer_schema=False, glob=False)
+            elif fmt == "parquet":
+                frame = pl.scan_parquet(f, glob=False, hive_partitioning=False)
+            else:
+                frame = pl.scan_ndjson(f, infer_schema_length=None)
+            schema = frame.collect_schema()
+        except UsageError:
+            raise
+        except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
+            raise UsageError(f"input {f}: cannot read it as {fmt}: {_first_line(exc)}") from exc
+        if frames:
+            _check_same_columns(f, schema.names(), files[0], schemas[0].names())
+        frames.append(frame)
+        schemas.append(schema)
+    if len(frames) == 1:
+        return frames[0]
+    common = _common_schema(files, schemas)
+    return pl.concat(
+        [
+            frame.with_columns(
+                pl.col(c).cast(common[c]) for c, t in schema.items() if t == pl.Null and c in common
+            )
+            for frame, schema in zip(frames, schemas, strict=True)
+        ],
+        how="vertical",
+    )
+
+
+def _check_same_columns(f: str, columns: list[str], first_file: str, first: list[str]) -> None:
+    if columns == first:
+        return
+    label = "- (stdin)" if f == _STDIO else f
+    missing = [c for c in first if c not in columns]
+    extra = [c for c in columns if c not in first]
+    if missing or extra:
+        diff = "; ".join(
+            part
+            for part in (
+                f"missing {_names(missing)}" if missing else "",
+                f"extra {_names(extra)}" if extra else "",
+            )
+            if part
+        )
+    else:
+        diff = f"same columns in another order ({_names(columns)})"
+    raise UsageError(
+        f"input {label}: its columns differ from those of {first_file}: {diff}; "
+        "every input must have the same columns in the same order"
+    )
+
+
+def _common_schema(files: list[str], schemas: list[pl.Schema]) -> dict[str, pl.DataType]:
+    """Each column's type across the inputs (a column all null in one input takes the others')."""
     schema: dict[str, pl.DataType] = {}
-    for f, df in zip(files, frames, strict=True):
-        for column, dtype in df.schema.items():
+    for f, each in zip(files, schemas, strict=True):
+        for column, dtype in each.items():
             if dtype == pl.Null:
                 continue
             if column not in schema:
@@ -294,13 +367,7 @@ def read_tables(
                     f"input {label}: column {column!r} is {dtype} here but {schema[column]} in an input "
                     "before it; every input must give each column the same type"
                 )
-    frames = [
-        df.with_columns(
-            pl.col(c).cast(schema[c]) for c, t in df.schema.items() if t == pl.Null and c in schema
-        )
-        for df in frames
-    ]
-    return pl.concat(frames, how="vertical")
+    return schema
 
 
 def _flatten_for_csv(df: pl.DataFrame) -> pl.DataFrame:

@@ -366,19 +366,17 @@ def test_an_output_that_fails_to_write_keeps_every_answer(
 def test_run_keys_the_input_once(table: Path, emu: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
     """`enrich run` plans the job (cost, what is done) and then runs it: the rows are keyed once for
     both (a million rows take seconds to key), and the job runs from that very preparation."""
-    import enrich._engine.dry_run as planning
-    import enrich._engine.pipeline as pipeline
+    from enrich._engine.prepare import _Job
 
     calls: list[str] = []
-    real = planning._prepare
+    real = _Job.keyed
 
-    def counting(*a: object, **kw: object) -> object:
-        calls.append("prepare")
-        return real(*a, **kw)  # type: ignore[arg-type]
+    def counting(self: _Job, df: pl.DataFrame) -> object:
+        calls.append("key")
+        return real(self, df)
 
-    monkeypatch.setattr(planning, "_prepare", counting)
-    monkeypatch.setattr(pipeline, "_prepare", counting)
+    monkeypatch.setattr(_Job, "keyed", counting)
     out = table.with_name("out.parquet")
     assert main(["run", str(table), "-o", str(out), *FIELDS, "--processor", "lite", "--no-progress"]) == 0
-    assert calls == ["prepare"]
+    assert calls == ["key"]
     assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * 12

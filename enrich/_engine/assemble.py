@@ -165,6 +165,7 @@ def write_parts(
     meta: pl.DataFrame,
     index: pl.Series,
     rows: pl.Series | None = None,
+    own: bool = False,
     basis: bool,
     flatten: Any = None,
     inputs: bool = True,
@@ -175,7 +176,8 @@ def write_parts(
     parts, the rows per status, and the schema of the result (without the position).
 
     `meta` says what became of each distinct row (`join._meta`); `index` is the distinct row of each row
-    joined and `rows` its position in the frame (None: the rows of `plan.df` in order). Without
+    joined and `rows` its position in the job's frame (None: the rows of `plan.df` in order), where
+    `plan.df` is the job's frame, or with `own` the rows joined themselves, in order. Without
     `inputs`, the parts hold only the columns the job adds (a frame in memory has the input already).
     Answers typed here are kept in `typed` for the next join. A record batch holds about `batch_bytes`
     (default `BATCH_BYTES`): the merge holds one batch of every part at once."""
@@ -188,7 +190,10 @@ def write_parts(
     # The rows of each part, each in row order.
     by_part = (
         pl.DataFrame({"row": rows.cast(pl.Int64), "d": index})
-        .with_columns((pl.col("d") // per).alias("part"))
+        .with_columns(
+            (pl.col("d") // per).alias("part"),
+            (pl.int_range(pl.len(), dtype=pl.Int64) if own else pl.col("row")).alias("at"),
+        )
         .partition_by("part", as_dict=True, maintain_order=True)
     )
     parts: list[_Part] = []
@@ -209,8 +214,8 @@ def write_parts(
             typed.add(fresh)
         del fresh
         added = distinct[(rows_of["d"] - lo).cast(pl.UInt32)]
+        frame = pl.concat([plan.df[rows_of["at"]], added], how="horizontal") if inputs else added
         del rows_of
-        frame = pl.concat([plan.df[rows], added], how="horizontal") if inputs else added
         del distinct, added
         if flatten is not None:
             frame = flatten(frame)
@@ -333,15 +338,15 @@ def merged_frame(parts: list[_Part], rows: int, schema: pl.Schema) -> pl.DataFra
     return frame.cast(changed) if changed else frame
 
 
-def workspace(near: Path | None) -> Path:
+def workspace(near: Path | None, *, prefix: str = ".enrich-parts-") -> Path:
     """A private temporary directory for the parts beside `near` (the output file, or the checkpoint:
     space on the disk the user chose, where /tmp may be memory), else in the system's temporary
     directory."""
     where = near.parent if near is not None else None
     try:
-        return Path(tempfile.mkdtemp(prefix=".enrich-parts-", dir=where))
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     except OSError:
-        return Path(tempfile.mkdtemp(prefix="enrich-parts-"))
+        return Path(tempfile.mkdtemp(prefix=prefix.lstrip(".")))
 
 
 def remove(directory: Path) -> None:

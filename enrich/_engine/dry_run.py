@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -14,7 +15,8 @@ import polars as pl
 from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
-from enrich._engine.shards import read_areas
+from enrich._engine.shards import areas_of
+from enrich._engine.spool import Spool, _prepare_stream
 from enrich._exceptions import (
     UsageError,
 )
@@ -101,7 +103,7 @@ def plan(
         p = plan(df, {"ceo": "CEO name"}, processor="base", checkpoint="ceo.enrich")
         print("\n".join(p.lines()))
     """
-    return _plan_and_prepared(
+    estimate, prepared = _plan_and_prepared(
         data,
         output,
         columns=columns,
@@ -117,7 +119,10 @@ def plan(
         rate_limit=rate_limit,
         run_rate=run_rate,
         rate_window=rate_window,
-    )[0]
+    )
+    if isinstance(prepared, Spool):
+        prepared.remove()
+    return estimate
 
 
 def _plan_and_prepared(
@@ -137,19 +142,66 @@ def _plan_and_prepared(
     rate_limit: int = 2000,
     run_rate: int = 2000,
     rate_window: float = 60.0,
-) -> tuple[JobPlan, _Plan]:
+) -> tuple[JobPlan, _Plan | Spool]:
     """`plan()`, and the preparation it made, which `enrich run` hands to the job (`_prepared`) so
     that a million rows are not keyed twice (6 s of a resume)."""
-    job = _prepare(
-        data,
-        output,
-        columns=columns,
-        prompt=prompt,
-        input_schema=input_schema,
-        metadata=metadata,
-        processor=processor,
-        mode=mode,
-    )
+    job: _Plan | Spool
+    if isinstance(data, pl.LazyFrame):  # read in batches, keyed and set aside by shard on disk
+        near = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
+        job = _prepare_stream(
+            data,
+            output,
+            columns=columns,
+            prompt=prompt,
+            input_schema=input_schema,
+            metadata=metadata,
+            processor=processor,
+            mode=mode,
+            near=near,
+        )
+    else:
+        job = _prepare(
+            data,
+            output,
+            columns=columns,
+            prompt=prompt,
+            input_schema=input_schema,
+            metadata=metadata,
+            processor=processor,
+            mode=mode,
+        )
+    try:
+        return _estimate(
+            job,
+            checkpoint=checkpoint,
+            retry_failed=retry_failed,
+            base_url=base_url,
+            service=service,
+            rate_limit=rate_limit,
+            run_rate=run_rate,
+            rate_window=rate_window,
+        ), job
+    except BaseException:
+        if isinstance(job, Spool):
+            job.remove()
+        raise
+
+
+def _estimate(
+    job: _Plan | Spool,
+    *,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None,
+    retry_failed: bool,
+    base_url: str | None,
+    service: str | None,
+    rate_limit: int,
+    run_rate: int,
+    rate_window: float,
+) -> JobPlan:
+    spool = job if isinstance(job, Spool) else None
+    the = spool.template if spool is not None else job
+    assert isinstance(the, _Plan)
+    processor, mode = the.processor, the.mode
     if rate_limit <= 0 or run_rate <= 0 or rate_window <= 0:  # the estimate below divides by them
         raise UsageError(
             "rate_limit and run_rate must be positive numbers of requests/runs per minute, and "
@@ -157,23 +209,38 @@ def _plan_and_prepared(
         )
     done = running = 0
     runs_created = 0
-    wanted = set(job.keys) - set(job.local_errors)
+    refused = spool.refused if spool is not None else the.local_errors
+    distinct = spool.distinct if spool is not None else len(the.keys)
     svc = service if service is not None else service_of(base_url)
-    path = None if checkpoint is False else _checkpoint_path(checkpoint, job.fingerprint, svc, job.keys)[0]
+    path = None
+    if checkpoint is not False:
+        keys = spool.sorted_keys() if spool is not None else the.keys
+        path = _checkpoint_path(checkpoint, the.fingerprint, svc, keys, ordered=spool is not None)[0]
     if path is not None and "manifest.json" in as_store(path).list("manifest.json"):
         cp = Checkpoint.read(path)
-        cp.check_fingerprint(job.fingerprint)
+        cp.check_fingerprint(the.fingerprint)
         cp.check_service(svc)
-        wanted_keys = pl.Series(list(wanted), dtype=pl.String).implode()
-        for area in read_areas(cp):  # a job split in shards: one checkpoint each under the root
+        refused_keys = pl.Series(list(refused), dtype=pl.String)
+        everyone = None
+        if spool is None:
+            everyone = pl.Series(the.keys, dtype=pl.String).unique()
+        for shard, area in areas_of(cp):  # a job split in shards: one checkpoint each under the root
             runs_created += area.runs
-            state = area.state(outputs=False).filter(pl.col("row_key").is_in(wanted_keys))
+            if spool is not None:
+                keys_of = spool.keys(shard, cp.shards)
+            else:
+                assert everyone is not None
+                keys_of = everyone
+            wanted = keys_of.filter(~keys_of.is_in(refused_keys.implode())).implode()
+            state = area.state(outputs=False).filter(pl.col("row_key").is_in(wanted))
             finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
             if retry_failed:
                 finished = finished.filter(pl.col("status") == "completed")
             done += finished.height
             running += state.filter(pl.col("status") == "submitted").height
-    to_submit = len(wanted) - done - running
+            if area is not cp:
+                area.close(forget=True)
+    to_submit = distinct - len(refused) - done - running
     proc = PROCESSORS.get(processor)
     price = proc.price_per_run if proc is not None else None
     window = rate_window / 60.0
@@ -184,13 +251,13 @@ def _plan_and_prepared(
         # One create and about one result call per run share the request budget.
         submit_seconds = max(to_submit / run_rate, 2 * to_submit / rate_limit) * 60.0 * window
     latency = (sum(proc.latency) / 2) if proc is not None else 300.0
-    estimate = JobPlan(
-        rows=job.df.height,
-        distinct=len(job.keys),
+    return JobPlan(
+        rows=spool.rows if spool is not None else the.df.height,
+        distinct=distinct,
         done=done,
         running=running,
         to_submit=to_submit,
-        refused=len(job.local_errors),
+        refused=len(refused),
         processor=processor,
         mode=mode,
         price_per_run=price,
@@ -199,4 +266,3 @@ def _plan_and_prepared(
         seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
         checkpoint=str(path) if path is not None else None,
     )
-    return estimate, job

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
 from enrich._engine.join import _finished_meta, _join, _meta
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
+from enrich._engine.spool import Spool, _prepare_stream
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._engine.typed import TypedAnswers
 from enrich._exceptions import (
@@ -135,7 +136,7 @@ async def aenrich(
     commit_horizon: float | None = None,
     write_to: str | os.PathLike[str] | None = None,
     write_format: str | None = None,
-    _prepared: _Plan | None = None,
+    _prepared: _Plan | Spool | None = None,
     _shard_rows: int = shards.SHARD_ROWS,
     _limiter: RateLimiter | None = None,
 ) -> Any:
@@ -149,11 +150,28 @@ async def aenrich(
     stats = stats if stats is not None else JobStats()
     # `enrich run` prepared this job already for its plan (`_plan_and_prepared`, the same frame and
     # arguments): its keys are reused, once.
-    reuse = _prepared is not None and _prepared.original is data and not _prepared.consumed
-    plan = (
-        _prepared
-        if reuse
-        else _prepare(
+    reuse = _prepared is not None and _original(_prepared) is data and not _prepared.consumed
+    prepared: _Plan | Spool
+    if reuse:
+        assert _prepared is not None
+        prepared = _prepared
+    elif isinstance(data, pl.LazyFrame):  # read in batches, keyed and set aside by shard on disk
+        near = write_to if write_to is not None and os.fspath(write_to) != "-" else None
+        if near is None and isinstance(checkpoint, (str, os.PathLike)):
+            near = checkpoint
+        prepared = _prepare_stream(
+            data,
+            output,
+            columns=columns,
+            prompt=prompt,
+            input_schema=input_schema,
+            metadata=metadata,
+            processor=processor,
+            mode=mode,
+            near=Path(near) if near is not None else None,
+        )
+    else:
+        prepared = _prepare(
             data,
             output,
             columns=columns,
@@ -163,7 +181,77 @@ async def aenrich(
             processor=processor,
             mode=mode,
         )
-    )
+    spool = prepared if isinstance(prepared, Spool) else None
+    try:
+        return await _enrich_prepared(
+            prepared,
+            columns=columns,
+            processor=processor,
+            checkpoint=checkpoint,
+            basis=basis,
+            retry_failed=retry_failed,
+            api_key=api_key,
+            base_url=base_url,
+            service=service,
+            rate_limit=rate_limit,
+            run_rate=run_rate,
+            rate_window=rate_window,
+            timeout=timeout,
+            progress=progress,
+            concurrency=concurrency,
+            max_cost=max_cost,
+            transport=transport,
+            stats=stats,
+            request_timeout=request_timeout,
+            commit_horizon=commit_horizon,
+            write_to=write_to,
+            write_format=write_format,
+            shard_rows=_shard_rows,
+            limiter=_limiter,
+            started=started,
+        )
+    finally:
+        if spool is not None:
+            spool.remove()
+
+
+def _original(prepared: _Plan | Spool) -> Any:
+    return prepared.template.original if isinstance(prepared, Spool) else prepared.original
+
+
+async def _enrich_prepared(
+    prepared: _Plan | Spool,
+    *,
+    columns: Sequence[str] | str | None,
+    processor: str,
+    checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None,
+    basis: bool,
+    retry_failed: bool,
+    api_key: str | None,
+    base_url: str | None,
+    service: str | None,
+    rate_limit: int,
+    run_rate: int,
+    rate_window: float,
+    timeout: float | None,
+    progress: bool | ProgressSink,
+    concurrency: int,
+    max_cost: float | None,
+    transport: httpx.AsyncBaseTransport | None,
+    stats: JobStats,
+    request_timeout: float,
+    commit_horizon: float | None,
+    write_to: str | os.PathLike[str] | None,
+    write_format: str | None,
+    shard_rows: int,
+    limiter: RateLimiter | None,
+    started: float,
+) -> Any:
+    spool = prepared if isinstance(prepared, Spool) else None
+    plan = spool.template if spool is not None else prepared
+    assert isinstance(plan, _Plan)
+    rows = spool.rows if spool is not None else plan.df.height
+    distinct = spool.distinct if spool is not None else len(plan.keys)
     if rate_limit <= 0 or run_rate <= 0:
         raise UsageError("rate_limit and run_rate must be positive numbers of requests/runs per minute")
     if max_cost is not None:
@@ -207,7 +295,7 @@ async def aenrich(
     if service is not None and (not isinstance(service, str) or not service.strip()):
         raise UsageError("service must be a non-empty name, or None for the base URL")
     stats.warnings.extend(plan.notes)
-    if not plan.keys:  # an empty table (a quiet day): the typed empty result; nothing sent or recorded
+    if not distinct:  # an empty table (a quiet day): the typed empty result; nothing sent or recorded
         if owned_bar is not None:
             owned_bar.close()
         stats.elapsed = time.monotonic() - started
@@ -216,7 +304,11 @@ async def aenrich(
             write_table(empty, write_to, write_format)
             return None
         return from_polars(empty, plan.kind, plan.original, added=plan.added)
-    path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
+    if spool is not None:
+        keys = spool.sorted_keys()
+        path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, keys, ordered=True)
+    else:
+        path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
     temp_note = None
     if temporary:
         temp_note = (
@@ -224,15 +316,15 @@ async def aenrich(
         )
     elif checkpoint is None:
         temp_note = f"checkpoint: {path} (the same call resumes from it; checkpoint=False for none)"
-    stats.rows = plan.df.height
-    stats.distinct = len(plan.keys)
+    stats.rows = rows
+    stats.distinct = distinct
     stats.checkpoint = str(path)
-    stats.stages.update(plan.timings)
+    stats.stages.update(spool.timings if spool is not None else plan.timings)
     # Everything above is local; an API key is needed only now, and only if there is work to send.
     t_load = time.monotonic()
     root = Checkpoint.open(path, plan.fingerprint, service=svc)
     proc = PROCESSORS.get(plan.processor)
-    tally = shards.Tally(sink, len(plan.keys), proc.price_per_run if proc is not None else None)
+    tally = shards.Tally(sink, distinct, proc.price_per_run if proc is not None else None)
     run = _Run(
         plan=plan,
         root=root,
@@ -253,6 +345,7 @@ async def aenrich(
         deadline=None if timeout is None else time.monotonic() + timeout,
         write_to=write_to,
         flatten=flatten_for_csv if fmt == "csv" else None,
+        inputs=write_to is not None or spool is not None,
     )
     near = root.directory if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
     workspace: Path | None = None
@@ -262,7 +355,7 @@ async def aenrich(
         # The service counts a request when it arrives, the limiter when it is sent: a window a little
         # longer than the service's keeps arrival jitter from turning a full budget into a 429.
         # It starts from what the last process learned of the key's real quota (kept in the checkpoint).
-        limiter = _limiter or RateLimiter(
+        limiter = limiter or RateLimiter(
             requests_per_minute=rate_limit,
             runs_per_minute=run_rate,
             period=rate_window * (1 + _WINDOW_MARGIN),
@@ -279,14 +372,17 @@ async def aenrich(
             max_connections=max(100, concurrency),
         )
         run.client, run.limiter = client, limiter
-        count = shards.layout(root, len(plan.keys), rows_per_shard=_shard_rows)
-        areas = shards.split(plan, count)
+        count = shards.layout(root, distinct, rows_per_shard=shard_rows)
+        areas: list[shards.Area | Callable[[], shards.Area]]
+        if spool is not None:
+            areas = list(spool.areas(count))
+            spool.consumed = True
+        else:
+            areas = list(shards.split(plan, count))
         plan.consumed = True
         if max_cost is not None and count > 1:  # every run the job paid for counts, in every shard
             tally.recorded.update(shards.recorded_runs(root))
-        root.record_last_call(
-            {"rows": plan.df.height, "distinct": len(plan.keys), "at": datetime.now(UTC).isoformat()}
-        )
+        root.record_last_call({"rows": rows, "distinct": distinct, "at": datetime.now(UTC).isoformat()})
         if temp_note:
             tally.emit(temp_note)
         run.workspace = workspace = assemble.workspace(near)
@@ -341,8 +437,10 @@ async def aenrich(
     result: Any = None
     try:
         if write_to is not None:
-            chunks, step = assemble.merged(run.parts, plan.df.height, workspace)
+            chunks, step = assemble.merged(run.parts, rows, workspace)
             write_chunks(chunks, run.schema, write_to, write_format, row_group_rows=step)
+        elif spool is not None:  # the parts hold the input's columns too
+            result = assemble.merged_frame(run.parts, rows, run.schema)
         else:
             added = assemble.merged_frame(run.parts, plan.df.height, run.schema)
             result = from_polars(
@@ -390,6 +488,7 @@ class _Run:
     workspace: Path | None = None
     write_to: str | os.PathLike[str] | None = None
     flatten: Any = None
+    inputs: bool = False  # the parts hold the input's columns (a file, a spooled table)
     batch_bytes: int = assemble.BATCH_BYTES
     parts: list[Any] = field(default_factory=list)
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -401,11 +500,12 @@ class _Run:
     reading: float = 0.0  # seconds spent reading answers from the checkpoint (part of the join)
 
 
-async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
+async def _run_areas(run: _Run, areas: Sequence[shards.Area | Callable[[], shards.Area]]) -> None:
     """Run the shards, a bounded number at a time: the next starts once the last one has sent all its
-    runs, while up to `shards.AT_ONCE` collect their answers."""
+    runs, while up to `shards.AT_ONCE` collect their answers. A shard given as a function (a spooled
+    table's) is read when its turn comes."""
     if len(areas) == 1:
-        await _run_area(run, areas[0], asyncio.Event())
+        await _run_area(run, _made(areas[0]), asyncio.Event())
         return
     slots = asyncio.Semaphore(shards.AT_ONCE)
     try:
@@ -417,9 +517,11 @@ async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
                 await slots.acquire()
                 submitted = asyncio.Event()
 
-                async def one(area: shards.Area = area, submitted: asyncio.Event = submitted) -> None:
+                async def one(
+                    area: shards.Area | Callable[[], shards.Area] = area, submitted: asyncio.Event = submitted
+                ) -> None:
                     try:
-                        await _run_area(run, area, submitted)
+                        await _run_area(run, _made(area), submitted)
                     finally:
                         submitted.set()
                         slots.release()
@@ -428,6 +530,10 @@ async def _run_areas(run: _Run, areas: list[shards.Area]) -> None:
                 previous = submitted
     except BaseExceptionGroup as group:  # the error of the shard that ended the job, as one shard's
         raise _first_leaf(group) from None
+
+
+def _made(area: shards.Area | Callable[[], shards.Area]) -> shards.Area:
+    return area if isinstance(area, shards.Area) else area()
 
 
 async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> None:
@@ -625,15 +731,16 @@ def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint)
         # (set aside in memory up to SPILL_BYTES: a small shard never writes its answers to disk)
         try:
             parts, statuses, schema = assemble.write_parts(
-                run.plan,
+                area.plan,
                 spill,
                 run.workspace,
                 meta=meta,
                 index=area.index,
                 rows=area.rows,
+                own=area.own,
                 basis=run.basis,
                 flatten=run.flatten,
-                inputs=run.write_to is not None,
+                inputs=run.inputs,
                 typed=typed,
                 batch_bytes=run.batch_bytes,
             )

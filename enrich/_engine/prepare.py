@@ -113,6 +113,103 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Job:
+    """What a job is, apart from its rows: the checked arguments, for a frame or a table read in batches."""
+
+    spec: OutputSpec
+    task_spec: dict[str, Any]
+    processor: str
+    mode: str
+    metadata: dict[str, Any]
+    columns: list[str]  # the columns sent
+    prompt: str | None
+    input_schema: dict[str, Any] | None
+    earlier: list[str]  # an earlier enrichment's columns, dropped from the input
+    notes: list[str]
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        # What makes two calls one job. Not the input mapping (columns, prompt): each row's key is a hash
+        # of the input it sends, so a row whose input did not change keeps its run whatever the mapping.
+        return {
+            "task_spec": self.task_spec,
+            "processor": self.processor,
+            "mode": self.mode,
+            "metadata": self.metadata,
+        }
+
+    def keyed(self, df: pl.DataFrame) -> tuple[list[str], Sequence[int], list[Any] | None]:
+        """Each row's key and input size, and the inputs when they had to be built to key them (None:
+        keyed from the text columns by polars, the inputs built when asked)."""
+        fast = None
+        if self.prompt is None and self.input_schema is None:
+            fast = text_keys_and_sizes(df, self.columns, self.task_spec, self.processor)
+        if fast is not None:
+            return fast[0], fast[1], None
+        inputs = build_inputs(df, columns=self.columns, prompt=self.prompt)
+        keys, sizes = keys_and_sizes(inputs, self.task_spec, self.processor)
+        return keys, sizes, inputs
+
+
+def _check_choices(processor: str, mode: str) -> None:
+    if mode not in _MODES:
+        raise UsageError(f"mode must be 'group' or 'runs', got {mode!r}")
+    if not isinstance(processor, str) or processor not in _allowed_processors():
+        known = ", ".join(sorted(PROCESSORS, key=lambda p: (PROCESSORS[p].price_per_1k, p)))
+        raise UsageError(
+            f"unknown processor {processor!r}; known: {known} "
+            "(a newer one can be allowed with ENRICH_EXTRA_PROCESSORS=name)"
+        )
+
+
+def _checked_job(
+    schema: pl.Schema,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None,
+    prompt: str | None,
+    input_schema: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    processor: str,
+    mode: str,
+) -> _Job:
+    """The arguments of a job on a table of `schema`, checked: every bad one is a `UsageError`."""
+    _check_choices(processor, mode)
+    if isinstance(columns, str):
+        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    spec = parse_output(output)
+    notes: list[str] = []
+    # An enriched frame enriched again: its own columns are never sent, and this job's replace them.
+    earlier = [c for c in schema if c in RESERVED_COLUMNS]
+    if earlier:
+        notes.append(
+            f"the input holds an earlier enrichment's {', '.join(earlier)}: they are not sent and are "
+            "replaced by this job's (rename them first to keep both)"
+        )
+    kept = pl.DataFrame(schema={c: t for c, t in schema.items() if c not in earlier})
+    check_collisions(spec, kept.columns)
+    if input_schema is not None and (
+        not isinstance(input_schema, Mapping) or input_schema.get("type") != "object"
+    ):
+        raise UsageError('input_schema must be a JSON Schema object: {"type": "object", "properties": {...}}')
+    meta = _check_metadata(metadata)
+    task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
+    chosen = chosen_columns(kept, list(columns) if columns is not None else None)
+    return _Job(
+        spec=spec,
+        task_spec=task_spec,
+        processor=processor,
+        mode=mode,
+        metadata=meta,
+        columns=chosen,
+        prompt=prompt,
+        input_schema=dict(input_schema) if input_schema is not None else None,
+        earlier=earlier,
+        notes=notes,
+    )
+
+
 def _prepare(
     data: Any,
     output: Any,
@@ -124,46 +221,39 @@ def _prepare(
     processor: str,
     mode: str,
 ) -> _Plan:
-    if mode not in _MODES:
-        raise UsageError(f"mode must be 'group' or 'runs', got {mode!r}")
-    if not isinstance(processor, str) or processor not in _allowed_processors():
-        known = ", ".join(sorted(PROCESSORS, key=lambda p: (PROCESSORS[p].price_per_1k, p)))
-        raise UsageError(
-            f"unknown processor {processor!r}; known: {known} "
-            "(a newer one can be allowed with ENRICH_EXTRA_PROCESSORS=name)"
-        )
-    if isinstance(columns, str):
-        columns = [c.strip() for c in columns.split(",") if c.strip()]
+    _check_choices(processor, mode)  # (before the frame is read: a LazyFrame is collected by to_polars)
     df, kind = to_polars(data)
-    spec = parse_output(output)
-    notes: list[str] = []
-    # An enriched frame enriched again: its own columns are never sent, and this job's replace them.
-    earlier = [c for c in df.columns if c in RESERVED_COLUMNS]
-    if earlier:
-        df = df.drop(earlier)
-        notes.append(
-            f"the input holds an earlier enrichment's {', '.join(earlier)}: they are not sent and are "
-            "replaced by this job's (rename them first to keep both)"
-        )
-    check_collisions(spec, df.columns)
-    if input_schema is not None and (
-        not isinstance(input_schema, Mapping) or input_schema.get("type") != "object"
-    ):
-        raise UsageError('input_schema must be a JSON Schema object: {"type": "object", "properties": {...}}')
-    meta = _check_metadata(metadata)
-    task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
+    job = _checked_job(
+        df.schema,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+    )
+    if job.earlier:
+        df = df.drop(job.earlier)
     t0 = time.monotonic()
-    chosen = chosen_columns(df, list(columns) if columns is not None else None)
-    fast = None
-    if prompt is None and input_schema is None:  # all-text columns: keyed by polars, inputs built later
-        fast = text_keys_and_sizes(df, chosen, task_spec, processor)
-    inputs: list[Any] | None = None
-    if fast is not None:
-        all_keys, all_sizes = fast
-    else:
-        inputs = build_inputs(df, columns=chosen, prompt=prompt)
-        all_keys, all_sizes = keys_and_sizes(inputs, task_spec, processor)
+    all_keys, all_sizes, inputs = job.keyed(df)
     t1 = time.monotonic()
+    plan = _distinct_plan(job, df, kind, data, all_keys, all_sizes, inputs)
+    plan.timings.update({"key": t1 - t0, "dedupe": time.monotonic() - t1})
+    return plan
+
+
+def _distinct_plan(
+    job: _Job,
+    df: pl.DataFrame,
+    kind: str,
+    original: Any,
+    all_keys: list[str],
+    all_sizes: Sequence[int],
+    inputs: list[Any] | None,
+) -> _Plan:
+    """The plan of `df`'s rows, keyed (`all_keys`, `all_sizes`, and `inputs` if they were built):
+    deduplicated, and the rows the API would refuse found."""
     keys, index = dedupe(all_keys)
     rows: list[int] | None = None
     if len(keys) == len(all_keys):  # no repeats: the first row of each key is the row itself
@@ -178,44 +268,36 @@ def _prepare(
     del all_keys, all_sizes
     local_errors: dict[str, str] = {}
     for key, problem in zip(
-        keys, check_input_size([], task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
+        keys, check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
     ):
         if problem:
             local_errors[key] = problem
-    if input_schema is not None:
-        assert distinct_inputs is not None  # (never keyed by polars: `validate_inputs` reads them)
-        problems = validate_inputs(distinct_inputs, dict(input_schema))
+    if job.input_schema is not None:
+        if distinct_inputs is None:
+            at = range(len(keys)) if rows is None else rows
+            distinct_inputs = build_inputs(df[list(at)], columns=job.columns, prompt=job.prompt)
+        problems = validate_inputs(distinct_inputs, job.input_schema)
         for key, problem in zip(keys, problems, strict=True):
             if problem and key not in local_errors:
                 local_errors[key] = f"input does not match input_schema: {problem}"
-    # What makes two calls one job. Not the input mapping (columns, prompt): each row's key is a hash of
-    # the input it sends, so a row whose input did not change keeps its run whatever the mapping.
-    fingerprint = {
-        "task_spec": task_spec,
-        "processor": processor,
-        "mode": mode,
-        "metadata": meta,
-    }
-    timings = {"key": t1 - t0, "dedupe": time.monotonic() - t1}
     return _Plan(
         df=df,
         kind=kind,
-        original=data,
-        spec=spec,
-        task_spec=task_spec,
-        processor=processor,
-        mode=mode,
-        metadata=meta,
+        original=original,
+        spec=job.spec,
+        task_spec=job.task_spec,
+        processor=job.processor,
+        mode=job.mode,
+        metadata=job.metadata,
         keys=keys,
         index=index,
         inputs=distinct_inputs,
         input_rows=rows,
-        columns=chosen,
-        prompt=prompt,
+        columns=job.columns,
+        prompt=job.prompt,
         local_errors=local_errors,
-        fingerprint=fingerprint,
-        timings=timings,
-        notes=notes,
+        fingerprint=job.fingerprint,
+        notes=list(job.notes),
     )
 
 
@@ -236,15 +318,17 @@ def _checkpoint_path(
     fingerprint: Mapping[str, Any],
     service: str,
     keys: Iterable[str] = (),
+    *,
+    ordered: bool = False,
 ) -> tuple[Path | CheckpointStore, bool]:
     """(the checkpoint directory or store, whether it is temporary) for the `checkpoint=` argument.
 
     A `CheckpointStore` is used as it is.
 
     None (or True): a directory under `cache_dir()` named by the job, the service and the distinct
-    inputs (`keys`), so the same call made again (a notebook cell run twice) resumes instead of paying
-    twice, and a call on other data is another job (its own max_cost, its own lock). False: a new
-    temporary one.
+    inputs (`keys`, sorted here unless `ordered`), so the same call made again (a notebook cell run
+    twice) resumes instead of paying twice, and a call on other data is another job (its own
+    max_cost, its own lock). False: a new temporary one.
     """
     if isinstance(checkpoint, CheckpointStore):
         return checkpoint, False
@@ -252,7 +336,8 @@ def _checkpoint_path(
         return Path(tempfile.mkdtemp(prefix="enrich-")), True
     if checkpoint is None or checkpoint is True:
         digest = hashlib.sha256(json.dumps({"job": fingerprint, "service": service}, sort_keys=True).encode())
-        for key in sorted(keys):  # the rows too: other data with the same columns is another job
+        # The rows too: other data with the same columns is another job.
+        for key in keys if ordered else sorted(keys):
             digest.update(key.encode())
         name = digest.hexdigest()[:16]
         return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False

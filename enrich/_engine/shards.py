@@ -85,6 +85,9 @@ class Area:
     #: (None: every row of the frame, in order).
     index: pl.Series
     rows: pl.Series | None
+    #: The plan's frame holds just the shard's rows, in order (a spooled table, `spool`); else it is the
+    #: job's frame, and a row is taken from it at its place (`rows`).
+    own: bool = False
 
 
 def split(plan: _Plan, count: int) -> list[Area]:
@@ -132,14 +135,9 @@ def open_area(root: Checkpoint, area: Area, service: str | None) -> Checkpoint:
     return Checkpoint.open(root.store.child(area.name), root.fingerprint, service=service)
 
 
-def read_areas(root: Checkpoint) -> list[Checkpoint]:
-    """Every area of the checkpoint `root`, read-only (for `enrich status` and the dry run)."""
-    if root.shards == 1:
-        return [root]
-    return [cp for _, cp in _areas(root)]
-
-
-def _areas(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Checkpoint]]:
+def areas_of(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Checkpoint]]:
+    """(shard, its checkpoint read-only) of each area of `root` (of the shards `only`; None: all) that
+    was made, one at a time: the caller closes each (`close(forget=True)`) but the root."""
     if root.shards == 1:
         yield 0, root
         return
@@ -155,7 +153,7 @@ def recorded_runs(root: Checkpoint, only: set[int] | None = None) -> dict[int, i
     `max_cost` and the job's spend count every run the job paid for, in shards this call has no row of
     too."""
     runs: dict[int, int] = {}
-    for shard, cp in _areas(root, only):
+    for shard, cp in areas_of(root, only):
         runs[shard] = cp.runs
         if cp is not root:
             cp.close(forget=True)

@@ -1,0 +1,275 @@
+"""Stage 1, for a table too large to hold (a LazyFrame; `enrich run` scans its input files): the table
+is read in batches, each batch keyed as `prepare` keys a frame, and its rows are set aside on disk by
+the first byte of their key, one Arrow file per byte value. A shard's rows are then read back alone
+(`Spool.area`): no stage of the job holds the whole table, nor a Python object per row of it.
+
+A shard of a job of `count` shards is the keys whose first byte has the shard's number in its top
+`log2(count)` bits (`shards.shard_of`): the files of `256 / count` consecutive byte values. A key is in
+one file, so deduplicating within a shard deduplicates the job.
+
+A table of at most `STREAM_ROWS` rows is collected and prepared as a frame (`prepare._prepare`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from enrich._engine import assemble
+from enrich._engine.prepare import _INPUT_LIMIT, _check_choices, _checked_job, _distinct_plan, _Job, _Plan
+from enrich._engine.shards import Area, area_name
+from enrich._exceptions import UsageError
+from enrich._inputs import build_inputs, check_input_size, validate_inputs
+
+#: A table of more rows than this is spooled; one of fewer is prepared in memory.
+STREAM_ROWS = 262_144
+#: Rows read, keyed and set aside at a time.
+BATCH_ROWS = 131_072
+#: One file per value of a key's first byte.
+BUCKETS = 256
+_ROW = "__enrich_row"
+_KEY = "__enrich_key"
+_SIZE = "__enrich_size"
+_BUCKET = "__enrich_bucket"
+
+
+@dataclass
+class Spool:
+    """A table keyed and set aside by key: its rows, distinct inputs, and the job it is for."""
+
+    job: _Job
+    #: The job's plan without rows: the input's columns, no keys (what the stages share).
+    template: _Plan
+    directory: Path
+    rows: int = 0
+    distinct: int = 0
+    #: Rows set aside per first byte of the key.
+    counts: list[int] = field(default_factory=lambda: [0] * BUCKETS)
+    #: Distinct inputs refused before sending (too large, failing input_schema): key -> why.
+    refused: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    consumed: bool = False
+
+    def _path(self, bucket: int) -> Path:
+        return self.directory / f"rows-{bucket:02x}.arrow"
+
+    def _read(self, lo: int, hi: int, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        frames = []
+        for bucket in range(lo, hi):
+            if self.counts[bucket]:
+                with pa.memory_map(str(self._path(bucket))) as source:
+                    table = pa.ipc.open_file(source).read_all()
+                if columns is not None:
+                    table = table.select(list(columns))
+                frames.append(pl.from_arrow(table))
+                del table
+        if not frames:
+            return pl.DataFrame()
+        return pl.concat(frames, rechunk=False)  # type: ignore[arg-type]
+
+    def buckets(self, shard: int, count: int) -> tuple[int, int]:
+        """The files of `shard` in a job of `count` shards: byte values [lo, hi)."""
+        per = BUCKETS // count
+        return shard * per, (shard + 1) * per
+
+    def areas(self, count: int) -> list[Callable[[], Area]]:
+        """The job's shards that hold rows, each read from disk when it is called."""
+        made = []
+        for shard in range(count):
+            lo, hi = self.buckets(shard, count)
+            if any(self.counts[lo:hi]):
+                made.append(lambda shard=shard: self.area(shard, count))
+        return made
+
+    def area(self, shard: int, count: int) -> Area:
+        """The rows of `shard` (of `count`), in row order, as a plan of its own with its own frame."""
+        lo, hi = self.buckets(shard, count)
+        frame = self._read(lo, hi).sort(_ROW)
+        keys = frame[_KEY].to_list()
+        plan = _distinct_plan(
+            self.job,
+            frame.drop(_ROW, _KEY, _SIZE),
+            "polars",
+            None,
+            keys,
+            frame[_SIZE],
+            None,
+        )
+        del keys
+        index = pl.Series("d", plan.index, dtype=pl.Int64)
+        plan.index = []  # (its rows are the area's)
+        name = None if count == 1 else area_name(shard)
+        return Area(shard, name, plan, index, frame[_ROW].cast(pl.Int64), own=True)
+
+    def keys(self, shard: int, count: int) -> pl.Series:
+        """The distinct keys of `shard` (of `count`)."""
+        lo, hi = self.buckets(shard, count)
+        frame = self._read(lo, hi, [_KEY])
+        return frame[_KEY].unique() if frame.height else pl.Series(_KEY, [], dtype=pl.String)
+
+    def sorted_keys(self) -> Iterator[str]:
+        """Every distinct key, in sorted order (a file at a time: the files are in key order)."""
+        for bucket in range(BUCKETS):
+            if self.counts[bucket]:
+                yield from self._read(bucket, bucket + 1, [_KEY])[_KEY].unique().sort().to_list()
+
+    def remove(self) -> None:
+        assemble.remove(self.directory)
+
+
+def _prepare_stream(
+    data: pl.LazyFrame,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None,
+    prompt: str | None,
+    input_schema: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    processor: str,
+    mode: str,
+    near: Path | None,
+) -> _Plan | Spool:
+    """`_prepare` for a LazyFrame: the table is read in batches and spooled beside `near` (the output or
+    the checkpoint), or, when it has at most `STREAM_ROWS` rows, collected and prepared as a frame."""
+    from enrich._engine.prepare import _prepare
+
+    _check_choices(processor, mode)
+    try:
+        schema = data.collect_schema()
+    except pl.exceptions.PolarsError as exc:
+        raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
+    if not len(schema):
+        raise UsageError("data has no columns; nothing to send")
+    job = _checked_job(
+        schema,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+    )
+    kept = pl.Schema({c: t for c, t in schema.items() if c not in job.earlier})
+    batches = _batches(data)
+    head: list[pl.DataFrame] = []
+    held = 0
+    for batch in batches:
+        head.append(batch)
+        held += batch.height
+        if held > STREAM_ROWS:
+            break
+    else:  # a small table: prepared in memory, as a frame is
+        frame = pl.concat(head) if head else pl.DataFrame(schema=schema)
+        plan = _prepare(
+            frame,
+            output,
+            columns=columns,
+            prompt=prompt,
+            input_schema=input_schema,
+            metadata=metadata,
+            processor=processor,
+            mode=mode,
+        )
+        plan.original = data  # (the call it was prepared for: `enrich run` hands it to the job)
+        return plan
+    template = _distinct_plan(job, pl.DataFrame(schema=kept), "polars", data, [], [], None)
+    spool = Spool(job, template, assemble.workspace(near, prefix=".enrich-spool-"))
+    try:
+        _fill(spool, job, _chained(head, batches))
+        _count(spool, job)
+    except BaseException:
+        spool.remove()
+        raise
+    return spool
+
+
+def _batches(data: pl.LazyFrame) -> Iterator[pl.DataFrame]:
+    try:
+        yield from data.collect_batches(chunk_size=BATCH_ROWS)
+    except pl.exceptions.PolarsError as exc:
+        raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
+
+
+def _chained(head: list[pl.DataFrame], rest: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+    while head:
+        yield head.pop(0)
+    yield from rest
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
+    """Key each batch and append its rows to the file of their key's first byte."""
+    t0 = time.monotonic()
+    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    files: list[Any] = []
+    schema: pa.Schema | None = None
+    assemble._allow_open_files(BUCKETS)
+    options = pa.ipc.IpcWriteOptions(compression="lz4") if pa.Codec.is_available("lz4") else None
+    try:
+        for batch in batches:
+            if job.earlier:
+                batch = batch.drop(job.earlier)
+            keys, sizes, _ = job.keyed(batch)
+            frame = batch.with_columns(
+                pl.int_range(spool.rows, spool.rows + batch.height, dtype=pl.Int64).alias(_ROW),
+                pl.Series(_KEY, keys, dtype=pl.String),
+                pl.Series(_SIZE, sizes, dtype=pl.Int64),
+            )
+            del keys, sizes
+            spool.rows += batch.height
+            frame = frame.with_columns(pl.col(_KEY).str.slice(0, 2).str.to_integer(base=16).alias(_BUCKET))
+            for (bucket,), part in frame.partition_by(_BUCKET, as_dict=True, include_key=False).items():
+                table = part.to_arrow()
+                if schema is None:
+                    schema = table.schema
+                elif table.schema != schema:
+                    table = table.cast(schema)
+                b = int(bucket)  # type: ignore[call-overload]
+                writer = writers.get(b)
+                if writer is None:
+                    sink = pa.OSFile(str(spool._path(b)), "wb")
+                    files.append(sink)
+                    writer = writers[b] = pa.ipc.new_file(sink, schema, options=options)
+                writer.write_table(table)
+                spool.counts[b] += part.height
+            del frame
+    finally:
+        for writer in writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        for sink in files:
+            sink.close()
+    spool.timings["key"] = time.monotonic() - t0
+
+
+def _count(spool: Spool, job: _Job) -> None:
+    """The distinct inputs, and those the API would refuse, a file at a time."""
+    t0 = time.monotonic()
+    columns = [_KEY, _SIZE, *(job.columns if job.input_schema is not None else [])]
+    for bucket in range(BUCKETS):
+        if not spool.counts[bucket]:
+            continue
+        frame = spool._read(bucket, bucket + 1, columns).unique(_KEY, keep="first", maintain_order=True)
+        spool.distinct += frame.height
+        keys = frame[_KEY].to_list()
+        problems = check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=frame[_SIZE])
+        for key, problem in zip(keys, problems, strict=True):
+            if problem:
+                spool.refused[key] = problem
+        if job.input_schema is not None:
+            inputs = build_inputs(frame, columns=job.columns, prompt=job.prompt)
+            for key, problem in zip(keys, validate_inputs(inputs, job.input_schema), strict=True):
+                if problem and key not in spool.refused:
+                    spool.refused[key] = f"input does not match input_schema: {problem}"
+    spool.timings["dedupe"] = time.monotonic() - t0
