@@ -115,6 +115,9 @@ __all__ = ["Checkpoint", "Counts", "Intent", "Outcome", "Receipt"]
 
 FORMAT: Final = 2  # the newest readable: 1, one area; 2, a root of shards (`"shards"` in the manifest)
 MANIFEST: Final = "manifest.json"
+#: The state of a checkpoint with nothing running or in doubt, kept in one file (`record_settled`).
+SETTLED: Final = "settled.parquet"
+_SETTLED_VERSION: Final = "1"
 PACING: Final = "pacing.json"
 SERVICE_WARNINGS: Final = "warnings.json"
 LAST_CALL: Final = "last_call.json"
@@ -853,6 +856,49 @@ class Checkpoint:
             self._outcomes.append(written.select(_MEMORY["outcomes"]))
             self._light = None
 
+    def record_settled(self) -> bool:
+        """Keep the state in one file (`SETTLED`) when no row is running or in doubt, so that a later
+        call finding the checkpoint unchanged reads that file (`read_settled`) instead of every segment:
+        a finished shard of a resumed job is joined without loading its tables.
+
+        A cache derived from the record, like the typed answers: it is tagged with the names of the
+        segments it was read from, and used only while exactly those segments are on disk (segments are
+        never changed once written; a new record or a compaction makes a new name). Returns whether it
+        holds this state now; never raises for a write that fails (the next call reads the segments).
+        """
+        with self._lock:
+            if self._readonly or self._closed or self._forgotten or self.service is None:
+                return False
+            try:
+                self.flush()
+                if self._pending:
+                    return False
+                light = self._light_state().select(_LIGHT_STATE)
+                if light.is_empty() or (light["status"] == "submitted").any():
+                    return False
+                segments = sorted(n for n in _list(self._store) if _SEGMENT_RE.fullmatch(n))
+                if read_settled(self._store, self._job_id) is not None:
+                    return True  # (it lists these very segments)
+                table = light.to_arrow()
+                table = table.replace_schema_metadata(
+                    {
+                        "enrich.kind": "settled",
+                        "enrich.version": _SETTLED_VERSION,
+                        "enrich.job_id": self._job_id,
+                        "enrich.segments": json.dumps(segments),
+                        "enrich.runs": str(self._runs),
+                    }
+                )
+                self._store.write(
+                    SETTLED,
+                    lambda f: pq.write_table(table, f, compression="zstd", write_page_checksum=True),
+                    overwrite=True,
+                )
+                return True
+            except (OSError, CheckpointError, pa.ArrowException) as exc:
+                self._warn(f"the finished state is not kept in one file ({_reason(exc)}); nothing is lost")
+                return False
+
     def close(self, *, forget: bool = False) -> None:
         """Flush buffered outcomes and release the directory. Reading methods still work afterwards,
         unless `forget`: then the in-memory tables are dropped too (a job at its end: ~400 MB at a
@@ -1433,6 +1479,42 @@ def _read_table(store: CheckpointStore, name: str, columns: list[str], kind: str
 def _list(store: CheckpointStore) -> list[str]:
     """The names of the checkpoint's own files (not those of its sub-areas: `typed/`, ...)."""
     return [name for name in store.list() if "/" not in name]
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """The state of a checkpoint with nothing running or in doubt (`Checkpoint.record_settled`)."""
+
+    #: One row per row_key with a run: row_key, run_id, group_id, status, error, created_at, finished_at.
+    state: pl.DataFrame
+    #: Runs created, as `Checkpoint.runs`.
+    runs: int
+
+
+def read_settled(store: CheckpointStore, job_id: str) -> Settled | None:
+    """The settled state kept in `store` for the job `job_id`, if it was read from exactly the segments
+    on disk now; else None (never kept, of another job, or the checkpoint recorded since)."""
+    try:
+        names = _list(store)
+        if SETTLED not in names:
+            return None
+        segments = sorted(n for n in names if _SEGMENT_RE.fullmatch(n))
+        with store.open(SETTLED) as f, pq.ParquetFile(f, page_checksum_verification=True) as parquet:
+            meta = {k.decode(): v.decode() for k, v in (parquet.schema_arrow.metadata or {}).items()}
+            if (
+                meta.get("enrich.kind") != "settled"
+                or meta.get("enrich.version") != _SETTLED_VERSION
+                or meta.get("enrich.job_id") != job_id
+                or json.loads(meta.get("enrich.segments", "null")) != segments
+            ):
+                return None
+            frame = pl.from_arrow(parquet.read())
+        assert isinstance(frame, pl.DataFrame)
+        if frame.columns != list(_LIGHT_STATE):
+            return None
+        return Settled(frame, int(meta["enrich.runs"]))
+    except (OSError, pa.ArrowException, ValueError, KeyError, AssertionError):
+        return None
 
 
 def _read_json(store: CheckpointStore, name: str) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from enrich._checkpoint import Checkpoint
 from enrich._engine import JobStats, aenrich, plan, shards
 from enrich._progress import Progress
 
+SERVICE = "a custom transport at http://emulator"
 OUT = {"ceo": "Name of the CEO", "founded": ("integer", "Year founded")}
 
 
@@ -450,3 +452,78 @@ def test_shards_against_an_unkind_service_pay_once_and_join_their_own_answers(
         }
     assert served["runs_created"] == 24 and served["duplicate_runs"] == 0
     assert served["late_commits"] >= 1 and len(list((tmp_path / "cp" / "shards").iterdir())) > 1
+
+
+def test_a_settled_shard_is_joined_from_one_file_while_its_checkpoint_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard with nothing running or in doubt keeps its state in one file when it closes; the next
+    call joins it from that file and its typed answers, without opening its checkpoint. Anything
+    recorded there since (a new row, a retry) or a typed answer missing makes it read the segments."""
+    from enrich._checkpoint import SETTLED
+
+    app = create_app(EmulatorConfig(latency=0.02, failure_rate=0.2, seed=5))
+    df = companies(40)
+    first = run_job(app, df, checkpoint=tmp_path / "cp")
+    areas = sorted((tmp_path / "cp" / "shards").iterdir())
+    assert areas and all((a / SETTLED).exists() for a in areas)
+    opened: list[str] = []
+    real_open = Checkpoint.open.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[Checkpoint], path: Any, *a: Any, **kw: Any) -> Checkpoint:
+        opened.append(str(getattr(path, "location", path)))
+        return real_open(cls, path, *a, **kw)
+
+    monkeypatch.setattr(Checkpoint, "open", classmethod(spy))
+    reads: list[str] = []
+    real_read = Checkpoint.read.__func__  # type: ignore[attr-defined]
+    monkeypatch.setattr(
+        Checkpoint, "read", classmethod(lambda cls, p: (reads.append(str(p)), real_read(cls, p))[1])
+    )
+    requests = app.stats()["requests_total"]
+    stats = JobStats()
+    again = run_job(app, df, checkpoint=tmp_path / "cp", stats=stats)
+    assert again.equals(first) and app.stats()["requests_total"] == requests
+    assert opened == [str(tmp_path / "cp")]  # the root only
+    assert stats.already_done == 40 and stats.runs_total == 40
+    estimate = plan(df, OUT, processor="lite", checkpoint=tmp_path / "cp", service=SERVICE)
+    assert (estimate.done, estimate.to_submit, estimate.spent) == (40, 0, 40 * 0.005)
+    assert reads == [str(tmp_path / "cp")]  # (the dry run reads the settled files too)
+
+    # A row more in one shard: that shard's checkpoint records it, and its settled file is stale.
+    opened.clear()
+    more = pl.concat([df, companies(41).tail(1)])
+    grown = run_job(app, more, checkpoint=tmp_path / "cp")
+    assert grown.head(40).equals(first) and app.stats()["runs_created"] == 41
+    assert len(opened) == 2  # the root, and the shard of the new row
+    # Typed answers lost: the shard is read from its segments, and its answers typed again.
+    for area in areas:
+        shutil.rmtree(area / "typed", ignore_errors=True)
+    opened.clear()
+    assert run_job(app, more, checkpoint=tmp_path / "cp").equals(grown)
+    assert len(opened) == 1 + len(areas)
+    # Failures retried: the shards with one are run again, each settles again with the new runs.
+    retried = run_job(app, more, checkpoint=tmp_path / "cp", retry_failed=True)
+    failed = int((grown["_status"] == "failed").sum())
+    assert failed and app.stats()["runs_created"] == 41 + failed
+    opened.clear()
+    assert run_job(app, more, checkpoint=tmp_path / "cp").equals(retried)
+    assert opened == [str(tmp_path / "cp")]
+
+
+def test_a_settled_file_of_another_job_or_damaged_is_never_used(tmp_path: Path) -> None:
+    from enrich._checkpoint import SETTLED, read_settled
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    df = companies(30)
+    first = run_job(app, df, checkpoint=tmp_path / "cp")
+    area = sorted((tmp_path / "cp" / "shards").iterdir())[0]
+    root = Checkpoint.read(tmp_path / "cp")
+    store = root.store.child(f"shards/{area.name}")
+    kept = read_settled(store, root.job_id)
+    assert kept is not None and kept.state.height > 0
+    assert read_settled(store, "another-job") is None
+    (area / SETTLED).write_bytes((area / SETTLED).read_bytes()[:-40] + b"x" * 40)
+    assert read_settled(store, root.job_id) is None
+    assert run_job(app, df, checkpoint=tmp_path / "cp").equals(first)
+    assert read_settled(store, root.job_id) is not None  # written again when the shard closed

@@ -15,7 +15,7 @@ import polars as pl
 from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
-from enrich._engine.shards import areas_of
+from enrich._engine.shards import area_states
 from enrich._engine.spool import Spool, _prepare_stream
 from enrich._exceptions import (
     UsageError,
@@ -224,7 +224,7 @@ def _estimate(
         everyone = None
         if spool is None:
             everyone = pl.Series(the.keys, dtype=pl.String).unique()
-        for shard, area in areas_of(cp):  # a job split in shards: one checkpoint each under the root
+        for shard, area in area_states(cp):  # a job split in shards: one checkpoint each under the root
             runs_created += area.runs
             if spool is not None:
                 keys_of = spool.keys(shard, cp.shards)
@@ -232,14 +232,12 @@ def _estimate(
                 assert everyone is not None
                 keys_of = everyone
             wanted = keys_of.filter(~keys_of.is_in(refused_keys.implode())).implode()
-            state = area.state(outputs=False).filter(pl.col("row_key").is_in(wanted))
+            state = area.state.filter(pl.col("row_key").is_in(wanted))
             finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
             if retry_failed:
                 finished = finished.filter(pl.col("status") == "completed")
             done += finished.height
             running += state.filter(pl.col("status") == "submitted").height
-            if area is not cp:
-                area.close(forget=True)
     to_submit = distinct - len(refused) - done - running
     proc = PROCESSORS.get(processor)
     price = proc.price_per_run if proc is not None else None

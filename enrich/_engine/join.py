@@ -121,7 +121,15 @@ def _finished_meta(plan: _Plan, cp: Any, *, retry_failed: bool) -> pl.DataFrame 
     """
     if cp.service is None or cp.in_doubt():
         return None
-    state = cp.state(outputs=False).select(
+    state = cp.state(outputs=False)
+    cp.drop_cache()
+    return _finished_meta_of(plan, state, retry_failed=retry_failed)
+
+
+def _finished_meta_of(plan: _Plan, state: pl.DataFrame, *, retry_failed: bool) -> pl.DataFrame | None:
+    """`_finished_meta` from a shard's state (`Checkpoint.state(outputs=False)`, or the one kept when it
+    settled: `read_settled`), with nothing in doubt."""
+    state = state.select(
         pl.col("row_key").alias("key"),
         pl.col("status").alias("_status"),
         pl.col("error").alias("_error"),
@@ -138,7 +146,6 @@ def _finished_meta(plan: _Plan, cp: Any, *, retry_failed: bool) -> pl.DataFrame 
         .join(state, on="key", how="left", maintain_order="left")
         .join(local, on="key", how="left", maintain_order="left")
     )
-    cp.drop_cache()
     del state
     refused = pl.col("_local").is_not_null()  # refused before sending: never sent, never retried
     ended = ("completed",) if retry_failed else ("completed", "failed")

@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 import polars as pl
 
-from enrich._checkpoint import Checkpoint
+from enrich._checkpoint import Checkpoint, read_settled
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
-from enrich._engine.join import _finished_meta, _join, _meta
+from enrich._engine.join import _finished_meta, _finished_meta_of, _join, _meta
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.spool import Spool, _prepare_stream
 from enrich._engine.submit import run_group_mode, run_runs_mode
@@ -543,6 +543,8 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
     t0 = time.monotonic()
     stats = run.stats
     job: _Job | None = None
+    if area.name is not None and not run.basis and _run_settled(run, area, submitted, t0):
+        return
     cp = shards.open_area(run.root, area, run.service)
     run.tally.live[area.shard] = cp
     try:  # a shard with nothing left to do: joined from its checkpoint's columns, no job state built
@@ -551,13 +553,15 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         _close_area(run, area, cp)
         raise
     if meta is not None:
+        joined = False
         try:  # (a progress callback that raises must not leave the shard locked)
             run.loading += time.monotonic() - t0
             _say_finished(run, area, meta)
             submitted.set()
             _join_area(run, area, meta, cp)
+            joined = True
         finally:
-            _close_area(run, area, cp)
+            _close_area(run, area, cp, settled=joined)
         return
     ended = False
     try:
@@ -629,13 +633,42 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
             _close_area(run, area, cp)
     # The job ended well (or at its deadline): the shard's rows are joined now, while its checkpoint
     # is open, and set aside in row order for the merge; then its state goes.
+    joined = False
     try:
         assert job is not None
         meta = _meta(area.plan, job)
         del job
         _join_area(run, area, meta, cp)
+        joined = True
     finally:
-        _close_area(run, area, cp)
+        _close_area(run, area, cp, settled=joined)
+
+
+class _Unsettled(Exception):
+    """A shard's settled state does not have every answer typed: it is joined from its checkpoint."""
+
+
+def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t0: float) -> bool:
+    """A shard found finished and unchanged since its state was kept in one file (`read_settled`),
+    joined from that file and its typed answers, without opening its checkpoint or loading its tables.
+    False when that does not apply (the shard is then run as any other)."""
+    assert area.name is not None
+    store = run.root.store.child(area.name)
+    settled = read_settled(store, run.root.job_id)
+    if settled is None:
+        return False
+    meta = _finished_meta_of(area.plan, settled.state, retry_failed=run.options["retry_failed"])
+    if meta is None:
+        return False
+    run.loading += time.monotonic() - t0
+    try:
+        _join_area(run, area, meta, None, store)
+    except _Unsettled:
+        return False
+    _say_finished(run, area, meta)
+    submitted.set()
+    run.tally.recorded[area.shard] = settled.runs
+    return True
 
 
 def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
@@ -649,12 +682,16 @@ def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
         sink(Progress(total=meta.height, completed=meta.height - failed, failed=failed, running=0, waiting=0))
 
 
-def _close_area(run: _Run, area: shards.Area, cp: Checkpoint) -> None:
+def _close_area(run: _Run, area: shards.Area, cp: Checkpoint, *, settled: bool = False) -> None:
+    """Close a shard's checkpoint; with `settled` (its rows were joined), keep its state in one file
+    first if nothing is running or in doubt there (`record_settled`): the next call joins it from that."""
     run.tally.recorded[area.shard] = cp.runs
     run.tally.live.pop(area.shard, None)
     run.tally.jobs.pop(area.shard, None)
     if cp is run.root:
         return
+    if settled:
+        cp.record_settled()
     run.stats.warnings.extend(cp.warnings)
     try:
         cp.close(forget=True)
@@ -702,32 +739,45 @@ async def aenrich_shard(
     return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)
 
 
-def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint) -> None:
+def _join_area(
+    run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint | None, store: Any = None
+) -> None:
     """The rows of one shard joined with its answers, written sorted by position to `run.parts`: its
     answers read from its checkpoint into parts of bounded size, with the answers typed by an earlier
-    join (kept in the shard's checkpoint), and a part at a time joined onto its rows."""
+    join (kept in the shard's checkpoint), and a part at a time joined onto its rows.
+
+    Without `cp` (a settled shard, `_run_settled`; its checkpoint's `store` given instead) every answer
+    must have been typed before: else `_Unsettled`, before any part is written."""
     assert run.workspace is not None
     t0 = time.monotonic()
     stats = run.stats
     ids = assemble.answered(meta)
     name = "" if area.name is None else f"{area.shard:02x}-"
     spill = assemble.Spill(run.workspace, meta.height, name=name)
-    typed = TypedAnswers(cp.store, run.plan.spec)
+    typed = TypedAnswers(cp.store if cp is not None else store, run.plan.spec)
     try:
         # Without the basis, the answers typed by an earlier join are read first, and their text is not
         # read again. With it, the text (and basis) of every answer is read first: the parts are sized
         # by the largest columns.
         if run.basis:
+            assert cp is not None
             _spill_answers(run, spill, cp, ids)
         try:
             found = assemble.spill_typed(spill, typed, ids)
         except OSError as exc:
             raise _output_error(exc, run.workspace, stats) from exc
         except Exception as exc:
+            if cp is None:
+                raise _Unsettled from exc
             found = None
             stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
         if not run.basis:
-            _spill_answers(run, spill, cp, ids if found is None else ids.join(found, on="run_id", how="anti"))
+            missing = ids if found is None else ids.join(found, on="run_id", how="anti")
+            if cp is None and missing.height:
+                raise _Unsettled
+            if missing.height or cp is not None:
+                assert cp is not None
+                _spill_answers(run, spill, cp, missing)
         # (set aside in memory up to SPILL_BYTES: a small shard never writes its answers to disk)
         try:
             parts, statuses, schema = assemble.write_parts(
@@ -741,7 +791,7 @@ def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint)
                 basis=run.basis,
                 flatten=run.flatten,
                 inputs=run.inputs,
-                typed=typed,
+                typed=typed if cp is not None else None,  # (no lock held: nothing written there)
                 batch_bytes=run.batch_bytes,
             )
         except OSError as exc:

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from enrich._checkpoint import Checkpoint
+from enrich._checkpoint import Checkpoint, Settled, read_settled
 from enrich._engine.prepare import _Plan
 from enrich._progress import Progress, ProgressSink
 
@@ -148,16 +148,32 @@ def areas_of(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[i
             yield shard, Checkpoint.read(root.store.child(name))
 
 
+def area_states(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Settled]]:
+    """(shard, its state without outputs and its runs) of each area of `root` (of the shards `only`;
+    None: all), one area at a time: read from the state a settled shard kept in one file when it is
+    still current (`read_settled`), else from its segments."""
+    if root.shards == 1:
+        yield 0, Settled(root.state(outputs=False), root.runs)
+        return
+    made = set(root.store.list(DIRECTORY + "/"))
+    for shard in range(root.shards):
+        name = area_name(shard)
+        if f"{name}/manifest.json" not in made or (only is not None and shard not in only):
+            continue
+        store = root.store.child(name)
+        settled = read_settled(store, root.job_id)
+        if settled is None:
+            cp = Checkpoint.read(store)
+            settled = Settled(cp.state(outputs=False), cp.runs)
+            cp.close(forget=True)
+        yield shard, settled
+
+
 def recorded_runs(root: Checkpoint, only: set[int] | None = None) -> dict[int, int]:
     """Runs recorded in each shard's area (of the shards `only`, None: all), read one area at a time:
     `max_cost` and the job's spend count every run the job paid for, in shards this call has no row of
     too."""
-    runs: dict[int, int] = {}
-    for shard, cp in areas_of(root, only):
-        runs[shard] = cp.runs
-        if cp is not root:
-            cp.close(forget=True)
-    return runs
+    return {shard: settled.runs for shard, settled in area_states(root, only)}
 
 
 @dataclass

@@ -30,8 +30,8 @@ from enrich._inputs import build_inputs, check_input_size, validate_inputs
 
 #: A table of more rows than this is spooled; one of fewer is prepared in memory.
 STREAM_ROWS = 262_144
-#: Rows read, keyed and set aside at a time.
-BATCH_ROWS = 131_072
+#: Rows read, keyed and set aside at a time (each file gets about 1/256 of them at once).
+BATCH_ROWS = 262_144
 #: One file per value of a key's first byte.
 BUCKETS = 256
 _ROW = "__enrich_row"
@@ -65,9 +65,11 @@ class Spool:
         for bucket in range(lo, hi):
             if self.counts[bucket]:
                 with pa.memory_map(str(self._path(bucket))) as source:
-                    table = pa.ipc.open_file(source).read_all()
-                if columns is not None:
-                    table = table.select(list(columns))
+                    options = None
+                    if columns is not None:  # only those columns are read (and decompressed)
+                        names = pa.ipc.open_file(source).schema.names
+                        options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
+                    table = pa.ipc.open_file(source, options=options).read_all()
                 frames.append(pl.from_arrow(table))
                 del table
         if not frames:
@@ -260,7 +262,8 @@ def _count(spool: Spool, job: _Job) -> None:
     for bucket in range(BUCKETS):
         if not spool.counts[bucket]:
             continue
-        frame = spool._read(bucket, bucket + 1, columns).unique(_KEY, keep="first", maintain_order=True)
+        # (rows with one key have one input: any of them will do)
+        frame = spool._read(bucket, bucket + 1, columns).unique(_KEY, keep="any")
         spool.distinct += frame.height
         keys = frame[_KEY].to_list()
         problems = check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=frame[_SIZE])
