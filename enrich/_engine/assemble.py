@@ -154,7 +154,8 @@ class _Part:
     firsts: list[int]  # the position of the first row of each record batch
     reader: Any = None
     next_batch: int = 0
-    pending: pa.RecordBatch | None = None
+    pending: pa.RecordBatch | None = None  # the rest of the batch read last
+    positions: pl.Series | None = None  # its positions (in polars, searched without a conversion)
 
 
 def write_parts(
@@ -247,8 +248,8 @@ def chunk_rows(parts: list[_Part]) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // size)
 
 
-def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pa.Table]:
-    """The rows of `parts` (each sorted by position) in position order, as tables of `step` rows."""
+def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pl.DataFrame]:
+    """The rows of `parts` (each sorted by position) in position order, as frames of `step` rows."""
     if not parts:
         return
     _allow_open_files(len(parts))
@@ -263,26 +264,34 @@ def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pa.Table]:
                         if part.next_batch >= len(part.firsts) or part.firsts[part.next_batch] >= end:
                             break
                         part.pending = part.reader.get_batch(part.next_batch)
+                        # (its positions in polars once per batch, not at each search; a pyarrow
+                        # scalar of `end` would import pandas)
+                        part.positions = pl.Series(part.pending.column(_ROW))
                         part.next_batch += 1
-                    batch = part.pending
+                    batch, positions = part.pending, part.positions
+                    assert positions is not None
                     # positions are sorted: those before `end` are a prefix
-                    # (polars: pyarrow turning the Python int into a scalar imports pandas, 0.3 s)
-                    k = int(pl.Series(batch.column(_ROW)).search_sorted(end, side="left"))
+                    k = int(positions.search_sorted(end, side="left"))
                     if k:
                         pieces.append(batch.slice(0, k))
                     if k < batch.num_rows:
-                        part.pending = batch.slice(k)
+                        part.pending, part.positions = batch.slice(k), positions.slice(k)
                         break
-                    part.pending = None
+                    part.pending = part.positions = None
             if not pieces:
                 continue
+            # (sorted by pyarrow: polars sorts twice as fast, but its allocator then keeps ~80 MB more
+            # at a million rows, at the peak of the job)
             table = pa.Table.from_batches(pieces).sort_by(_ROW).drop_columns([_ROW])
             del pieces
-            yield table
+            frame = pl.from_arrow(table, rechunk=False)
             del table
+            assert isinstance(frame, pl.DataFrame)
+            yield frame
+            del frame
     finally:
         for part in parts:
-            part.pending = None
+            part.pending = part.positions = None
             part.reader = None
 
 
@@ -308,11 +317,10 @@ def merged(parts: list[_Part], rows: int, directory: Path) -> tuple[list[Path], 
     removed once merged. Returns the chunks and the rows per chunk (a Parquet row group each)."""
     step = chunk_rows(parts)
     chunks = []
-    for n, table in enumerate(merge(parts, rows, step)):
+    for n, frame in enumerate(merge(parts, rows, step)):
         path = directory / f"chunk-{n:06d}.arrow"
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        del table
+        frame.write_ipc(path)
+        del frame
         chunks.append(path)
     for part in parts:
         part.path.unlink(missing_ok=True)
@@ -324,10 +332,10 @@ def merged_frame(parts: list[_Part], rows: int, schema: pl.Schema) -> pl.DataFra
     chunk at a time, so the frame is the only large allocation (the chunks written to disk and read
     back whole through pyarrow doubled the added columns at the peak: +340 MB at a million rows)."""
     frames = []
-    for table in merge(parts, rows, chunk_rows(parts)):
-        frames.append(pl.from_arrow(table, rechunk=False))
-        del table
-        pa.default_memory_pool().release_unused()  # the chunk was copied into polars: give it back
+    for frame in merge(parts, rows, chunk_rows(parts)):
+        frames.append(frame)
+        del frame
+        pa.default_memory_pool().release_unused()  # the chunk was gathered into polars: give it back
     for part in parts:
         part.path.unlink(missing_ok=True)
     if not frames:
