@@ -117,7 +117,10 @@ def test_a_lazy_tables_default_checkpoint_is_the_frames(
 
 def test_rows_the_api_would_refuse_are_refused_in_every_batch(tmp_path: Path) -> None:
     df = companies(40).with_columns(
-        pl.when(pl.int_range(pl.len()) % 9 == 4).then(pl.lit("x" * 30_000)).otherwise(pl.col("company"))
+        pl.when(pl.int_range(pl.len()) % 9 == 4)
+        .then(pl.lit("x" * 30_000))
+        .otherwise(pl.col("company"))
+        .alias("company")
     )
     schema = {"type": "object", "properties": {"city": {"type": "string"}}}  # (a null city fails it)
     app = create_app(EmulatorConfig(latency=0.02))
@@ -128,6 +131,18 @@ def test_rows_the_api_would_refuse_are_refused_in_every_batch(tmp_path: Path) ->
     result = run_job(app, df.lazy(), checkpoint=tmp_path / "cp", input_schema=schema)
     assert (result["_status"] == "failed").sum() == refused
     assert app.stats()["runs_created"] == 40 - refused
+    # Counted again shard by shard, as the dry run reads each shard's files against its checkpoint.
+    again = plan(
+        pl.concat([df, companies(48).tail(8)]).lazy(),
+        OUT,
+        processor="lite",
+        input_schema=schema,
+        checkpoint=tmp_path / "cp",
+        service=SERVICE,
+    )
+    more = int(companies(48).tail(8)["city"].is_null().sum())
+    assert (again.rows, again.distinct, again.refused) == (48, 48, refused + more)
+    assert (again.done, again.to_submit) == (40 - refused, 8 - more)
 
 
 def test_a_bad_cell_in_a_later_batch_is_refused_before_anything_is_sent(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
 from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
 from enrich._engine.shards import area_states
-from enrich._engine.spool import Spool, _prepare_stream
+from enrich._engine.spool import BUCKETS, Spool, _prepare_stream
 from enrich._exceptions import (
     UsageError,
 )
@@ -209,8 +209,6 @@ def _estimate(
         )
     done = running = 0
     runs_created = 0
-    refused = spool.refused if spool is not None else the.local_errors
-    distinct = spool.distinct if spool is not None else len(the.keys)
     svc = service if service is not None else service_of(base_url)
     path = None
     if checkpoint is not False:
@@ -220,17 +218,22 @@ def _estimate(
         cp = Checkpoint.read(path)
         cp.check_fingerprint(the.fingerprint)
         cp.check_service(svc)
-        refused_keys = pl.Series(list(refused), dtype=pl.String)
         everyone = None
         if spool is None:
             everyone = pl.Series(the.keys, dtype=pl.String).unique()
+        if spool is not None and cp.shards == 1:
+            everyone = spool.summary(0, BUCKETS)
+        seen = set()
         for shard, area in area_states(cp):  # a job split in shards: one checkpoint each under the root
             runs_created += area.runs
-            if spool is not None:
-                keys_of = spool.keys(shard, cp.shards)
+            seen.add(shard)
+            if everyone is None:
+                assert spool is not None
+                keys_of = spool.summary(*spool.buckets(shard, cp.shards))  # (counted as it is read)
             else:
-                assert everyone is not None
                 keys_of = everyone
+            refused = spool.refused if spool is not None else the.local_errors
+            refused_keys = pl.Series(list(refused), dtype=pl.String)
             wanted = keys_of.filter(~keys_of.is_in(refused_keys.implode())).implode()
             state = area.state.filter(pl.col("row_key").is_in(wanted))
             finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
@@ -238,6 +241,14 @@ def _estimate(
                 finished = finished.filter(pl.col("status") == "completed")
             done += finished.height
             running += state.filter(pl.col("status") == "submitted").height
+        if spool is not None and not spool.counted:  # files of shards never made, and their counts
+            for shard in set(range(cp.shards)) - seen:
+                spool.summary(*spool.buckets(shard, cp.shards))
+            spool.counted = True
+    if spool is not None:
+        spool.count()
+    refused = spool.refused if spool is not None else the.local_errors
+    distinct = spool.distinct if spool is not None else len(the.keys)
     to_submit = distinct - len(refused) - done - running
     proc = PROCESSORS.get(processor)
     price = proc.price_per_run if proc is not None else None

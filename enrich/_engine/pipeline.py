@@ -250,6 +250,8 @@ async def _enrich_prepared(
     spool = prepared if isinstance(prepared, Spool) else None
     plan = spool.template if spool is not None else prepared
     assert isinstance(plan, _Plan)
+    if spool is not None:
+        spool.count()
     rows = spool.rows if spool is not None else plan.df.height
     distinct = spool.distinct if spool is not None else len(plan.keys)
     if rate_limit <= 0 or run_rate <= 0:

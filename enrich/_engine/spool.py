@@ -26,7 +26,7 @@ from enrich._engine import assemble
 from enrich._engine.prepare import _INPUT_LIMIT, _check_choices, _checked_job, _distinct_plan, _Job, _Plan
 from enrich._engine.shards import Area, area_name
 from enrich._exceptions import UsageError
-from enrich._inputs import build_inputs, check_input_size, validate_inputs
+from enrich._inputs import build_inputs, canonical_json, check_input_size, validate_inputs
 
 #: A table of more rows than this is spooled; one of fewer is prepared in memory.
 STREAM_ROWS = 262_144
@@ -56,6 +56,8 @@ class Spool:
     refused: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     consumed: bool = False
+    #: `distinct` and `refused` hold every file's (counted by `count`, or by the dry run).
+    counted: bool = False
 
     def _path(self, bucket: int) -> Path:
         return self.directory / f"rows-{bucket:02x}.arrow"
@@ -110,11 +112,37 @@ class Spool:
         name = None if count == 1 else area_name(shard)
         return Area(shard, name, plan, index, frame[_ROW].cast(pl.Int64), own=True)
 
-    def keys(self, shard: int, count: int) -> pl.Series:
-        """The distinct keys of `shard` (of `count`)."""
-        lo, hi = self.buckets(shard, count)
-        frame = self._read(lo, hi, [_KEY])
-        return frame[_KEY].unique() if frame.height else pl.Series(_KEY, [], dtype=pl.String)
+    def summary(self, lo: int, hi: int) -> pl.Series:
+        """The distinct keys of the files [lo, hi); unless the spool is `counted`, they are counted in
+        `distinct`, and those the API would refuse (too large, failing input_schema) kept in
+        `refused`. (The dry run counts a shard at a time this way, reading each file once.)"""
+        job = self.job
+        columns = [_KEY, _SIZE, *(job.columns if job.input_schema is not None else [])]
+        frame = self._read(lo, hi, columns)
+        if not frame.height:
+            return pl.Series(_KEY, [], dtype=pl.String)
+        frame = frame.unique(_KEY, keep="any")  # (rows with one key have one input: any will do)
+        if self.counted:
+            return frame[_KEY]
+        self.distinct += frame.height
+        room = _INPUT_LIMIT - len(canonical_json(job.task_spec))
+        over = frame.filter(pl.col(_SIZE) > room)  # (only those are looked at)
+        problems = check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=over[_SIZE].to_list())
+        for key, problem in zip(over[_KEY].to_list(), problems, strict=True):
+            if problem:
+                self.refused[key] = problem
+        if job.input_schema is not None:
+            keys = frame[_KEY].to_list()
+            inputs = build_inputs(frame, columns=job.columns, prompt=job.prompt)
+            for key, problem in zip(keys, validate_inputs(inputs, job.input_schema), strict=True):
+                if problem and key not in self.refused:
+                    self.refused[key] = f"input does not match input_schema: {problem}"
+        return frame[_KEY]
+
+    def count(self) -> None:
+        """Count the distinct and refused inputs of every file, if the dry run did not (`summary`)."""
+        if not self.counted:
+            _count(self, self.job)
 
     def sorted_keys(self) -> Iterator[str]:
         """Every distinct key, in sorted order (a file at a time: the files are in key order)."""
@@ -186,7 +214,6 @@ def _prepare_stream(
     spool = Spool(job, template, assemble.workspace(near, prefix=".enrich-spool-"))
     try:
         _fill(spool, job, _chained(head, batches))
-        _count(spool, job)
     except BaseException:
         spool.remove()
         raise
@@ -258,21 +285,8 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
 def _count(spool: Spool, job: _Job) -> None:
     """The distinct inputs, and those the API would refuse, a file at a time."""
     t0 = time.monotonic()
-    columns = [_KEY, _SIZE, *(job.columns if job.input_schema is not None else [])]
+    spool.distinct, spool.refused = 0, {}  # (a count cut short before is counted again whole)
     for bucket in range(BUCKETS):
-        if not spool.counts[bucket]:
-            continue
-        # (rows with one key have one input: any of them will do)
-        frame = spool._read(bucket, bucket + 1, columns).unique(_KEY, keep="any")
-        spool.distinct += frame.height
-        keys = frame[_KEY].to_list()
-        problems = check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=frame[_SIZE])
-        for key, problem in zip(keys, problems, strict=True):
-            if problem:
-                spool.refused[key] = problem
-        if job.input_schema is not None:
-            inputs = build_inputs(frame, columns=job.columns, prompt=job.prompt)
-            for key, problem in zip(keys, validate_inputs(inputs, job.input_schema), strict=True):
-                if problem and key not in spool.refused:
-                    spool.refused[key] = f"input does not match input_schema: {problem}"
+        spool.summary(bucket, bucket + 1)
+    spool.counted = True
     spool.timings["dedupe"] = time.monotonic() - t0
