@@ -454,7 +454,11 @@ def _missing_column(name: str, available: Sequence[str], what: str = "column") -
 
 
 def build_inputs(
-    df: pl.DataFrame, *, columns: Sequence[str] | str | None = None, prompt: str | None = None
+    df: pl.DataFrame,
+    *,
+    columns: Sequence[str] | str | None = None,
+    prompt: str | None = None,
+    first_row: int = 0,
 ) -> list[Any]:
     """Each row of `df` as a Task API input: a JSON-safe dict of its columns, or a prompt string.
 
@@ -470,7 +474,8 @@ def build_inputs(
     prompt, `columns` (if given) limits the columns the template may use. Refused before anything is
     sent: a field naming no column (with a did-you-mean), positional fields (`{}`), conversions
     (`!r`), nested fields in a spec, a spec that fails on a cell, and a template with no fields. A
-    column whose name holds `:`, `!`, `{` or `}` cannot be named in a template.
+    column whose name holds `:`, `!`, `{` or `}` cannot be named in a template. A row is named in an
+    error by its place in `df` plus `first_row` (`df` a batch of a larger table).
 
     Cells are converted by the table in this module's docstring, column-wise in polars. Speed: about
     1 s per 1,000,000 rows of four scalar columns.
@@ -483,7 +488,7 @@ def build_inputs(
     """
     chosen = chosen_columns(df, columns)
     if prompt is not None:
-        return _render_prompt(df, chosen, prompt)
+        return _render_prompt(df, chosen, prompt, first_row)
     sub = _json_columns(df.select(chosen))
     # column lists zipped into dicts: about twice as fast as sub.rows(named=True)
     cols = [
@@ -515,7 +520,7 @@ def chosen_columns(df: pl.DataFrame, columns: Sequence[str] | str | None) -> lis
     return chosen
 
 
-def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str) -> list[str]:
+def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str, first_row: int = 0) -> list[str]:
     if not isinstance(prompt, str):
         raise UsageError(f"prompt must be a string template, got {type(prompt).__name__}")
     try:
@@ -561,12 +566,12 @@ def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str) -> list[st
             values = _python_column(sub, name)
         else:
             values = sub.get_column(name).to_list()
-        rendered[(name, spec)] = _render_values(name, values, spec)
+        rendered[(name, spec)] = _render_values(name, values, spec, first_row)
     columns = [rendered[key] for key in fields]
     return [template.format(*vals) for vals in zip(*columns, strict=True)]
 
 
-def _render_values(name: str, values: list[Any], spec: str) -> list[str]:
+def _render_values(name: str, values: list[Any], spec: str, first_row: int = 0) -> list[str]:
     out: list[str] = []
     for row, value in enumerate(values):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -577,7 +582,7 @@ def _render_values(name: str, values: list[Any], spec: str) -> list[str]:
                 out.append(format(value, spec))
             except (ValueError, TypeError) as exc:
                 raise UsageError(
-                    f"prompt field {{{name}:{spec}}} fails at row {row} on {_short(value)}: {exc}"
+                    f"prompt field {{{name}:{spec}}} fails at row {first_row + row} on {_short(value)}: {exc}"
                 ) from None
         elif isinstance(value, str):
             out.append(value)

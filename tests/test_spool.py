@@ -230,3 +230,57 @@ def test_scanned_files_are_refused_as_read_files_are(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_text("not parquet")
     with pytest.raises(UsageError, match="cannot read it as parquet"):
         scan_tables([tmp_path / "bad.parquet"])
+
+
+def test_a_categorical_column_is_spooled_and_comes_back_as_given(tmp_path: Path) -> None:
+    """Each batch of a categorical column has its own Arrow dictionary: the spool's files must take them."""
+    df = companies(50).with_columns(
+        pl.col("city").cast(pl.Categorical),
+        pl.concat_list("city", pl.lit("x")).cast(pl.List(pl.Categorical)).alias("cities"),
+    )
+    whole = run_job(create_app(EmulatorConfig(latency=0.02)), df, checkpoint=tmp_path / "whole")
+    lazy = run_job(create_app(EmulatorConfig(latency=0.02)), df.lazy(), checkpoint=tmp_path / "lazy")
+    assert lazy.select(df.columns).equals(df)
+    assert lazy.drop("_run_id").equals(whole.drop("_run_id"))
+    assert not leftovers(tmp_path)
+
+
+def test_a_bad_cell_in_a_later_batch_is_named_by_its_row_in_the_table(tmp_path: Path) -> None:
+    df = pl.DataFrame({"company": [f"c{i}" for i in range(40)], "n": [None] * 33 + ["x"] + [None] * 6})
+    app = create_app(EmulatorConfig(latency=0.02))
+    for data in (df, df.lazy()):
+        with pytest.raises(UsageError, match="fails at row 33 on 'x'"):
+            run_job(app, data, prompt="{company} {n:d}", checkpoint=tmp_path / "cp")
+    assert app.stats()["runs_created"] == 0
+    assert not leftovers(tmp_path)
+
+
+def test_a_column_named_as_the_spools_own_is_refused(tmp_path: Path) -> None:
+    df = companies(40).with_columns(pl.col("company").alias(spool._KEY))
+    with pytest.raises(UsageError, match="__enrich_key"):
+        run_job(create_app(EmulatorConfig()), df.lazy(), checkpoint=tmp_path / "cp", columns=["company"])
+    assert not leftovers(tmp_path)
+
+
+def test_a_full_disk_while_spooling_is_one_line_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pyarrow as pa
+
+    from enrich import OutputError
+
+    real = pa.OSFile
+
+    def full(path: str, mode: str = "rb") -> Any:
+        if ".enrich-spool-" in path and mode == "wb":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, mode)
+
+    monkeypatch.setattr(pa, "OSFile", full)
+    app = create_app(EmulatorConfig())
+    with pytest.raises(OutputError, match="No space left on device; nothing was sent"):
+        run_job(app, companies(40).lazy(), checkpoint=tmp_path / "cp")
+    assert app.stats()["runs_created"] == 0
+    assert not leftovers(tmp_path)

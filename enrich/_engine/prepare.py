@@ -139,15 +139,18 @@ class _Job:
             "metadata": self.metadata,
         }
 
-    def keyed(self, df: pl.DataFrame) -> tuple[list[str], Sequence[int], list[Any] | None]:
+    def keyed(
+        self, df: pl.DataFrame, *, first_row: int = 0
+    ) -> tuple[list[str], Sequence[int], list[Any] | None]:
         """Each row's key and input size, and the inputs when they had to be built to key them (None:
-        keyed from the text columns by polars, the inputs built when asked)."""
+        keyed from the text columns by polars, the inputs built when asked). `first_row`: the place of
+        `df`'s first row in the table (a batch's), for the row an error names."""
         fast = None
         if self.prompt is None and self.input_schema is None:
             fast = text_keys_and_sizes(df, self.columns, self.task_spec, self.processor)
         if fast is not None:
             return fast[0], fast[1], None
-        inputs = build_inputs(df, columns=self.columns, prompt=self.prompt)
+        inputs = build_inputs(df, columns=self.columns, prompt=self.prompt, first_row=first_row)
         keys, sizes = keys_and_sizes(inputs, self.task_spec, self.processor)
         return keys, sizes, inputs
 

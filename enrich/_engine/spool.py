@@ -25,7 +25,7 @@ import pyarrow as pa
 from enrich._engine import assemble
 from enrich._engine.prepare import _INPUT_LIMIT, _check_choices, _checked_job, _distinct_plan, _Job, _Plan
 from enrich._engine.shards import Area, area_name
-from enrich._exceptions import UsageError
+from enrich._exceptions import OutputError, UsageError
 from enrich._inputs import build_inputs, canonical_json, check_input_size, validate_inputs
 
 #: A table of more rows than this is spooled; one of fewer is prepared in memory.
@@ -69,9 +69,10 @@ class Spool:
                 with pa.memory_map(str(self._path(bucket))) as source:
                     options = None
                     if columns is not None:  # only those columns are read (and decompressed)
-                        names = pa.ipc.open_file(source).schema.names
+                        names = pa.ipc.open_stream(source).schema.names
+                        source.seek(0)
                         options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
-                    table = pa.ipc.open_file(source, options=options).read_all()
+                    table = pa.ipc.open_stream(source, options=options).read_all()
                 frames.append(pl.from_arrow(table))
                 del table
         if not frames:
@@ -177,6 +178,9 @@ def _prepare_stream(
         raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
     if not len(schema):
         raise UsageError("data has no columns; nothing to send")
+    taken = [c for c in schema if c in (_ROW, _KEY, _SIZE, _BUCKET)]
+    if taken:  # (the spool's own columns: the user's would be overwritten, then dropped)
+        raise UsageError(f"input column {taken[0]!r} has a name enrich uses for itself; rename it")
     job = _checked_job(
         schema,
         output,
@@ -214,6 +218,12 @@ def _prepare_stream(
     spool = Spool(job, template, assemble.workspace(near, prefix=".enrich-spool-"))
     try:
         _fill(spool, job, _chained(head, batches))
+    except OSError as exc:  # (a full disk: nothing was sent)
+        spool.remove()
+        raise OutputError(
+            f"cannot set the input aside in {spool.directory}: {exc.strerror or exc}; nothing was sent: "
+            "make room there (beside the output, or the checkpoint), then run the same call again"
+        ) from exc
     except BaseException:
         spool.remove()
         raise
@@ -223,7 +233,7 @@ def _prepare_stream(
 def _batches(data: pl.LazyFrame) -> Iterator[pl.DataFrame]:
     try:
         yield from data.collect_batches(chunk_size=BATCH_ROWS)
-    except pl.exceptions.PolarsError as exc:
+    except (pl.exceptions.PolarsError, OSError) as exc:  # (an input file gone or unreadable since)
         raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
 
 
@@ -240,7 +250,7 @@ def _first_line(exc: BaseException) -> str:
 def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
     """Key each batch and append its rows to the file of their key's first byte."""
     t0 = time.monotonic()
-    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     files: list[Any] = []
     schema: pa.Schema | None = None
     assemble._allow_open_files(BUCKETS)
@@ -249,7 +259,7 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
         for batch in batches:
             if job.earlier:
                 batch = batch.drop(job.earlier)
-            keys, sizes, _ = job.keyed(batch)
+            keys, sizes, _ = job.keyed(batch, first_row=spool.rows)
             frame = batch.with_columns(
                 pl.int_range(spool.rows, spool.rows + batch.height, dtype=pl.Int64).alias(_ROW),
                 pl.Series(_KEY, keys, dtype=pl.String),
@@ -269,7 +279,9 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
                 if writer is None:
                     sink = pa.OSFile(str(spool._path(b)), "wb")
                     files.append(sink)
-                    writer = writers[b] = pa.ipc.new_file(sink, schema, options=options)
+                    # (the stream format: a categorical column's dictionary differs from batch to batch,
+                    # which the file format refuses)
+                    writer = writers[b] = pa.ipc.new_stream(sink, schema, options=options)
                 writer.write_table(table)
                 spool.counts[b] += part.height
             del frame
