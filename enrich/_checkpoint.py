@@ -12,7 +12,7 @@ deletes and locks through the store, and the store keeps the invariants below th
 directory, a checkpoint is:
 
     manifest.json                  {"format": 1, "job_id", "fingerprint", "service", "created_at",
-                                   "enrich_version"}
+                                   "instance" (a random id: this checkpoint), "enrich_version"}
     groups-000000001.parquet       task groups created: group_id
     intents-000000002.parquet      rows about to be sent in one add-runs request: batch_id, group_id, row_key,
                                    sent_at (when the request went out: a late commit is possible until a
@@ -25,6 +25,9 @@ directory, a checkpoint is:
     pacing.json                    what the limiter learned of the service's quota (replaced atomically)
     warnings.json                  the service's warnings on the runs: message -> runs (replaced atomically)
     last_call.json                 the last call that opened it: rows, distinct inputs, when (replaced)
+    settled.parquet                a cache: the state when nothing was running or in doubt, tagged with
+                                   the segments it was read from, used only while they are exactly the
+                                   segments on disk (`record_settled`, `read_settled`; replaced)
 
 Every segment row also holds `_order`, its place in the history (see below).
 
@@ -96,6 +99,7 @@ import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -425,6 +429,8 @@ class Checkpoint:
                     "job_id": job_id,
                     "fingerprint": canonical_fp,
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    # This checkpoint, not another of the same job (a settled state names it).
+                    "instance": uuid.uuid4().hex,
                     "enrich_version": _version(),
                 }
                 if service is not None:
@@ -885,6 +891,7 @@ class Checkpoint:
                         "enrich.kind": "settled",
                         "enrich.version": _SETTLED_VERSION,
                         "enrich.job_id": self._job_id,
+                        "enrich.instance": _instance(self._manifest),
                         "enrich.segments": json.dumps(segments),
                         "enrich.runs": str(self._runs),
                     }
@@ -1491,20 +1498,31 @@ class Settled:
     runs: int
 
 
+def _instance(manifest: Mapping[str, Any]) -> str:
+    """What tells this checkpoint from another of the same job (an older enrich's: its creation time)."""
+    return str(manifest.get("instance") or manifest.get("created_at"))
+
+
 def read_settled(store: CheckpointStore, job_id: str) -> Settled | None:
     """The settled state kept in `store` for the job `job_id`, if it was read from exactly the segments
-    on disk now; else None (never kept, of another job, or the checkpoint recorded since)."""
+    on disk now, in this very checkpoint (its manifest's `instance`: segment names are sequence
+    numbers, so another checkpoint of the job copied over this one could show the same names); else
+    None (never kept, of another job or checkpoint, or the checkpoint recorded since)."""
     try:
         names = _list(store)
         if SETTLED not in names:
             return None
         segments = sorted(n for n in names if _SEGMENT_RE.fullmatch(n))
+        manifest = _read_json(store, MANIFEST)
+        if manifest is None:
+            return None
         with store.open(SETTLED) as f, pq.ParquetFile(f, page_checksum_verification=True) as parquet:
             meta = {k.decode(): v.decode() for k, v in (parquet.schema_arrow.metadata or {}).items()}
             if (
                 meta.get("enrich.kind") != "settled"
                 or meta.get("enrich.version") != _SETTLED_VERSION
                 or meta.get("enrich.job_id") != job_id
+                or meta.get("enrich.instance") != _instance(manifest)
                 or json.loads(meta.get("enrich.segments", "null")) != segments
             ):
                 return None

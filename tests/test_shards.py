@@ -527,3 +527,24 @@ def test_a_settled_file_of_another_job_or_damaged_is_never_used(tmp_path: Path) 
     assert read_settled(store, root.job_id) is None
     assert run_job(app, df, checkpoint=tmp_path / "cp").equals(first)
     assert read_settled(store, root.job_id) is not None  # written again when the shard closed
+
+
+def test_a_settled_file_is_never_used_for_another_checkpoints_segments(tmp_path: Path) -> None:
+    """Segment names are sequence numbers: a shard of another checkpoint of the same job, copied over
+    this one's, shows the same names. Its settled file names its checkpoint, so it is not used."""
+    from enrich._checkpoint import SETTLED
+
+    app = create_app(EmulatorConfig(latency=0.02))
+    a, b = companies(30), companies(60).tail(30)
+    run_job(app, a, checkpoint=tmp_path / "A")
+    run_job(app, b, checkpoint=tmp_path / "B")
+    for area in sorted((tmp_path / "B" / "shards").iterdir()):
+        mine = tmp_path / "A" / "shards" / area.name
+        for f in area.iterdir():
+            if f.is_file() and f.name != SETTLED and mine.exists():
+                shutil.copy(f, mine / f.name)
+    created = app.stats()["runs_created"]
+    again = run_job(app, a, checkpoint=tmp_path / "A")
+    assert set(again["_status"]) == {"completed"}
+    # A's rows are not in the copied segments: they are paid again, never taken from a stale state
+    assert app.stats()["runs_created"] > created

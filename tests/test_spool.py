@@ -64,7 +64,7 @@ def test_a_lazy_table_gives_the_frames_result_and_pays_once_per_distinct_input(t
     assert lazy.select(df.columns).equals(df)  # every input value as given, in the input's order
     assert app.stats()["runs_created"] == 60 == stats.distinct and stats.rows == 73
     manifest = json.loads((tmp_path / "lazy" / "manifest.json").read_text())
-    assert manifest["shards"] == 8
+    assert manifest["shards"] == 16  # (split by its 73 rows: a spooled shard holds its repeats)
     # A repeated row got its first occurrence's run.
     assert lazy["_run_id"][60:69].to_list() == lazy["_run_id"][:9].to_list()
     assert not leftovers(tmp_path)
@@ -284,3 +284,15 @@ def test_a_full_disk_while_spooling_is_one_line_and_leaves_nothing(
         run_job(app, companies(40).lazy(), checkpoint=tmp_path / "cp")
     assert app.stats()["runs_created"] == 0
     assert not leftovers(tmp_path)
+
+
+def test_a_spooled_table_of_few_distinct_inputs_is_split_by_its_rows(tmp_path: Path) -> None:
+    """A spooled shard's frame holds its rows, repeats included: a table of many rows and few distinct
+    inputs is split as its rows ask, not as one shard holding the whole table."""
+    df = pl.concat([companies(12)] * 6)
+    app = create_app(EmulatorConfig(latency=0.02))
+    result = run_job(app, df.lazy(), checkpoint=tmp_path / "cp")
+    assert app.stats()["runs_created"] == 12
+    assert json.loads((tmp_path / "cp" / "manifest.json").read_text())["shards"] == 16  # 72 rows, 8 a shard
+    assert result.select(df.columns).equals(df)
+    assert result["_run_id"].to_list() == result["_run_id"].head(12).to_list() * 6

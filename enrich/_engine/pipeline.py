@@ -374,7 +374,9 @@ async def _enrich_prepared(
             max_connections=max(100, concurrency),
         )
         run.client, run.limiter = client, limiter
-        count = shards.layout(root, distinct, rows_per_shard=shard_rows)
+        # A spooled shard's frame holds its rows, repeats included: a table of few distinct inputs
+        # and many rows is split by its rows.
+        count = shards.layout(root, max(distinct, rows) if spool else distinct, rows_per_shard=shard_rows)
         areas: list[shards.Area | Callable[[], shards.Area]]
         if spool is not None:
             areas = list(spool.areas(count))

@@ -251,21 +251,35 @@ def _distinct_plan(
     df: pl.DataFrame,
     kind: str,
     original: Any,
-    all_keys: list[str],
+    all_keys: list[str] | pl.Series,
     all_sizes: Sequence[int],
     inputs: list[Any] | None,
 ) -> _Plan:
     """The plan of `df`'s rows, keyed (`all_keys`, `all_sizes`, and `inputs` if they were built):
-    deduplicated, and the rows the API would refuse found."""
-    keys, index = dedupe(all_keys)
-    rows: list[int] | None = None
-    if len(keys) == len(all_keys):  # no repeats: the first row of each key is the row itself
+    deduplicated, and the rows the API would refuse found. Keys given as a Series (a spooled shard's)
+    are deduplicated in polars: no Python object per row."""
+    rows: list[int] | None = None  # the first row of each distinct key (None: row i is key i)
+    if isinstance(all_keys, pl.Series):
+        keyed = pl.DataFrame({"k": all_keys}).with_row_index("row")
+        firsts = keyed.unique("k", keep="first", maintain_order=True)
+        keys = firsts["k"].to_list()
+        index: Sequence[int] = range(len(keys))
+        if len(keys) != len(all_keys):
+            index = keyed.join(
+                firsts.with_row_index("d").select("k", "d"), on="k", how="left", maintain_order="left"
+            )["d"]
+            rows = firsts["row"].to_list()
+        del keyed, firsts
+    else:
+        keys, index = dedupe(all_keys)
+        if len(keys) != len(all_keys):
+            first: dict[str, int] = {}
+            for row, key in enumerate(all_keys):
+                first.setdefault(key, row)
+            rows = [first[k] for k in keys]
+    if rows is None:
         distinct_inputs, sizes = inputs, all_sizes
     else:
-        first: dict[str, int] = {}
-        for row, key in enumerate(all_keys):
-            first.setdefault(key, row)
-        rows = [first[k] for k in keys]
         distinct_inputs = [inputs[r] for r in rows] if inputs is not None else None
         sizes = all_sizes.gather(rows) if isinstance(all_sizes, pl.Series) else [all_sizes[r] for r in rows]
     del all_keys, all_sizes

@@ -97,17 +97,15 @@ class Spool:
         """The rows of `shard` (of `count`), in row order, as a plan of its own with its own frame."""
         lo, hi = self.buckets(shard, count)
         frame = self._read(lo, hi).sort(_ROW)
-        keys = frame[_KEY].to_list()
         plan = _distinct_plan(
             self.job,
             frame.drop(_ROW, _KEY, _SIZE),
             "polars",
             None,
-            keys,
+            frame[_KEY],
             frame[_SIZE],
             None,
         )
-        del keys
         index = pl.Series("d", plan.index, dtype=pl.Int64)
         plan.index = []  # (its rows are the area's)
         name = None if count == 1 else area_name(shard)
