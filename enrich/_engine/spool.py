@@ -68,7 +68,7 @@ class Spool:
             if self.counts[bucket]:
                 with pa.memory_map(str(self._path(bucket))) as source:
                     options = None
-                    if columns is not None:  # only those columns are read (and decompressed)
+                    if columns is not None:  # only those columns are read
                         names = pa.ipc.open_stream(source).schema.names
                         source.seek(0)
                         options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
@@ -252,7 +252,7 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
     files: list[Any] = []
     schema: pa.Schema | None = None
     assemble._allow_open_files(BUCKETS)
-    options = pa.ipc.IpcWriteOptions(compression="lz4") if pa.Codec.is_available("lz4") else None
+    options = None  # (uncompressed: lz4 saved 45% of the disk and cost a third of the writing's time)
     try:
         for batch in batches:
             if job.earlier:
@@ -265,14 +265,21 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
             )
             del keys, sizes
             spool.rows += batch.height
-            frame = frame.with_columns(pl.col(_KEY).str.slice(0, 2).str.to_integer(base=16).alias(_BUCKET))
-            for (bucket,), part in frame.partition_by(_BUCKET, as_dict=True, include_key=False).items():
-                table = part.to_arrow()
-                if schema is None:
-                    schema = table.schema
-                elif table.schema != schema:
-                    table = table.cast(schema)
-                b = int(bucket)  # type: ignore[call-overload]
+            # Sorted by file, then cut into one slice per file: a third of partition_by's time.
+            frame = frame.with_columns(
+                pl.col(_KEY).str.slice(0, 2).str.to_integer(base=16).alias(_BUCKET)
+            ).sort(_BUCKET, maintain_order=True)
+            runs = frame.group_by(_BUCKET, maintain_order=True).len()
+            whole = frame.drop(_BUCKET).to_arrow()
+            del frame
+            if schema is None:
+                schema = whole.schema
+            elif whole.schema != schema:
+                whole = whole.cast(schema)
+            at = 0
+            for b, n in runs.iter_rows():
+                table = whole.slice(at, n)
+                at += n
                 writer = writers.get(b)
                 if writer is None:
                     sink = pa.OSFile(str(spool._path(b)), "wb")
@@ -281,8 +288,8 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
                     # which the file format refuses)
                     writer = writers[b] = pa.ipc.new_stream(sink, schema, options=options)
                 writer.write_table(table)
-                spool.counts[b] += part.height
-            del frame
+                spool.counts[b] += n
+            del whole
     finally:
         for writer in writers.values():
             with contextlib.suppress(Exception):
