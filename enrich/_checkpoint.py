@@ -121,7 +121,7 @@ FORMAT: Final = 2  # the newest readable: 1, one area; 2, a root of shards (`"sh
 MANIFEST: Final = "manifest.json"
 #: The state of a checkpoint with nothing running or in doubt, kept in one file (`record_settled`).
 SETTLED: Final = "settled.parquet"
-_SETTLED_VERSION: Final = "1"
+_SETTLED_VERSION: Final = "2"
 PACING: Final = "pacing.json"
 SERVICE_WARNINGS: Final = "warnings.json"
 LAST_CALL: Final = "last_call.json"
@@ -894,6 +894,9 @@ class Checkpoint:
                         "enrich.instance": _instance(self._manifest),
                         "enrich.segments": json.dumps(segments),
                         "enrich.runs": str(self._runs),
+                        "enrich.duplicates": str(len(self._duplicates)),
+                        "enrich.groups": json.dumps(self._groups),
+                        "enrich.warnings": json.dumps(self.warnings),
                     }
                 )
                 self._store.write(
@@ -1496,6 +1499,27 @@ class Settled:
     state: pl.DataFrame
     #: Runs created, as `Checkpoint.runs`.
     runs: int
+    #: Duplicate runs (paid, never joined), as `Counts.duplicates`.
+    duplicates: int = 0
+    #: The task groups created, and what reading the segments warned of, as `Checkpoint.groups` and
+    #: `Checkpoint.warnings` when the state was kept.
+    groups: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    #: Rows in doubt: none in a settled checkpoint (`shards.area_states` reads unsettled ones too).
+    in_doubt: int = 0
+
+    def counts(self) -> Counts:
+        """`Checkpoint.counts()` of the settled checkpoint."""
+        by_status = dict(self.state.group_by("status").len().iter_rows())
+        return Counts(
+            rows=self.state.height,
+            submitted=by_status.get("submitted", 0),
+            completed=by_status.get("completed", 0),
+            failed=by_status.get("failed", 0),
+            in_doubt=self.in_doubt,
+            runs=self.runs,
+            duplicates=self.duplicates,
+        )
 
 
 def _instance(manifest: Mapping[str, Any]) -> str:
@@ -1530,7 +1554,13 @@ def read_settled(store: CheckpointStore, job_id: str) -> Settled | None:
         assert isinstance(frame, pl.DataFrame)
         if frame.columns != list(_LIGHT_STATE):
             return None
-        return Settled(frame, int(meta["enrich.runs"]))
+        return Settled(
+            frame,
+            int(meta["enrich.runs"]),
+            int(meta["enrich.duplicates"]),
+            tuple(json.loads(meta["enrich.groups"])),
+            tuple(json.loads(meta["enrich.warnings"])),
+        )
     except (OSError, pa.ArrowException, ValueError, KeyError, AssertionError):
         return None
 

@@ -347,7 +347,7 @@ def _status(args: argparse.Namespace) -> int:
     import polars as pl
 
     from enrich._checkpoint import Checkpoint, Counts
-    from enrich._engine.shards import areas_of
+    from enrich._engine.shards import area_states
     from enrich._processors import PROCESSORS
 
     path = Path(args.path)
@@ -368,12 +368,12 @@ def _status(args: argparse.Namespace) -> int:
     warnings: list[str] = []
     failures: list[pl.DataFrame] = []
     first = last = None
-    for _, area in areas_of(cp):
+    for _, area in area_states(cp):
         for name, value in dataclasses.asdict(area.counts()).items():
             totals[name] += value
         groups.extend(area.groups)
         warnings.extend(area.warnings)
-        state = area.state(outputs=False)
+        state = area.state
         failures.append(
             state.filter(pl.col("status") == "failed", pl.col("error").is_not_null())
             .sort("finished_at", descending=True, nulls_last=True)
@@ -386,8 +386,6 @@ def _status(args: argparse.Namespace) -> int:
             first = created if first is None or (created is not None and created < first) else first
             last = finished if last is None or (finished is not None and finished > last) else last
         del state
-        if area is not cp:
-            area.close(forget=True)
     counts = Counts(**totals)
     processor = str(fingerprint.get("processor", "?"))
     price = PROCESSORS[processor].price_per_run if processor in PROCESSORS else None

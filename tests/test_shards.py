@@ -548,3 +548,20 @@ def test_a_settled_file_is_never_used_for_another_checkpoints_segments(tmp_path:
     assert set(again["_status"]) == {"completed"}
     # A's rows are not in the copied segments: they are paid again, never taken from a stale state
     assert app.stats()["runs_created"] > created
+
+
+def test_status_reads_a_settled_shard_as_its_segments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from enrich._checkpoint import SETTLED
+    from enrich._cli import main
+
+    app = create_app(EmulatorConfig(latency=0.02, failure_rate=0.3, seed=2))
+    run_job(app, companies(40), checkpoint=tmp_path / "cp")
+    assert main(["status", str(tmp_path / "cp"), "--json"]) == 0
+    settled = json.loads(capsys.readouterr().out)
+    for area in (tmp_path / "cp" / "shards").iterdir():
+        (area / SETTLED).unlink()
+    assert main(["status", str(tmp_path / "cp"), "--json"]) == 0
+    read = json.loads(capsys.readouterr().out)
+    assert settled == read and read["inputs"]["failed"] > 0 and len(read["groups"]) > 1

@@ -149,11 +149,12 @@ def areas_of(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[i
 
 
 def area_states(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Settled]]:
-    """(shard, its state without outputs and its runs) of each area of `root` (of the shards `only`;
-    None: all), one area at a time: read from the state a settled shard kept in one file when it is
-    still current (`read_settled`), else from its segments."""
+    """(shard, its state without outputs, runs, groups and warnings) of each area of `root` (of the
+    shards `only`; None: all), one area at a time: read from the state a settled shard kept in one
+    file when it is still current (`read_settled`), else from its segments (for `enrich status`, the
+    dry run and the job's spend)."""
     if root.shards == 1:
-        yield 0, Settled(root.state(outputs=False), root.runs)
+        yield 0, _settled_of(root)
         return
     made = set(root.store.list(DIRECTORY + "/"))
     for shard in range(root.shards):
@@ -164,9 +165,22 @@ def area_states(root: Checkpoint, only: set[int] | None = None) -> Iterator[tupl
         settled = read_settled(store, root.job_id)
         if settled is None:
             cp = Checkpoint.read(store)
-            settled = Settled(cp.state(outputs=False), cp.runs)
+            settled = _settled_of(cp)
             cp.close(forget=True)
         yield shard, settled
+
+
+def _settled_of(cp: Checkpoint) -> Settled:
+    """What `area_states` gives of a checkpoint read from its segments (running rows included)."""
+    counts = cp.counts()
+    return Settled(
+        cp.state(outputs=False),
+        cp.runs,
+        counts.duplicates,
+        tuple(cp.groups),
+        tuple(cp.warnings),
+        counts.in_doubt,
+    )
 
 
 def recorded_runs(root: Checkpoint, only: set[int] | None = None) -> dict[int, int]:
