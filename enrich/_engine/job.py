@@ -91,7 +91,8 @@ class JobStats:
     #: Wall seconds per stage: "key" (inputs built and keyed), "dedupe" (distinct inputs and local
     #: checks), "load" (checkpoint opened and read), "submit" (until the last run was created),
     #: "collect" (from then until the last answer), "join" (the result frame). Stages that did not run
-    #: are absent.
+    #: are absent. "join" sums each shard's join: finished shards are joined a few at once in worker
+    #: threads, so it may exceed its share of the wall.
     stages: dict[str, float] = field(default_factory=dict)
     #: Rows of the result per `_status` ("completed", "failed", "pending"), counted by the join.
     statuses: dict[str, int] = field(default_factory=dict)

@@ -547,7 +547,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
     t0 = time.monotonic()
     stats = run.stats
     job: _Job | None = None
-    if area.name is not None and not run.basis and _run_settled(run, area, submitted, t0):
+    if area.name is not None and not run.basis and await _run_settled(run, area, submitted, t0):
         return
     cp = shards.open_area(run.root, area, run.service)
     run.tally.live[area.shard] = cp
@@ -652,10 +652,13 @@ class _Unsettled(Exception):
     """A shard's settled state does not have every answer typed: it is joined from its checkpoint."""
 
 
-def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t0: float) -> bool:
+async def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t0: float) -> bool:
     """A shard found finished and unchanged since its state was kept in one file (`read_settled`),
     joined from that file and its typed answers, without opening its checkpoint or loading its tables.
-    False when that does not apply (the shard is then run as any other)."""
+    False when that does not apply (the shard is then run as any other).
+
+    It sends nothing, so the next shard may start at once: its join runs in a worker thread (polars
+    and pyarrow let go of the GIL), a few shards at a time (`shards.AT_ONCE`)."""
     assert area.name is not None
     store = run.root.store.child(area.name)
     settled = read_settled(store, run.root.job_id)
@@ -665,12 +668,13 @@ def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t0: flo
     if meta is None:
         return False
     run.loading += time.monotonic() - t0
+    submitted.set()
     try:
-        _join_area(run, area, meta, None, store)
+        joined = await asyncio.to_thread(_joined, run, area, meta, None, store)
     except _Unsettled:
         return False
+    _take(run, joined)
     _say_finished(run, area, meta)
-    submitted.set()
     run.tally.recorded[area.shard] = settled.runs
     return True
 
@@ -743,10 +747,32 @@ async def aenrich_shard(
     return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)
 
 
-def _join_area(
+@dataclass
+class _Joined:
+    """A shard's rows joined (`_joined`): its parts, rows per status, columns, and seconds taken."""
+
+    parts: list[Any]
+    statuses: dict[str, int]
+    schema: pl.Schema | None
+    seconds: float
+
+
+def _join_area(run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint) -> None:
+    _take(run, _joined(run, area, meta, cp))
+
+
+def _take(run: _Run, joined: _Joined) -> None:
+    run.parts.extend(joined.parts)
+    run.statuses.update(joined.statuses)
+    if not run.schema and joined.schema:
+        run.schema = joined.schema
+    run.reading += joined.seconds
+
+
+def _joined(
     run: _Run, area: shards.Area, meta: pl.DataFrame, cp: Checkpoint | None, store: Any = None
-) -> None:
-    """The rows of one shard joined with its answers, written sorted by position to `run.parts`: its
+) -> _Joined:
+    """The rows of one shard joined with its answers, written sorted by position to parts: its
     answers read from its checkpoint into parts of bounded size, with the answers typed by an earlier
     join (kept in the shard's checkpoint), and a part at a time joined onto its rows.
 
@@ -802,11 +828,7 @@ def _join_area(
             raise _output_error(exc, run.workspace, stats) from exc
     finally:
         spill.remove()
-    run.parts.extend(parts)
-    run.statuses.update(statuses)
-    if not run.schema and schema:
-        run.schema = schema
-    run.reading += time.monotonic() - t0
+    return _Joined(parts, statuses, schema, time.monotonic() - t0)
 
 
 def _spill_answers(run: _Run, spill: assemble.Spill, cp: Checkpoint, ids: pl.DataFrame) -> None:
