@@ -1527,11 +1527,12 @@ def _instance(manifest: Mapping[str, Any]) -> str:
     return str(manifest.get("instance") or manifest.get("created_at"))
 
 
-def read_settled(store: CheckpointStore, job_id: str) -> Settled | None:
+def read_settled(store: CheckpointStore, job_id: str, columns: Sequence[str] | None = None) -> Settled | None:
     """The settled state kept in `store` for the job `job_id`, if it was read from exactly the segments
     on disk now, in this very checkpoint (its manifest's `instance`: segment names are sequence
     numbers, so another checkpoint of the job copied over this one could show the same names); else
-    None (never kept, of another job or checkpoint, or the checkpoint recorded since)."""
+    None (never kept, of another job or checkpoint, or the checkpoint recorded since). Its state
+    holds `columns` (None: all of row_key, run_id, group_id, status, error, created_at, finished_at)."""
     try:
         names = _list(store)
         if SETTLED not in names:
@@ -1550,10 +1551,10 @@ def read_settled(store: CheckpointStore, job_id: str) -> Settled | None:
                 or json.loads(meta.get("enrich.segments", "null")) != segments
             ):
                 return None
-            frame = pl.from_arrow(parquet.read())
+            if parquet.schema_arrow.names != list(_LIGHT_STATE):
+                return None
+            frame = pl.from_arrow(parquet.read(columns=list(columns or _LIGHT_STATE)))
         assert isinstance(frame, pl.DataFrame)
-        if frame.columns != list(_LIGHT_STATE):
-            return None
         return Settled(
             frame,
             int(meta["enrich.runs"]),

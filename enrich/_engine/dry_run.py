@@ -224,7 +224,8 @@ def _estimate(
         if spool is not None and cp.shards == 1:
             everyone = spool.summary(0, BUCKETS)
         seen = set()
-        for shard, area in area_states(cp):  # a job split in shards: one checkpoint each under the root
+        # A job split in shards: one checkpoint each under the root, read one at a time.
+        for shard, area in area_states(cp, columns=("row_key", "status")):
             runs_created += area.runs
             seen.add(shard)
             if everyone is None:

@@ -661,7 +661,7 @@ async def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t
     and pyarrow let go of the GIL), a few shards at a time (`shards.AT_ONCE`)."""
     assert area.name is not None
     store = run.root.store.child(area.name)
-    settled = read_settled(store, run.root.job_id)
+    settled = read_settled(store, run.root.job_id, ("row_key", "run_id", "status", "error"))
     if settled is None:
         return False
     meta = _finished_meta_of(area.plan, settled.state, retry_failed=run.options["retry_failed"])

@@ -254,16 +254,21 @@ def _distinct_plan(
     all_keys: list[str] | pl.Series,
     all_sizes: Sequence[int],
     inputs: list[Any] | None,
+    *,
+    distinct: bool = False,
 ) -> _Plan:
     """The plan of `df`'s rows, keyed (`all_keys`, `all_sizes`, and `inputs` if they were built):
     deduplicated, and the rows the API would refuse found. Keys given as a Series (a spooled shard's)
-    are deduplicated in polars: no Python object per row."""
+    are deduplicated in polars: no Python object per row; `distinct`: they are known to be."""
     rows: list[int] | None = None  # the first row of each distinct key (None: row i is key i)
-    if isinstance(all_keys, pl.Series):
+    if distinct:
+        keys = all_keys.to_list() if isinstance(all_keys, pl.Series) else list(all_keys)
+        index: Sequence[int] = range(len(keys))
+    elif isinstance(all_keys, pl.Series):
         keyed = pl.DataFrame({"k": all_keys}).with_row_index("row")
         firsts = keyed.unique("k", keep="first", maintain_order=True)
         keys = firsts["k"].to_list()
-        index: Sequence[int] = range(len(keys))
+        index = range(len(keys))
         if len(keys) != len(all_keys):
             index = keyed.join(
                 firsts.with_row_index("d").select("k", "d"), on="k", how="left", maintain_order="left"
@@ -284,11 +289,11 @@ def _distinct_plan(
         sizes = all_sizes.gather(rows) if isinstance(all_sizes, pl.Series) else [all_sizes[r] for r in rows]
     del all_keys, all_sizes
     local_errors: dict[str, str] = {}
-    for key, problem in zip(
-        keys, check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=sizes), strict=True
-    ):
-        if problem:
-            local_errors[key] = problem
+    problems = check_input_size([], job.task_spec, limit=_INPUT_LIMIT, sizes=sizes)
+    if any(problems):  # (the usual table has none: no loop over its keys)
+        for key, problem in zip(keys, problems, strict=True):
+            if problem:
+                local_errors[key] = problem
     if job.input_schema is not None:
         if distinct_inputs is None:
             at = range(len(keys)) if rows is None else rows

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,11 +148,14 @@ def areas_of(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[i
             yield shard, Checkpoint.read(root.store.child(name))
 
 
-def area_states(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Settled]]:
+def area_states(
+    root: Checkpoint, only: set[int] | None = None, columns: Sequence[str] | None = None
+) -> Iterator[tuple[int, Settled]]:
     """(shard, its state without outputs, runs, groups and warnings) of each area of `root` (of the
     shards `only`; None: all), one area at a time: read from the state a settled shard kept in one
     file when it is still current (`read_settled`), else from its segments (for `enrich status`, the
-    dry run and the job's spend)."""
+    dry run and the job's spend). With `columns`, a settled state holds only those (of its
+    `_LIGHT_STATE`)."""
     if root.shards == 1:
         yield 0, _settled_of(root)
         return
@@ -162,7 +165,9 @@ def area_states(root: Checkpoint, only: set[int] | None = None) -> Iterator[tupl
         if f"{name}/manifest.json" not in made or (only is not None and shard not in only):
             continue
         store = root.store.child(name)
-        settled = read_settled(store, root.job_id)
+        settled = (
+            read_settled(store, root.job_id) if columns is None else read_settled(store, root.job_id, columns)
+        )
         if settled is None:
             cp = Checkpoint.read(store)
             settled = _settled_of(cp)
@@ -187,7 +192,7 @@ def recorded_runs(root: Checkpoint, only: set[int] | None = None) -> dict[int, i
     """Runs recorded in each shard's area (of the shards `only`, None: all), read one area at a time:
     `max_cost` and the job's spend count every run the job paid for, in shards this call has no row of
     too."""
-    return {shard: settled.runs for shard, settled in area_states(root, only)}
+    return {shard: settled.runs for shard, settled in area_states(root, only, ("row_key",))}
 
 
 @dataclass

@@ -58,6 +58,8 @@ class Spool:
     consumed: bool = False
     #: `distinct` and `refused` hold every file's (counted by `count`, or by the dry run).
     counted: bool = False
+    #: Files found to hold no key twice when they were counted (`summary`).
+    unrepeated: set[int] = field(default_factory=set)
 
     def _path(self, bucket: int) -> Path:
         return self.directory / f"rows-{bucket:02x}.arrow"
@@ -105,6 +107,7 @@ class Spool:
             frame[_KEY],
             frame[_SIZE],
             None,
+            distinct=all(b in self.unrepeated for b in range(lo, hi)),  # (known from the count)
         )
         index = pl.Series("d", plan.index, dtype=pl.Int64)
         plan.index = []  # (its rows are the area's)
@@ -120,7 +123,10 @@ class Spool:
         frame = self._read(lo, hi, columns)
         if not frame.height:
             return pl.Series(_KEY, [], dtype=pl.String)
+        rows = frame.height
         frame = frame.unique(_KEY, keep="any")  # (rows with one key have one input: any will do)
+        if frame.height == rows:
+            self.unrepeated.update(range(lo, hi))
         if self.counted:
             return frame[_KEY]
         self.distinct += frame.height
@@ -270,6 +276,8 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
                 pl.col(_KEY).str.slice(0, 2).str.to_integer(base=16).alias(_BUCKET)
             ).sort(_BUCKET, maintain_order=True)
             runs = frame.group_by(_BUCKET, maintain_order=True).len()
+            # (not polars' string views, read back without a conversion: a slice of a view array is
+            # written with every data buffer of the whole batch, 256 times over)
             whole = frame.drop(_BUCKET).to_arrow()
             del frame
             if schema is None:
