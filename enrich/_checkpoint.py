@@ -908,6 +908,9 @@ class Checkpoint:
             except (OSError, CheckpointError, pa.ArrowException) as exc:
                 self._warn(f"the finished state is not kept in one file ({_reason(exc)}); nothing is lost")
                 return False
+            finally:  # (the shard closes next: what this borrowed goes back before the next one opens)
+                self._light = None
+                pa.default_memory_pool().release_unused()
 
     def close(self, *, forget: bool = False) -> None:
         """Flush buffered outcomes and release the directory. Reading methods still work afterwards,
