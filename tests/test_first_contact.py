@@ -407,9 +407,9 @@ def test_a_checkpoint_of_an_older_enrich_keeps_its_answers(
 ) -> None:
     """Checkpoints written before the input mapping left the fingerprint (and before the service was
     recorded) resume: nothing is sent again, and the service is recorded from then on."""
-    import enrich._engine.pipeline as pipeline
+    import enrich._engine.prepare as preparing
 
-    prepare = pipeline._prepare
+    prepare = preparing._prepare
 
     def old_style(*args: Any, **kwargs: Any) -> Any:
         plan = prepare(*args, **kwargs)
@@ -418,7 +418,7 @@ def test_a_checkpoint_of_an_older_enrich_keeps_its_answers(
 
     df, cp = companies(4), tmp_path / "cp"
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "_prepare", old_style)
+        patch.setattr(preparing, "_prepare", old_style)
         enrich(df, CEO, checkpoint=cp, progress=False, processor="lite", service="x")
     manifest = json.loads((cp / "manifest.json").read_text())
     manifest.pop("service")

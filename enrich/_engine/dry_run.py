@@ -14,9 +14,9 @@ import polars as pl
 
 from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
-from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
+from enrich._engine.prepare import _checkpoint_path, _Plan
 from enrich._engine.shards import area_states
-from enrich._engine.spool import BUCKETS, Spool, _prepare_stream
+from enrich._engine.spool import BUCKETS, Spool, _prepare_any
 from enrich._exceptions import (
     UsageError,
 )
@@ -145,31 +145,17 @@ def _plan_and_prepared(
 ) -> tuple[JobPlan, _Plan | Spool]:
     """`plan()`, and the preparation it made, which `enrich run` hands to the job (`_prepared`) so
     that a million rows are not keyed twice (6 s of a resume)."""
-    job: _Plan | Spool
-    if isinstance(data, pl.LazyFrame):  # read in batches, keyed and set aside by shard on disk
-        near = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
-        job = _prepare_stream(
-            data,
-            output,
-            columns=columns,
-            prompt=prompt,
-            input_schema=input_schema,
-            metadata=metadata,
-            processor=processor,
-            mode=mode,
-            near=near,
-        )
-    else:
-        job = _prepare(
-            data,
-            output,
-            columns=columns,
-            prompt=prompt,
-            input_schema=input_schema,
-            metadata=metadata,
-            processor=processor,
-            mode=mode,
-        )
+    job = _prepare_any(
+        data,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+        near=Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
+    )
     try:
         return _estimate(
             job,

@@ -28,8 +28,8 @@ from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
 from enrich._engine.join import _finished_meta, _finished_meta_of, _join, _meta
-from enrich._engine.prepare import _checkpoint_path, _Plan, _prepare
-from enrich._engine.spool import Spool, _prepare_stream
+from enrich._engine.prepare import _checkpoint_path, _Plan
+from enrich._engine.spool import Spool, _prepare_any
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._engine.typed import TypedAnswers
 from enrich._exceptions import (
@@ -155,11 +155,11 @@ async def aenrich(
     if reuse:
         assert _prepared is not None
         prepared = _prepared
-    elif isinstance(data, pl.LazyFrame):  # read in batches, keyed and set aside by shard on disk
+    else:  # (a LazyFrame is read in batches, and set aside on disk beside the output or checkpoint)
         near = write_to if write_to is not None and os.fspath(write_to) != "-" else None
         if near is None and isinstance(checkpoint, (str, os.PathLike)):
             near = checkpoint
-        prepared = _prepare_stream(
+        prepared = _prepare_any(
             data,
             output,
             columns=columns,
@@ -169,17 +169,6 @@ async def aenrich(
             processor=processor,
             mode=mode,
             near=Path(near) if near is not None else None,
-        )
-    else:
-        prepared = _prepare(
-            data,
-            output,
-            columns=columns,
-            prompt=prompt,
-            input_schema=input_schema,
-            metadata=metadata,
-            processor=processor,
-            mode=mode,
         )
     spool = prepared if isinstance(prepared, Spool) else None
     try:

@@ -159,6 +159,35 @@ class Spool:
         assemble.remove(self.directory)
 
 
+def _prepare_any(
+    data: Any,
+    output: Any,
+    *,
+    columns: Sequence[str] | str | None,
+    prompt: str | None,
+    input_schema: Mapping[str, Any] | None,
+    metadata: Mapping[str, Any] | None,
+    processor: str,
+    mode: str,
+    near: Path | None,
+) -> _Plan | Spool:
+    """Stage 1 for any data: `_prepare` of a frame, or `_prepare_stream` of a LazyFrame (read in
+    batches, and set aside by key beside `near` when it is large)."""
+    arguments: dict[str, Any] = {
+        "columns": columns,
+        "prompt": prompt,
+        "input_schema": input_schema,
+        "metadata": metadata,
+        "processor": processor,
+        "mode": mode,
+    }
+    if isinstance(data, pl.LazyFrame):
+        return _prepare_stream(data, output, near=near, **arguments)
+    from enrich._engine import prepare  # (looked up when called: tests stand in for it)
+
+    return prepare._prepare(data, output, **arguments)
+
+
 def _prepare_stream(
     data: pl.LazyFrame,
     output: Any,
