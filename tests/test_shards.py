@@ -403,13 +403,18 @@ def test_the_jobs_spend_counts_every_shard_also_when_the_call_fails(tmp_path: Pa
     assert stats.runs_total == 40
 
 
-@pytest.mark.parametrize("mode", ["group", "runs"])
+@pytest.mark.parametrize(("mode", "spooled"), [("group", False), ("runs", False), ("group", True)])
 def test_shards_against_an_unkind_service_pay_once_and_join_their_own_answers(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: str, spooled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every shard's creates are committed a second after an HTML 504, its streams are closed on the
-    service's timer: each row still gets the answer of its own input, from one run, over real HTTP."""
+    service's timer: each row still gets the answer of its own input, from one run, over real HTTP.
+    `spooled`: the table is a LazyFrame read in batches and set aside on disk by key."""
     from enrich import Emulator
+    from enrich._engine import spool
+
+    monkeypatch.setattr(spool, "STREAM_ROWS", 10)
+    monkeypatch.setattr(spool, "BATCH_ROWS", 7)
     from enrich._emulator.synth import synth_output
     from enrich._inputs import build_inputs
     from enrich._schema import parse_output
@@ -425,7 +430,7 @@ def test_shards_against_an_unkind_service_pay_once_and_join_their_own_answers(
     with Emulator(**unkind) as emu:
         out = asyncio.run(
             aenrich(
-                df,
+                df.lazy() if spooled else df,
                 {"ceo": "Name of the CEO"},
                 api_key=emu.api_key,
                 base_url=emu.url,
