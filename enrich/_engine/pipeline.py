@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import polars as pl
 
-from enrich._checkpoint import Checkpoint, read_settled
+from enrich._checkpoint import Checkpoint, Settled, read_settled
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
 from enrich._engine.job import JobStats, _Fatal, _Job
@@ -514,7 +514,9 @@ async def _run_areas(run: _Run, areas: Sequence[shards.Area | Callable[[], shard
                     area: shards.Area | Callable[[], shards.Area] = area, submitted: asyncio.Event = submitted
                 ) -> None:
                     try:
-                        await _run_area(run, _made(area), submitted)
+                        # (a spooled shard is read from disk in a worker thread, beside the others)
+                        made = area if isinstance(area, shards.Area) else await asyncio.to_thread(area)
+                        await _run_area(run, made, submitted)
                     finally:
                         submitted.set()
                         slots.release()
@@ -650,12 +652,10 @@ async def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t
     and pyarrow let go of the GIL), a few shards at a time (`shards.AT_ONCE`)."""
     assert area.name is not None
     store = run.root.store.child(area.name)
-    settled = read_settled(store, run.root.job_id, ("row_key", "run_id", "status", "error"))
-    if settled is None:
+    found = await asyncio.to_thread(_settled_meta, run, area, store)
+    if found is None:
         return False
-    meta = _finished_meta_of(area.plan, settled.state, retry_failed=run.options["retry_failed"])
-    if meta is None:
-        return False
+    settled, meta = found
     run.loading += time.monotonic() - t0
     submitted.set()
     try:
@@ -666,6 +666,15 @@ async def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t
     _say_finished(run, area, meta)
     run.tally.recorded[area.shard] = settled.runs
     return True
+
+
+def _settled_meta(run: _Run, area: shards.Area, store: Any) -> tuple[Settled, pl.DataFrame] | None:
+    """A shard's settled state and what became of its rows (`_finished_meta_of`), or None."""
+    settled = read_settled(store, run.root.job_id, ("row_key", "run_id", "status", "error"))
+    if settled is None:
+        return None
+    meta = _finished_meta_of(area.plan, settled.state, retry_failed=run.options["retry_failed"])
+    return None if meta is None else (settled, meta)
 
 
 def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
