@@ -135,19 +135,6 @@ def open_area(root: Checkpoint, area: Area, service: str | None) -> Checkpoint:
     return Checkpoint.open(root.store.child(area.name), root.fingerprint, service=service)
 
 
-def areas_of(root: Checkpoint, only: set[int] | None = None) -> Iterator[tuple[int, Checkpoint]]:
-    """(shard, its checkpoint read-only) of each area of `root` (of the shards `only`; None: all) that
-    was made, one at a time: the caller closes each (`close(forget=True)`) but the root."""
-    if root.shards == 1:
-        yield 0, root
-        return
-    made = set(root.store.list(DIRECTORY + "/"))
-    for shard in range(root.shards):
-        name = area_name(shard)
-        if f"{name}/manifest.json" in made and (only is None or shard in only):
-            yield shard, Checkpoint.read(root.store.child(name))
-
-
 def area_states(
     root: Checkpoint, only: set[int] | None = None, columns: Sequence[str] | None = None
 ) -> Iterator[tuple[int, Settled]]:

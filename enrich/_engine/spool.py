@@ -146,8 +146,14 @@ class Spool:
 
     def count(self) -> None:
         """Count the distinct and refused inputs of every file, if the dry run did not (`summary`)."""
-        if not self.counted:
-            _count(self, self.job)
+        if self.counted:
+            return
+        t0 = time.monotonic()
+        self.distinct, self.refused = 0, {}  # (a count cut short before is counted again whole)
+        for bucket in range(BUCKETS):
+            self.summary(bucket, bucket + 1)
+        self.counted = True
+        self.timings["dedupe"] = time.monotonic() - t0
 
     def sorted_keys(self) -> Iterator[str]:
         """Every distinct key, in sorted order (a file at a time: the files are in key order)."""
@@ -334,13 +340,3 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
         for sink in files:
             sink.close()
     spool.timings["key"] = time.monotonic() - t0
-
-
-def _count(spool: Spool, job: _Job) -> None:
-    """The distinct inputs, and those the API would refuse, a file at a time."""
-    t0 = time.monotonic()
-    spool.distinct, spool.refused = 0, {}  # (a count cut short before is counted again whole)
-    for bucket in range(BUCKETS):
-        spool.summary(bucket, bucket + 1)
-    spool.counted = True
-    spool.timings["dedupe"] = time.monotonic() - t0
