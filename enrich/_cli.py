@@ -186,7 +186,10 @@ def _run(args: argparse.Namespace) -> int:
     }
     if args.commit_horizon is not None and args.commit_horizon < 0:
         raise UsageError("--commit-horizon must be a number of seconds of 0 or more")
-    the_plan, prepared = _plan_and_prepared(df, output, base_url=args.base_url, **job)
+    # The plan is read by the dry run, the confirmation of a large spend, the check of an --emulator
+    # job left running, and to find the default checkpoint of `-o -`; the job itself needs none of it.
+    wanted = args.dry_run or args.emulator or not args.yes or checkpoint is None
+    the_plan, prepared = _plan_and_prepared(df, output, base_url=args.base_url, estimate=wanted, **job)
     try:
         return _run_planned(args, df, output, output_path, checkpoint, job, the_plan, prepared)
     finally:
@@ -206,15 +209,16 @@ def _run_planned(
 ) -> int:
     from enrich._engine import JobStats, enrich
 
-    if checkpoint is None and the_plan.checkpoint is not None:
+    if checkpoint is None and the_plan is not None and the_plan.checkpoint is not None:
         checkpoint = Path(the_plan.checkpoint)
     if args.dry_run:
+        assert the_plan is not None
         print("\n".join(["dry run: nothing was sent", *the_plan.lines()]))
         if args.max_cost is not None and the_plan.cost is not None and the_plan.spent is not None:
             room = max(0.0, args.max_cost - the_plan.spent)
             print(f"max cost:           ${args.max_cost:,.2f} (room for ${room:,.2f} more)")
         return EXIT_OK
-    if args.emulator and the_plan.running:
+    if args.emulator and the_plan is not None and the_plan.running:
         raise UsageError(
             f"{checkpoint} holds {the_plan.running:,} unfinished runs of an earlier --emulator session, "
             f"whose emulator ended with it; delete {checkpoint} to start over, or use `enrich emulate` with "
@@ -225,7 +229,7 @@ def _run_planned(
             "--emulator: the answers are SYNTHETIC, made up by a local emulator of the Task API; "
             "nothing is billed"
         )
-    elif the_plan.cost and the_plan.cost > CONFIRM_ABOVE and not args.yes:
+    elif the_plan is not None and the_plan.cost and the_plan.cost > CONFIRM_ABOVE and not args.yes:
         cap = args.max_cost if args.max_cost is not None else the_plan.cost
         _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
     stats = JobStats()

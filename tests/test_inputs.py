@@ -663,7 +663,7 @@ def test_text_columns_are_keyed_by_polars_exactly_as_row_by_row() -> None:
     fast = text_keys_and_sizes(df, df.columns, spec, "core")
     assert fast is not None
     keys, sizes = fast
-    assert (keys, sizes.to_list()) == keys_and_sizes(build_inputs(df), spec, "core")
+    assert (list(keys), sizes.to_list()) == keys_and_sizes(build_inputs(df), spec, "core")
     # A column that is not text keeps the per-row path.
     assert (
         text_keys_and_sizes(df.with_columns(pl.lit(1).alias("n")), [*df.columns, "n"], spec, "core") is None
@@ -693,3 +693,33 @@ def test_dedupe_of_many_keys_is_first_seen_order() -> None:
     distinct = [f"{i:032x}" for i in range(20_000)]  # no repeats: the same objects, and a range
     kept, at = dedupe(distinct)
     assert kept is distinct and list(at) == list(range(20_000))
+
+
+def test_keys_computed_in_polars_equal_hashlib_keys_on_every_row() -> None:
+    """The plugin's SHA-256 (`_polars_keys`) gives the reference key of every row, for every code point
+    a text may hold, not only on the sample it checks at each call."""
+    from enrich._inputs import _polars_keys, _python_keys
+
+    head = canonical_json(["enrich-row-key/1", "base", {"output_schema": "CEO"}])
+    texts = [canonical_json({"c": chr(c) * (c % 5), "n": c}) for c in range(0x3100)]
+    texts += ['{"a":"\U0001f600"}', '{"a":"\\u2028"}', "{}", '"x"']
+    native = _polars_keys(pl.Series(texts, dtype=pl.String), head)
+    assert native is not None, "polars-hash is a dependency: its keys must be used"
+    assert native.to_list() == _python_keys(texts, head)
+
+
+def test_keys_fall_back_to_hashlib_without_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without polars-hash (or with one that fails), keys are still the reference keys."""
+    import sys
+
+    from enrich._inputs import keys_and_sizes, text_keys_and_sizes
+
+    spec = {"output_schema": {"type": "text", "description": "CEO"}}
+    df = pl.DataFrame({"company": [f"Acme {i}" for i in range(5_000)]})
+    with_plugin = text_keys_and_sizes(df, ["company"], spec, "base")
+    monkeypatch.setitem(sys.modules, "polars_hash", None)  # (import raises ImportError)
+    without = text_keys_and_sizes(df, ["company"], spec, "base")
+    assert with_plugin is not None and without is not None
+    assert isinstance(without[0], list)
+    assert list(with_plugin[0]) == without[0] == keys_and_sizes(df.to_dicts(), spec, "base")[0]
+    assert row_keys([{"company": "Acme 0"}], spec, "base") == [without[0][0]]

@@ -28,7 +28,8 @@ import bisect
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,8 +330,8 @@ def merged(parts: list[_Part], rows: int, directory: Path) -> tuple[list[Path], 
         frame.write_ipc(path)
         del frame
         chunks.append(path)
-    for part in parts:
-        part.path.unlink(missing_ok=True)
+    # (merged: their space is given back while the output is written; the workspace's removal waits)
+    remove_soon([part.path for part in parts])
     return chunks, step
 
 
@@ -366,3 +367,22 @@ def workspace(near: Path | None, *, prefix: str = ".enrich-parts-") -> Path:
 
 def remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def remove_soon(paths: Iterable[Path]) -> threading.Thread:
+    """Remove the files or directories `paths` on a thread of their own (started; `join()` it to wait).
+
+    Freeing gigabytes of spooled rows and parts is seconds of the kernel's time in `unlink` (3 to 5 s
+    of a 10M-row resume), with the GIL released: done while the merge and the output's writing go on,
+    not before them. Errors are ignored, as `remove`'s are: the files are this job's own scratch."""
+
+    def work() -> None:
+        for path in paths:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    thread = threading.Thread(target=work, name="enrich-remove", daemon=False)
+    thread.start()
+    return thread

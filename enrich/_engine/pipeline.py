@@ -385,6 +385,8 @@ async def _enrich_prepared(
         ticker = asyncio.create_task(_tick(tally))  # counts move while nothing finishes (rate waits)
         try:
             await _run_areas(run, areas)
+            if spool is not None:  # every shard's rows were read: freed while the parts are merged
+                spool.remove_soon()
         finally:
             ticker.cancel()
             end = time.monotonic()

@@ -13,6 +13,7 @@ A table of at most `STREAM_ROWS` rows is collected and prepared as a frame (`pre
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class Spool:
     counted: bool = False
     #: Files found to hold no key twice when they were counted (`summary`).
     unrepeated: set[int] = field(default_factory=set)
+    _removing: threading.Thread | None = field(default=None, repr=False)
 
     def _path(self, bucket: int) -> Path:
         return self.directory / f"rows-{bucket:02x}.arrow"
@@ -161,7 +163,14 @@ class Spool:
             if self.counts[bucket]:
                 yield from self._read(bucket, bucket + 1, [_KEY])[_KEY].unique().sort().to_list()
 
+    def remove_soon(self) -> None:
+        """Start removing the files on a thread of their own (every shard was read); `remove` waits."""
+        if self._removing is None:
+            self._removing = assemble.remove_soon([self.directory])
+
     def remove(self) -> None:
+        if self._removing is not None:
+            self._removing.join()
         assemble.remove(self.directory)
 
 
