@@ -78,6 +78,41 @@ def _parse_field(spec: str) -> tuple[str, Any]:
     return name, (kind, description.strip())
 
 
+def _run_options_arg(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`--run-options FILE.json` with the shortcut flags merged in (a field given both ways is refused)."""
+    options: dict[str, Any] = {}
+    if args.run_options:
+        try:
+            options = json.loads(Path(args.run_options).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise UsageError(f"cannot read --run-options {args.run_options}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"--run-options {args.run_options} is not valid JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise UsageError(f"--run-options {args.run_options} must hold a JSON object of run fields")
+
+    def put(flag: str, section: str, key: str, value: Any) -> None:
+        place = options.setdefault(section, {})
+        if not isinstance(place, dict):
+            return  # (the file's own shape error is reported by the checks)
+        if key in place:
+            raise UsageError(f"{flag} and --run-options both set {section}.{key}; give it once")
+        place[key] = value
+
+    def listed(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    if args.include_domains is not None:
+        put("--include-domains", "source_policy", "include_domains", listed(args.include_domains))
+    if args.exclude_domains is not None:
+        put("--exclude-domains", "source_policy", "exclude_domains", listed(args.exclude_domains))
+    if args.after_date is not None:
+        put("--after-date", "source_policy", "after_date", args.after_date)
+    if args.location is not None:
+        put("--location", "advanced_settings", "location", args.location)
+    return options or None
+
+
 def _output_arg(args: argparse.Namespace) -> Any:
     if args.schema and args.field:
         raise UsageError("give either --schema or --field, not both")
@@ -177,6 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         "service": args.service_name,
         "columns": args.columns,
         "prompt": args.prompt,
+        "run_options": _run_options_arg(args),
+        "beta": args.beta,
         "processor": args.processor,
         "checkpoint": checkpoint,
         "mode": args.mode,
@@ -600,6 +637,29 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt", help='a template making each input a string, e.g. "Find the CEO of {company}"'
     )
     run.add_argument("--processor", default="core", help="processor (default: core)")
+    run.add_argument(
+        "--run-options",
+        metavar="FILE.json",
+        help="the Task API's per-run fields as a JSON object (source_policy, advanced_settings, "
+        "previous_interaction_id, mcp_servers, enable_events, webhook, memory_scope_key); any string "
+        "may be a {column} template",
+    )
+    run.add_argument(
+        "--include-domains",
+        metavar="LIST",
+        help='search only these domains, comma-separated; may be a template such as "{domain}"',
+    )
+    run.add_argument("--exclude-domains", metavar="LIST", help="never use these domains, comma-separated")
+    run.add_argument("--after-date", metavar="YYYY-MM-DD", help="only use pages published after this date")
+    run.add_argument(
+        "--location", metavar="CC", help='research as from this country (ISO code such as US, or "{country}")'
+    )
+    run.add_argument(
+        "--beta",
+        action="append",
+        metavar="NAME",
+        help="a parallel-beta header value, e.g. field-basis-2025-11-25; repeatable",
+    )
     run.add_argument("--checkpoint", help="checkpoint directory (default: OUTPUT.enrich beside the output)")
     run.add_argument(
         "--mode", choices=("group", "runs"), default="group", help="task groups (default) or one run per row"

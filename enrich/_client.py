@@ -191,6 +191,8 @@ class TaskClient:
         timeout: seconds to wait for a connection, or for bytes of an answer (default 60); the blocking
             result call adds its server-side wait to it.
         max_connections: size of the connection pool (default 100).
+        beta: `parallel-beta` values sent with every request (`enrich._run_options.KNOWN_BETAS`, or any
+            other name), such as `["mcp-server-2025-07-17"]`.
 
     Use it as an async context manager, or call `aclose()`.
     """
@@ -205,6 +207,7 @@ class TaskClient:
         retry: RetryPolicy | None = None,
         timeout: float = 60.0,
         max_connections: int = 100,
+        beta: Sequence[str] = (),
     ) -> None:
         key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
         if not key:
@@ -218,10 +221,13 @@ class TaskClient:
         self.limiter = limiter
         self.retry = retry or RetryPolicy()
         self.timeout = timeout
+        headers = {"x-api-key": key, "user-agent": _USER_AGENT, "accept": "application/json"}
+        if beta:
+            headers["parallel-beta"] = ",".join(beta)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             transport=transport,
-            headers={"x-api-key": key, "user-agent": _USER_AGENT, "accept": "application/json"},
+            headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=_KEEPALIVE),
             follow_redirects=False,

@@ -520,13 +520,17 @@ def chosen_columns(df: pl.DataFrame, columns: Sequence[str] | str | None) -> lis
     return chosen
 
 
-def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str, first_row: int = 0) -> list[str]:
+def _render_prompt(
+    df: pl.DataFrame, allowed: list[str], prompt: str, first_row: int = 0, what: str = "prompt"
+) -> list[str]:
+    """Each row's `prompt` template rendered (see `build_inputs`); `what` names the template in errors
+    (a run option's place, for `run_options=`)."""
     if not isinstance(prompt, str):
-        raise UsageError(f"prompt must be a string template, got {type(prompt).__name__}")
+        raise UsageError(f"{what} must be a string template, got {type(prompt).__name__}")
     try:
         parts = list(string.Formatter().parse(prompt))
     except ValueError as exc:
-        raise UsageError(f"prompt template: {exc}; write {{{{ and }}}} for literal braces") from None
+        raise UsageError(f"{what} template: {exc}; write {{{{ and }}}} for literal braces") from None
     pieces: list[str] = []
     fields: list[tuple[str, str]] = []
     for literal, name, spec, conversion in parts:
@@ -534,15 +538,15 @@ def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str, first_row:
         if name is None:
             continue
         if name == "" or (name.isdigit() and name not in df.columns):
-            raise UsageError("prompt template: fields must name columns, e.g. {company}; got {" + name + "}")
+            raise UsageError(f"{what} template: fields must name columns, e.g. {{company}}; got {{{name}}}")
         if conversion:
-            raise UsageError(f"prompt template: conversions like {{{name}!{conversion}}} are not supported")
+            raise UsageError(f"{what} template: conversions like {{{name}!{conversion}}} are not supported")
         if spec and ("{" in spec or "}" in spec):
-            raise UsageError(f"prompt template: nested fields in {{{name}:{spec}}} are not supported")
+            raise UsageError(f"{what} template: nested fields in {{{name}:{spec}}} are not supported")
         if name not in allowed:
             if name in df.columns:
-                raise UsageError(f"prompt field {{{name}}} names a column left out by columns=; add it there")
-            raise _missing_column(name, allowed, what="prompt field column")
+                raise UsageError(f"{what} field {{{name}}} names a column left out by columns=; add it there")
+            raise _missing_column(name, allowed, what=f"{what} field column")
         fields.append((name, spec or ""))
         pieces.append("{}")
     if not fields:
@@ -566,12 +570,14 @@ def _render_prompt(df: pl.DataFrame, allowed: list[str], prompt: str, first_row:
             values = _python_column(sub, name)
         else:
             values = sub.get_column(name).to_list()
-        rendered[(name, spec)] = _render_values(name, values, spec, first_row)
+        rendered[(name, spec)] = _render_values(name, values, spec, first_row, what)
     columns = [rendered[key] for key in fields]
     return [template.format(*vals) for vals in zip(*columns, strict=True)]
 
 
-def _render_values(name: str, values: list[Any], spec: str, first_row: int = 0) -> list[str]:
+def _render_values(
+    name: str, values: list[Any], spec: str, first_row: int = 0, what: str = "prompt"
+) -> list[str]:
     out: list[str] = []
     for row, value in enumerate(values):
         if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -582,7 +588,7 @@ def _render_values(name: str, values: list[Any], spec: str, first_row: int = 0) 
                 out.append(format(value, spec))
             except (ValueError, TypeError) as exc:
                 raise UsageError(
-                    f"prompt field {{{name}:{spec}}} fails at row {first_row + row} on {_short(value)}: {exc}"
+                    f"{what} field {{{name}:{spec}}} fails at row {first_row + row} on {_short(value)}: {exc}"
                 ) from None
         elif isinstance(value, str):
             out.append(value)
@@ -617,25 +623,43 @@ def row_keys(inputs: Sequence[Any], task_spec: Mapping[str, Any], processor: str
 
 
 def keys_and_sizes(
-    inputs: Sequence[Any], task_spec: Mapping[str, Any], processor: str
+    inputs: Sequence[Any],
+    task_spec: Mapping[str, Any],
+    processor: str,
+    *,
+    options: str | pl.Series | None = None,
 ) -> tuple[list[str], list[int]]:
-    """`row_keys()`, and each input's size as `check_input_size` measures it, from one JSON encoding."""
+    """`row_keys()`, and each input's size as `check_input_size` measures it, from one JSON encoding.
+
+    `options`: the run options the inputs are sent with, as canonical JSON (`enrich._run_options`):
+    one text for every input, or a Series of one per input. They are part of the key, as a fifth
+    element: `["enrich-row-key/1", processor, task_spec, input, options]`."""
     head = canonical_json([_KEY_VERSION, processor, task_spec])
     texts = _encode_many(inputs)
-    hashed = _polars_keys(pl.Series(texts, dtype=pl.String), head) if len(texts) >= _NATIVE_FROM else None
-    keys = hashed.to_list() if hashed is not None else _python_keys(texts, head)
+    native = len(texts) >= _NATIVE_FROM or isinstance(options, pl.Series)
+    hashed = _polars_keys(pl.Series(texts, dtype=pl.String), head, options) if native else None
+    if hashed is not None:
+        keys = hashed.to_list()
+    elif isinstance(options, pl.Series):
+        keys = _python_keys(texts, head, options.to_list())
+    else:
+        keys = _python_keys(texts, head, options)
     strings = all(type(v) is str for v in inputs)  # a string input is measured by its own length
     return keys, [len(v) for v in inputs] if strings else [len(t) for t in texts]
 
 
-def _python_keys(texts: Iterable[str | bytes], head: str) -> list[str]:
-    """The key of each input's canonical JSON text: the reference definition, with hashlib."""
+def _python_keys(
+    texts: Iterable[str | bytes], head: str, options: str | list[str] | None = None
+) -> list[str]:
+    """The key of each input's canonical JSON text (and its options' text): the reference definition,
+    with hashlib."""
     prefix = hashlib.sha256(head[:-1].encode() + b",")
     keys = []
-    for text in texts:
+    tail = b"]" if options is None or isinstance(options, list) else b"," + options.encode() + b"]"
+    for n, text in enumerate(texts):
         h = prefix.copy()
         h.update(text.encode() if isinstance(text, str) else text)
-        h.update(b"]")
+        h.update(tail if not isinstance(options, list) else b"," + options[n].encode() + b"]")
         keys.append(h.hexdigest()[:32])
     return keys
 
@@ -644,30 +668,39 @@ def _python_keys(texts: Iterable[str | bytes], head: str) -> list[str]:
 _NATIVE_FROM = 4_096
 
 
-def _polars_keys(texts: pl.Series, head: str) -> pl.Series | None:
-    """The keys of `texts` (each input's canonical JSON) computed inside polars by the `polars-hash`
-    plugin (SHA-256 in Rust, on every core): 10,000,000 keys in about 3 s instead of 10 s of hashlib in
-    a Python loop, and no Python string per row. None when the plugin is missing or fails.
+def _polars_keys(texts: pl.Series, head: str, options: str | pl.Series | None = None) -> pl.Series | None:
+    """The keys of `texts` (each input's canonical JSON, and `options` as `keys_and_sizes` takes them)
+    computed inside polars by the `polars-hash` plugin (SHA-256 in Rust, on every core): 10,000,000
+    keys in about 3 s instead of 10 s of hashlib in a Python loop, and no Python string per row. None
+    when the plugin is missing or fails.
 
     A key is a row's identity in the checkpoint, so the plugin is never trusted blindly: on every call
     the keys of a spread sample (the first and last rows, and evenly spaced ones) are computed with
     hashlib too, and any difference means None (the caller falls back to `_python_keys`).
     """
+    n = texts.len()
+    frame = pl.DataFrame({"t": texts})
+    parts = [pl.lit(head[:-1] + ","), pl.col("t")]
+    if isinstance(options, pl.Series):
+        frame = frame.with_columns(options.alias("o"))
+        parts += [pl.lit(","), pl.col("o")]
+    elif options is not None:
+        parts.append(pl.lit("," + options))
+    parts.append(pl.lit("]"))
     try:
         import polars_hash as plh
 
-        n = texts.len()
-        message = pl.concat_str([pl.lit(head[:-1] + ","), pl.col("t"), pl.lit("]")])
-        messages = pl.DataFrame({"t": texts}).select(message.alias("m"))
+        messages = frame.select(pl.concat_str(parts).alias("m"))
         keys = messages.select(plh.col("m").chash.sha2_256().str.slice(0, 32))["m"]
         del messages
     except Exception:  # (not installed, or a polars it was not built for: the reference path is kept)
         return None
     sample = sorted({*range(min(16, n)), *range(max(0, n - 16), n), *range(0, n, max(1, n // 64))})
+    extra = options.gather(sample).to_list() if isinstance(options, pl.Series) else options
     if (
         keys.len() != n
         or keys.null_count()
-        or keys.gather(sample).to_list() != _python_keys(texts.gather(sample).to_list(), head)
+        or keys.gather(sample).to_list() != _python_keys(texts.gather(sample).to_list(), head, extra)
     ):
         return None
     return keys
@@ -677,7 +710,12 @@ _KEY_SLICE = 65_536
 
 
 def text_keys_and_sizes(
-    df: pl.DataFrame, columns: Sequence[str], task_spec: Mapping[str, Any], processor: str
+    df: pl.DataFrame,
+    columns: Sequence[str],
+    task_spec: Mapping[str, Any],
+    processor: str,
+    *,
+    options: str | pl.Series | None = None,
 ) -> tuple[list[str] | pl.Series, pl.Series] | None:
     """`keys_and_sizes(build_inputs(df, columns=columns), task_spec, processor)` when every column sent
     is text, computed from the columns: polars writes each row's canonical JSON (`struct.json_encode`,
@@ -698,15 +736,17 @@ def text_keys_and_sizes(
     if text.gather(sample).to_list() != want:
         return None
     head = canonical_json([_KEY_VERSION, processor, task_spec])
-    native = _polars_keys(text, head) if n >= _NATIVE_FROM else None
-    if native is not None:
-        return native, text.str.len_chars()
+    native = n >= _NATIVE_FROM or isinstance(options, pl.Series)
+    hashed = _polars_keys(text, head, options) if native else None
+    if hashed is not None:
+        return hashed, text.str.len_chars()
     keys: list[str] = []
     encoded = text.cast(pl.Binary)
     # A slice at a time: a bytes object per row of the whole column, freed among the keys kept, would
     # leave the process ~300 MB larger at a million rows (memory the allocator cannot give back).
     for start in range(0, n, _KEY_SLICE):
-        keys += _python_keys(encoded.slice(start, _KEY_SLICE).to_list(), head)
+        extra = options.slice(start, _KEY_SLICE).to_list() if isinstance(options, pl.Series) else options
+        keys += _python_keys(encoded.slice(start, _KEY_SLICE).to_list(), head, extra)
     return keys, text.str.len_chars()  # (a Series: no int object per row)
 
 

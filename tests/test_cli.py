@@ -371,9 +371,9 @@ def test_run_keys_the_input_once(table: Path, emu: Emulator, monkeypatch: pytest
     calls: list[str] = []
     real = _Job.keyed
 
-    def counting(self: _Job, df: pl.DataFrame) -> object:
+    def counting(self: _Job, df: pl.DataFrame, **kw: object) -> object:
         calls.append("key")
-        return real(self, df)
+        return real(self, df, **kw)
 
     monkeypatch.setattr(_Job, "keyed", counting)
     out = table.with_name("out.parquet")

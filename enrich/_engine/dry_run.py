@@ -21,6 +21,7 @@ from enrich._exceptions import (
     UsageError,
 )
 from enrich._processors import PROCESSORS
+from enrich._run_options import check_run_options
 from enrich._store import CheckpointStore, as_store
 
 
@@ -84,6 +85,8 @@ def plan(
     prompt: str | None = None,
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    run_options: Mapping[str, Any] | None = None,
+    beta: str | Sequence[str] | None = None,
     processor: str = "core",
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
@@ -110,6 +113,8 @@ def plan(
         prompt=prompt,
         input_schema=input_schema,
         metadata=metadata,
+        run_options=run_options,
+        beta=beta,
         processor=processor,
         checkpoint=checkpoint,
         mode=mode,
@@ -134,6 +139,8 @@ def _plan_and_prepared(
     prompt: str | None = None,
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    run_options: Mapping[str, Any] | None = None,
+    beta: str | Sequence[str] | None = None,
     processor: str = "core",
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
@@ -159,6 +166,7 @@ def _plan_and_prepared(
         processor=processor,
         mode=mode,
         near=Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
+        options=check_run_options(run_options, beta),
     )
     if not estimate:
         return None, job

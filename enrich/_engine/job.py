@@ -186,6 +186,7 @@ class _Job:
         self._outcomes_since = 0.0
         self.todo: list[str] = []
         self.inputs: dict[str, Any] = {}  # key -> input, of the rows not created yet
+        self.options: dict[str, dict[str, Any]] = {}  # key -> its run options (templated ones), likewise
         self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
         self.pending: dict[str | None, set[str]] = {}
@@ -258,7 +259,9 @@ class _Job:
             self.superseded.update(self.cp.run_ids(self.todo))
         # Only rows still to be sent need their input; at a million rows the others are ~350 MB.
         self.inputs = self.plan.inputs_of(set(self.todo))
-        self.plan.inputs = None
+        if self.plan.option_texts is not None:
+            self.options = self.plan.options_of(set(self.todo))
+        self.plan.inputs = self.plan.option_texts = None
         self.plan.consumed = True
 
     def _adopt(self, key: str, run_id: str, group_id: str | None) -> None:
@@ -375,6 +378,7 @@ class _Job:
             )
         )
         self.inputs.pop(key, None)
+        self.options.pop(key, None)
         self._adopt(key, run_id, group_id)
         self.stats.found_late += 1
 
@@ -528,11 +532,16 @@ class _Job:
         return {**self.plan.metadata, KEY_FIELD: key}
 
     def run_input(self, key: str) -> dict[str, Any]:
-        return {
+        """The TaskRunInput of `key`'s run: its input, the processor, its metadata and run options."""
+        body = {
             "input": self.inputs[key],
             "processor": self.plan.processor,
             "metadata": self.metadata_for(key),
         }
+        options = self.plan.run_options
+        if options is not None:  # (templated ones were rendered for the rows to send: never the templates)
+            body.update(self.options[key] if options.templated else options.given)
+        return body
 
     def _landed(self, keys: Iterable[str]) -> None:
         """The create of `keys` is answered (or failed): their runs, if any, are no longer on the wire."""

@@ -46,6 +46,7 @@ from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
+from enrich._run_options import check_run_options
 from enrich._store import CheckpointStore
 
 # The limiter's window is this much longer than the service's (a share of it), to absorb network jitter.
@@ -115,6 +116,8 @@ async def aenrich(
     prompt: str | None = None,
     input_schema: Mapping[str, Any] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    run_options: Mapping[str, Any] | None = None,
+    beta: str | Sequence[str] | None = None,
     processor: str = "core",
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
@@ -169,6 +172,7 @@ async def aenrich(
             processor=processor,
             mode=mode,
             near=Path(near) if near is not None else None,
+            options=check_run_options(run_options, beta),
         )
     spool = prepared if isinstance(prepared, Spool) else None
     try:
@@ -361,6 +365,7 @@ async def _enrich_prepared(
             retry=RetryPolicy(),
             timeout=request_timeout,
             max_connections=max(100, concurrency),
+            beta=plan.run_options.beta if plan.run_options is not None else (),
         )
         run.client, run.limiter = client, limiter
         # A spooled shard's frame holds its rows, repeats included: a table of few distinct inputs

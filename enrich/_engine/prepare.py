@@ -31,6 +31,7 @@ from enrich._inputs import (
     validate_inputs,
 )
 from enrich._processors import PROCESSORS
+from enrich._run_options import RunOptions
 from enrich._schema import RESERVED_COLUMNS, OutputSpec, check_collisions, parse_output
 from enrich._store import CheckpointStore
 
@@ -63,6 +64,8 @@ class _Plan:
     timings: dict[str, float] = field(default_factory=dict)  # "key", "dedupe": seconds
     notes: list[str] = field(default_factory=list)  # said once in the job's warnings
     consumed: bool = False  # a job ran from it (it gives its inputs away): never reused
+    run_options: RunOptions | None = None  # sent with every run (rendered per row when templated)
+    option_texts: pl.Series | None = None  # per row of `df`: its rendered options (templated ones)
 
     def inputs_of(self, wanted: set[str]) -> dict[str, Any]:
         """key -> input of the distinct rows in `wanted` (built now when the keys came from polars)."""
@@ -74,6 +77,18 @@ class _Plan:
         rows = at if self.input_rows is None else [self.input_rows[d] for d in at]
         built = build_inputs(self.df[rows], columns=self.columns, prompt=self.prompt)
         return {self.keys[d]: x for d, x in zip(at, built, strict=True)}
+
+    def options_of(self, wanted: set[str]) -> dict[str, dict[str, Any]]:
+        """key -> the run options sent with that row's run (see `enrich._run_options`), for `wanted`."""
+        options = self.run_options
+        if options is None or not wanted:
+            return {}
+        if self.option_texts is None:
+            return {k: options.given for k in self.keys if k in wanted}
+        at = [d for d, k in enumerate(self.keys) if k in wanted]
+        rows = at if self.input_rows is None else [self.input_rows[d] for d in at]
+        texts = self.option_texts.gather(rows).to_list()
+        return {self.keys[d]: options.decode(t) for d, t in zip(at, texts, strict=True)}
 
     @property
     def added(self) -> list[str]:
@@ -127,6 +142,7 @@ class _Job:
     input_schema: dict[str, Any] | None
     earlier: list[str]  # an earlier enrichment's columns, dropped from the input
     notes: list[str]
+    options: RunOptions | None = None
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -139,19 +155,30 @@ class _Job:
             "metadata": self.metadata,
         }
 
+    def option_texts(self, df: pl.DataFrame, *, first_row: int = 0) -> pl.Series | None:
+        """Each row's run options rendered (canonical JSON), when they are templated: from `df` as
+        given, an earlier enrichment's columns included (`{_interaction_id}`)."""
+        if self.options is None or not self.options.templated:
+            return None
+        return self.options.render(df, first_row)
+
     def keyed(
-        self, df: pl.DataFrame, *, first_row: int = 0
-    ) -> tuple[list[str], Sequence[int], list[Any] | None]:
+        self, df: pl.DataFrame, *, first_row: int = 0, options: pl.Series | None = None
+    ) -> tuple[list[str] | pl.Series, Sequence[int], list[Any] | None]:
         """Each row's key and input size, and the inputs when they had to be built to key them (None:
         keyed from the text columns by polars, the inputs built when asked). `first_row`: the place of
-        `df`'s first row in the table (a batch's), for the row an error names."""
+        `df`'s first row in the table (a batch's), for the row an error names. `options`: each row's
+        rendered run options (`option_texts`), when they are templated."""
+        extra: str | pl.Series | None = options
+        if extra is None and self.options is not None:
+            extra = self.options.static_text()
         fast = None
         if self.prompt is None and self.input_schema is None:
-            fast = text_keys_and_sizes(df, self.columns, self.task_spec, self.processor)
+            fast = text_keys_and_sizes(df, self.columns, self.task_spec, self.processor, options=extra)
         if fast is not None:
             return fast[0], fast[1], None
         inputs = build_inputs(df, columns=self.columns, prompt=self.prompt, first_row=first_row)
-        keys, sizes = keys_and_sizes(inputs, self.task_spec, self.processor)
+        keys, sizes = keys_and_sizes(inputs, self.task_spec, self.processor, options=extra)
         return keys, sizes, inputs
 
 
@@ -176,6 +203,7 @@ def _checked_job(
     metadata: Mapping[str, Any] | None,
     processor: str,
     mode: str,
+    options: RunOptions | None = None,
 ) -> _Job:
     """The arguments of a job on a table of `schema`, checked: every bad one is a `UsageError`."""
     _check_choices(processor, mode)
@@ -199,6 +227,12 @@ def _checked_job(
     meta = _check_metadata(metadata)
     task_spec = spec.task_spec(dict(input_schema) if input_schema is not None else None)
     chosen = chosen_columns(kept, list(columns) if columns is not None else None)
+    if options is not None:
+        for name in options.columns:  # (an earlier enrichment's columns too: `{_interaction_id}`)
+            if name not in schema:
+                from enrich._inputs import _missing_column
+
+                raise _missing_column(name, list(schema), what="run_options field column")
     return _Job(
         spec=spec,
         task_spec=task_spec,
@@ -210,6 +244,7 @@ def _checked_job(
         input_schema=dict(input_schema) if input_schema is not None else None,
         earlier=earlier,
         notes=notes,
+        options=options,
     )
 
 
@@ -223,6 +258,7 @@ def _prepare(
     metadata: Mapping[str, Any] | None,
     processor: str,
     mode: str,
+    options: RunOptions | None = None,
 ) -> _Plan:
     _check_choices(processor, mode)  # (before the frame is read: a LazyFrame is collected by to_polars)
     df, kind = to_polars(data)
@@ -235,13 +271,15 @@ def _prepare(
         metadata=metadata,
         processor=processor,
         mode=mode,
+        options=options,
     )
+    t0 = time.monotonic()
+    texts = job.option_texts(df)  # (before an earlier enrichment's columns go: they may be named)
     if job.earlier:
         df = df.drop(job.earlier)
-    t0 = time.monotonic()
-    all_keys, all_sizes, inputs = job.keyed(df)
+    all_keys, all_sizes, inputs = job.keyed(df, options=texts)
     t1 = time.monotonic()
-    plan = _distinct_plan(job, df, kind, data, all_keys, all_sizes, inputs)
+    plan = _distinct_plan(job, df, kind, data, all_keys, all_sizes, inputs, options=texts)
     plan.timings.update({"key": t1 - t0, "dedupe": time.monotonic() - t1})
     return plan
 
@@ -256,6 +294,7 @@ def _distinct_plan(
     inputs: list[Any] | None,
     *,
     distinct: bool = False,
+    options: pl.Series | None = None,
 ) -> _Plan:
     """The plan of `df`'s rows, keyed (`all_keys`, `all_sizes`, and `inputs` if they were built):
     deduplicated, and the rows the API would refuse found. Keys given as a Series (a spooled shard's)
@@ -320,6 +359,8 @@ def _distinct_plan(
         local_errors=local_errors,
         fingerprint=job.fingerprint,
         notes=list(job.notes),
+        run_options=job.options,
+        option_texts=options,
     )
 
 

@@ -28,6 +28,7 @@ from enrich._engine.prepare import _INPUT_LIMIT, _check_choices, _checked_job, _
 from enrich._engine.shards import Area, area_name
 from enrich._exceptions import OutputError, UsageError
 from enrich._inputs import build_inputs, canonical_json, check_input_size, validate_inputs
+from enrich._run_options import RunOptions
 
 #: A table of more rows than this is spooled; one of fewer is prepared in memory.
 STREAM_ROWS = 262_144
@@ -39,6 +40,7 @@ _ROW = "__enrich_row"
 _KEY = "__enrich_key"
 _SIZE = "__enrich_size"
 _BUCKET = "__enrich_bucket"
+_OPTIONS = "__enrich_options"  # a row's rendered run options (templated `run_options=` only)
 
 
 @dataclass
@@ -101,15 +103,17 @@ class Spool:
         """The rows of `shard` (of `count`), in row order, as a plan of its own with its own frame."""
         lo, hi = self.buckets(shard, count)
         frame = self._read(lo, hi).sort(_ROW)
+        options = frame[_OPTIONS] if _OPTIONS in frame.columns else None
         plan = _distinct_plan(
             self.job,
-            frame.drop(_ROW, _KEY, _SIZE),
+            frame.drop(_ROW, _KEY, _SIZE, _OPTIONS, strict=False),
             "polars",
             None,
             frame[_KEY],
             frame[_SIZE],
             None,
             distinct=all(b in self.unrepeated for b in range(lo, hi)),  # (known from the count)
+            options=options,
         )
         index = pl.Series("d", plan.index, dtype=pl.Int64)
         plan.index = []  # (its rows are the area's)
@@ -185,6 +189,7 @@ def _prepare_any(
     processor: str,
     mode: str,
     near: Path | None,
+    options: RunOptions | None = None,
 ) -> _Plan | Spool:
     """Stage 1 for any data: `_prepare` of a frame, or `_prepare_stream` of a LazyFrame (read in
     batches, and set aside by key beside `near` when it is large)."""
@@ -195,6 +200,7 @@ def _prepare_any(
         "metadata": metadata,
         "processor": processor,
         "mode": mode,
+        "options": options,
     }
     if isinstance(data, pl.LazyFrame):
         return _prepare_stream(data, output, near=near, **arguments)
@@ -214,6 +220,7 @@ def _prepare_stream(
     processor: str,
     mode: str,
     near: Path | None,
+    options: RunOptions | None = None,
 ) -> _Plan | Spool:
     """`_prepare` for a LazyFrame: the table is read in batches and spooled beside `near` (the output or
     the checkpoint), or, when it has at most `STREAM_ROWS` rows, collected and prepared as a frame."""
@@ -226,7 +233,7 @@ def _prepare_stream(
         raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
     if not len(schema):
         raise UsageError("data has no columns; nothing to send")
-    taken = [c for c in schema if c in (_ROW, _KEY, _SIZE, _BUCKET)]
+    taken = [c for c in schema if c in (_ROW, _KEY, _SIZE, _BUCKET, _OPTIONS)]
     if taken:  # (the spool's own columns: the user's would be overwritten, then dropped)
         raise UsageError(f"input column {taken[0]!r} has a name enrich uses for itself; rename it")
     job = _checked_job(
@@ -238,6 +245,7 @@ def _prepare_stream(
         metadata=metadata,
         processor=processor,
         mode=mode,
+        options=options,
     )
     kept = pl.Schema({c: t for c, t in schema.items() if c not in job.earlier})
     batches = _batches(data)
@@ -259,6 +267,7 @@ def _prepare_stream(
             metadata=metadata,
             processor=processor,
             mode=mode,
+            options=options,
         )
         plan.original = data  # (the call it was prepared for: `enrich run` hands it to the job)
         return plan
@@ -305,15 +314,18 @@ def _fill(spool: Spool, job: _Job, batches: Iterator[pl.DataFrame]) -> None:
     options = None  # (uncompressed: lz4 saved 45% of the disk and cost a third of the writing's time)
     try:
         for batch in batches:
+            texts = job.option_texts(batch, first_row=spool.rows)  # (an earlier enrichment's columns too)
             if job.earlier:
                 batch = batch.drop(job.earlier)
-            keys, sizes, _ = job.keyed(batch, first_row=spool.rows)
+            keys, sizes, _ = job.keyed(batch, first_row=spool.rows, options=texts)
             frame = batch.with_columns(
                 pl.int_range(spool.rows, spool.rows + batch.height, dtype=pl.Int64).alias(_ROW),
                 pl.Series(_KEY, keys, dtype=pl.String),
                 pl.Series(_SIZE, sizes, dtype=pl.Int64),
             )
-            del keys, sizes
+            if texts is not None:
+                frame = frame.with_columns(texts.alias(_OPTIONS))
+            del keys, sizes, texts
             spool.rows += batch.height
             # Sorted by file, then cut into one slice per file: a third of partition_by's time.
             frame = frame.with_columns(

@@ -177,6 +177,7 @@ async def add_batch(job: _Job, group_id: str, batch: list[str], collector: _Grou
     job._landed(batch)
     for k in batch:  # created: never sent again
         job.inputs.pop(k, None)
+        job.options.pop(k, None)
     for k, r in zip(batch, answer.run_ids, strict=True):
         job._adopt(k, r, group_id)
     job.stats.submitted += len(batch)
@@ -337,6 +338,7 @@ async def create_one(job: _Job, key: str, group_id: str, reconciler: _Reconciler
     )
     job._adopt(key, run_id, group_id)
     job.inputs.pop(key, None)  # created: never sent again
+    job.options.pop(key, None)
     job.stats.submitted += 1
     job.report()
 

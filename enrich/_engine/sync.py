@@ -36,6 +36,17 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             rows that do not satisfy it are not sent and come back failed with the reason.
         metadata: a dict stored with every run (keys of at most 16 characters, scalar values of at most
             512); `enrich_key` is reserved for the row key.
+        run_options: the Task API's per-run fields, sent with every run: `source_policy`
+            (`include_domains`, `exclude_domains`, `after_date`), `advanced_settings` (`location`,
+            `data_sources`), `previous_interaction_id`, `mcp_servers`, `enable_events`, `webhook`,
+            `memory_scope_key`. Any string in them may be a `{column}` template rendered per row, as in
+            `prompt`: `{"source_policy": {"include_domains": ["{domain}"]}}` keeps each row's research
+            to its own site, and `{"previous_interaction_id": "{_interaction_id}"}` asks a follow-up on
+            the research of an earlier enrichment of the same frame. Checked before anything is sent
+            (unknown fields, shapes, at most 200 domains, YYYY-MM-DD dates, ISO country codes). A row's
+            rendered options are part of its content key: changed options are new runs.
+        beta: `parallel-beta` values to send (a name or a list, e.g. "field-basis-2025-11-25"); those
+            `mcp_servers` and `webhook` need are added by themselves. Part of each row's key too.
         processor: "lite", "base", "core" (default), "core2x", "pro", "ultra"..., or a `-fast` variant.
             A newer processor can be allowed with env `ENRICH_EXTRA_PROCESSORS=name`.
         checkpoint: a directory that records the job; calling again with the same arguments resumes it.
