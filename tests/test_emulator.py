@@ -1187,7 +1187,15 @@ def test_stats_count_requests_duplicates_and_statuses() -> None:
             and stats["max_runs_per_distinct"] == 3
         )
         assert stats["requests"] == {"POST /v1/tasks/runs": 4, "GET /v1/tasks/runs/{run_id}/result": 1}
-        assert stats["runs_by_status"] == {"queued": 0, "running": 0, "completed": 4, "failed": 0}
+        assert stats["runs_by_status"] == {
+            "queued": 0,
+            "action_required": 0,
+            "running": 0,
+            "completed": 4,
+            "failed": 0,
+            "cancelling": 0,
+            "cancelled": 0,
+        }
         assert stats["groups_created"] == 0 and stats["rate_limited"] == 0
 
     run(go())

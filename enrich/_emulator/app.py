@@ -28,7 +28,6 @@ from enrich._emulator.quota import _Bucket, _budget, _Window
 from enrich._emulator.state import (
     _ALL_STATUSES,
     _COMPLETED,
-    _FAILED,
     _STATUSES,
     EmulatorState,
     _Group,
@@ -591,7 +590,7 @@ class EmulatorApp:
             if reason != "timeout":
                 raise self._error(408, _MSG_408)
             state.advance()
-        if run.state == _FAILED:
+        if run.state != _COMPLETED:  # failed, cancelled or action_required: never an output
             raise self._error(404, _MSG_RESULT_404)
         return self._json(200, {"run": state.run_json(run), "output": state.run_output(run)})
 
@@ -781,7 +780,7 @@ class EmulatorApp:
             )
         start = self._query_cursor(req, route, group, "r", len(group.runs))
         end = len(group.runs)
-        wanted = _STATUSES.index(status) if status in _STATUSES else (-1 if status is None else -2)
+        wanted = -1 if status is None else _STATUSES.index(status)
         return _Stream(self._group_runs_stream(group, start, end, wanted, include_input, include_output))
 
     async def _group_runs_stream(

@@ -32,6 +32,15 @@ class EmulatorConfig:
       divided by 60, so minutes become seconds.
     - `failure_rate`: share of runs that end `failed` with an ErrorObject. Drawn per run, not per
       input: resubmitting a failed input may succeed.
+    - `cancel_rate`, `action_required_rate`: shares of runs that end `cancelled` or stop at
+      `action_required`. They are drawn from the same number per run as `failure_rate` (so the three
+      never overlap, and a seed gives the same failures as before these existed); the three together
+      are at most 1. A cancelled run goes queued → running → `cancelling` (the second half of its
+      running time; still active) → `cancelled` (terminal, not active, error null). An
+      action-required run goes queued → `action_required` and stays there (not active, not terminal).
+      Neither ever has an output: `/result` answers 404 "Run failed or run id not found" at once, as
+      for a failed run. The service documents neither path (task-api.md §4, open question 5); these
+      let a pipeline meet the statuses. Defaults: 0.0.
     - `fault_rate`: share of requests hit by one of the `faults` kinds:
       `html_5xx` (502/503 with an HTML body, nothing done), `drop` (the connection closes before a full
       answer, nothing done), `slow` (the request is carried out, then the answer waits
@@ -82,6 +91,8 @@ class EmulatorConfig:
     api_key: str | None = None
     latency: float | None = None
     failure_rate: float = 0.0
+    cancel_rate: float = 0.0
+    action_required_rate: float = 0.0
     fault_rate: float = 0.0
     faults: frozenset[str] = FAULT_KINDS
     slow_seconds: float = 20.0
@@ -103,10 +114,15 @@ class EmulatorConfig:
 
     def __post_init__(self) -> None:
         check_basis_bytes(self.basis_bytes)
-        for name in ("failure_rate", "fault_rate", "late_commit_rate"):
+        for name in ("failure_rate", "cancel_rate", "action_required_rate", "fault_rate", "late_commit_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
+        outcomes = self.failure_rate + self.cancel_rate + self.action_required_rate
+        if outcomes > 1.0 + 1e-12:
+            raise ValueError(
+                f"failure_rate + cancel_rate + action_required_rate must be at most 1, got {outcomes:g}"
+            )
         object.__setattr__(self, "faults", frozenset(self.faults))
         unknown = self.faults - FAULT_KINDS
         if unknown:

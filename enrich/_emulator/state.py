@@ -1,9 +1,9 @@
 """The emulator's state: runs, groups, credit, and the clock-driven state machine (`EmulatorState`).
 
-Runs move queued → running → completed|failed on timestamps drawn at creation; `EmulatorState.advance()`
-applies every transition that is due, from one heap of pending transitions. The state also gives the wire
-shapes of runs and groups (`run_json`, `group_json`, `run_input`, `run_output`) and the processor warnings
-of a task spec.
+Runs move queued → running → completed|failed (or → cancelling → cancelled, or queued → action_required)
+on timestamps drawn at creation; `EmulatorState.advance()` applies every transition that is due, from one
+heap of pending transitions. The state also gives the wire shapes of runs and groups (`run_json`,
+`group_json`, `run_input`, `run_output`) and the processor warnings of a task spec.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ from enrich._processors import PROCESSORS, Processor
 
 __all__ = ["EmulatorState"]
 
-_STATUSES = ("queued", "running", "completed", "failed")
-_QUEUED, _RUNNING, _COMPLETED, _FAILED = range(4)
+# Status codes, in an order that makes the checks cheap: below _COMPLETED a run is active (queued,
+# running, cancelling); from _COMPLETED to _CANCELLED it has ended for good; _ACTION_REQUIRED is
+# neither active nor ended.
+_STATUSES = ("queued", "running", "cancelling", "completed", "failed", "cancelled", "action_required")
+_QUEUED, _RUNNING, _CANCELLING, _COMPLETED, _FAILED, _CANCELLED, _ACTION_REQUIRED = range(7)
+#: The statuses in the order the API reference lists them (task-api.md §4).
 _ALL_STATUSES = ("queued", "action_required", "running", "completed", "failed", "cancelling", "cancelled")
 
 _FAILURE_MESSAGES = (
@@ -62,10 +66,10 @@ class _Run:
         "end",
         "error_ref",
         "events",
-        "fails",
         "group",
         "index",
         "metadata",
+        "outcome",
         "processor",
         "run_id",
         "seq",
@@ -77,6 +81,15 @@ class _Run:
 
     def __init__(self) -> None:
         self.state = _QUEUED
+
+    @property
+    def fails(self) -> bool:
+        return self.outcome == _FAILED
+
+    @property
+    def cancel_at(self) -> float:
+        """When a run that will be cancelled starts `cancelling`: halfway through its running time."""
+        return self.start + (self.end - self.start) / 2
 
 
 class _Group:
@@ -98,7 +111,7 @@ class _Group:
         self.created = created
         self.modified = created
         self.runs: list[_Run] = []
-        self.counts = [0, 0, 0, 0]
+        self.counts = [0] * len(_STATUSES)
         # The group event log, in the order things happened: a _Run (it went non-active) or a dict
         # (a task_group_status snapshot). Event ids are positions in this list.
         self.events: list[_Run | dict[str, Any]] = []
@@ -107,7 +120,7 @@ class _Group:
 
     @property
     def active(self) -> bool:
-        return self.counts[_QUEUED] + self.counts[_RUNNING] > 0
+        return self.counts[_QUEUED] + self.counts[_RUNNING] + self.counts[_CANCELLING] > 0
 
     def notify(self) -> None:
         for fut in list(self.waiters):
@@ -141,7 +154,7 @@ class EmulatorState:
         self.config = config
         self.runs: dict[str, _Run] = {}
         self.groups: dict[str, _Group] = {}
-        self.status_counts = [0, 0, 0, 0]
+        self.status_counts = [0] * len(_STATUSES)
         self.distinct: dict[bytes, int] = {}
         self.max_per_distinct = 0
         self.spent_micro = 0
@@ -231,19 +244,32 @@ class EmulatorState:
             run.warnings = item.warnings
             run.group = group
             run.created = now
-            # Four draws per run, always, so one run's outcome never shifts another's.
+            # Four draws per run, always, so one run's outcome never shifts another's. One number
+            # decides the outcome: a failure is what it was before cancels and action_required existed.
             if cfg.latency is None:
                 lo, hi = item.processor.latency
                 duration = rng.uniform(lo / 60.0, hi / 60.0)
             else:
                 duration = cfg.latency * rng.uniform(0.5, 1.5)
             queued = duration * rng.uniform(0.05, 0.15)
-            fails = rng.random() < cfg.failure_rate
-            fail_at = rng.uniform(0.2, 1.0)
+            u = rng.random()
+            stop_at = rng.uniform(0.2, 1.0)
             run.start = now + queued
-            run.fails = fails
-            run.end = run.start + (duration - queued) * (fail_at if fails else 1.0)
-            run.error_ref = self.new_ref() if fails else None
+            if u < cfg.failure_rate:
+                run.outcome = _FAILED
+            elif u < cfg.failure_rate + cfg.cancel_rate:
+                run.outcome = _CANCELLED
+            elif u < cfg.failure_rate + cfg.cancel_rate + cfg.action_required_rate:
+                run.outcome = _ACTION_REQUIRED
+            else:
+                run.outcome = _COMPLETED
+            if run.outcome == _ACTION_REQUIRED:
+                run.end = run.start  # it stops where it would have started running
+            elif run.outcome == _COMPLETED:
+                run.end = run.start + (duration - queued)
+            else:
+                run.end = run.start + (duration - queued) * stop_at
+            run.error_ref = self.new_ref() if run.outcome == _FAILED else None
             if group is not None:
                 run.index = len(group.runs)
                 group.runs.append(run)
@@ -273,24 +299,25 @@ class EmulatorState:
         while heap and heap[0][0] <= now:
             t, seq, run = heapq.heappop(heap)
             group = run.group
-            if run.state == _QUEUED:
-                run.state = _RUNNING
-                self.status_counts[_QUEUED] -= 1
-                self.status_counts[_RUNNING] += 1
-                if group is not None:
-                    group.counts[_QUEUED] -= 1
-                    group.counts[_RUNNING] += 1
-                    group.modified = t
-                heapq.heappush(heap, (run.end, seq, run))
-                continue
-            final = _FAILED if run.fails else _COMPLETED
-            run.state = final
-            self.status_counts[_RUNNING] -= 1
-            self.status_counts[final] += 1
+            old, outcome = run.state, run.outcome
+            if old == _QUEUED:
+                new = _ACTION_REQUIRED if outcome == _ACTION_REQUIRED else _RUNNING
+            elif old == _RUNNING and outcome == _CANCELLED:
+                new = _CANCELLING
+            else:
+                new = outcome
+            run.state = new
+            self.status_counts[old] -= 1
+            self.status_counts[new] += 1
             if group is not None:
-                group.counts[_RUNNING] -= 1
-                group.counts[final] += 1
+                group.counts[old] -= 1
+                group.counts[new] += 1
                 group.modified = t
+            if new < _COMPLETED:  # still active: one more transition is due
+                due = run.cancel_at if new == _RUNNING and outcome == _CANCELLED else run.end
+                heapq.heappush(heap, (due, seq, run))
+                continue
+            if group is not None:  # the run went non-active: a group event
                 group.events.append(run)
                 if not group.active:
                     group.events.append(self.group_status(group))
@@ -331,7 +358,14 @@ class EmulatorState:
 
     def run_json(self, run: _Run) -> dict[str, Any]:
         state = run.state
-        changed = run.created if state == _QUEUED else run.start if state == _RUNNING else run.end
+        if state == _QUEUED:
+            changed = run.created
+        elif state in (_RUNNING, _ACTION_REQUIRED):
+            changed = run.start
+        elif state == _CANCELLING:
+            changed = run.cancel_at
+        else:
+            changed = run.end
         warnings = run.spec.warnings + _processor_warnings(run.spec, run.processor) + (run.warnings or [])
         return {
             "run_id": run.run_id,
@@ -380,8 +414,8 @@ class EmulatorState:
             "distinct_runs": len(self.distinct),
             "duplicate_runs": created - len(self.distinct),
             "max_runs_per_distinct": self.max_per_distinct,
-            "runs_by_status": dict(zip(_STATUSES, self.status_counts, strict=True)),
-            "active_runs": self.status_counts[_QUEUED] + self.status_counts[_RUNNING],
+            "runs_by_status": {name: self.status_counts[_STATUSES.index(name)] for name in _ALL_STATUSES},
+            "active_runs": sum(self.status_counts[:_COMPLETED]),
             "credit_spent": self.spent_micro / 1_000_000,
             "credit_remaining": None
             if self.credit_micro is None

@@ -1,0 +1,228 @@
+"""The emulator's statuses beyond the happy path (task-api.md §4).
+
+The `cancelled`, `cancelling` and `action_required` statuses come from options that are off by
+default. Everything goes over HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on
+127.0.0.1 where the SDK is the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from test_emulator import (
+    app_with,
+    assert_error,
+    body,
+    client,
+    run,
+    sse,
+)
+
+from enrich._emulator import EmulatorApp, EmulatorConfig
+
+BETAS = {"parallel-beta": "mcp-server-2025-07-17,webhook-2025-08-12"}
+MCP = {"name": "crm", "url": "https://mcp.example.com/mcp", "type": "url"}
+HOOK = {"url": "https://hooks.example.com/parallel", "event_types": ["task_run.status"]}
+ARRAYS = {
+    "output_schema": {
+        "type": "json",
+        "json_schema": {
+            "type": "object",
+            "properties": {
+                "ceo": {"type": "string"},
+                "products": {"type": "array", "items": {"type": "string"}},
+                "offices": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"city": {"type": "string"}}},
+                },
+            },
+            "required": ["ceo", "products", "offices"],
+            "additionalProperties": False,
+        },
+    }
+}
+
+
+async def create(c: httpx.AsyncClient, request: dict[str, Any], headers: Any = None) -> httpx.Response:
+    return await c.post("/v1/tasks/runs", json=request, headers=headers)
+
+
+async def add(
+    c: httpx.AsyncClient, inputs: list[dict[str, Any]], headers: Any = None, **extra: Any
+) -> tuple[str, httpx.Response]:
+    gid = (await c.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+    return gid, await c.post(
+        f"/v1/tasks/groups/{gid}/runs", json={"inputs": inputs, **extra}, headers=headers
+    )
+
+
+def size(entry: dict[str, Any]) -> int:
+    """Bytes of a basis entry as the emulator sends it: compact UTF-8 JSON."""
+    return len(json.dumps(entry, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def citations(output: dict[str, Any]) -> list[str]:
+    return [c["url"] for entry in output["basis"] for c in entry["citations"]]
+
+
+def on(url: str, entry: str) -> bool:
+    """Whether `url` is on a source-policy entry, read straight from task-api.md §2.1."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if entry.startswith("."):
+        return host.endswith(entry.lower())
+    domain, _, path = entry.partition("/")
+    if host != domain.lower() and not host.endswith("." + domain.lower()):
+        return False
+    prefix = "/" + path.rstrip("/")
+    return not path or parts.path == prefix or parts.path.startswith(prefix + "/")
+
+
+# --------------------------------------------------------------------------------------------------
+# cancelled, cancelling, action_required
+
+
+def test_a_cancelled_run_goes_through_cancelling_and_never_has_a_result() -> None:
+    app = app_with(latency=0.3, cancel_rate=1.0)
+    now = [time.monotonic()]
+    app.state.now = lambda: now[0]  # type: ignore[method-assign]  # the emulator's clock, set by the test
+
+    async def go() -> None:
+        async with client(app) as c:
+            created = (await create(c, body())).json()
+            rid, rec = created["run_id"], app.state.runs[created["run_id"]]
+
+            async def at(t: float) -> dict[str, Any]:
+                now[0] = t
+                return (await c.get(f"/v1/tasks/runs/{rid}")).json()
+
+            assert created["status"] == "queued"
+            running = await at((rec.start + rec.cancel_at) / 2)
+            assert running["status"] == "running" and running["is_active"] is True
+            cancelling = await at((rec.cancel_at + rec.end) / 2)
+            assert cancelling["status"] == "cancelling" and cancelling["is_active"] is True
+            assert cancelling["modified_at"] > running["modified_at"] and cancelling["error"] is None
+            assert_error(await c.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 0}), 408)
+            # On the real clock again, /result waits out the cancelling, then answers as for a failed run.
+            del app.state.now
+            r = await asyncio.wait_for(c.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 30}), 30)
+            assert_error(r, 404, "Run failed or run id not found")
+            done = (await c.get(f"/v1/tasks/runs/{rid}")).json()
+            assert done["status"] == "cancelled" and done["is_active"] is False and done["error"] is None
+            assert done["modified_at"] > cancelling["modified_at"]
+            events = sse((await c.get(f"/v1/tasks/runs/{rid}/events")).text)
+            assert events[-1]["run"]["status"] == "cancelled" and events[-1]["output"] is None
+        by_status = app.stats()["runs_by_status"]
+        assert by_status["cancelled"] == 1 and by_status["completed"] == 0
+
+    run(go())
+
+
+def test_an_action_required_run_stops_there_and_its_result_is_404_at_once() -> None:
+    app = app_with(latency=0.1, action_required_rate=1.0)
+    now = [time.monotonic()]
+    app.state.now = lambda: now[0]  # type: ignore[method-assign]  # the emulator's clock, set by the test
+
+    async def go() -> None:
+        async with client(app) as c:
+            created = (await create(c, body())).json()
+            rid, rec = created["run_id"], app.state.runs[created["run_id"]]
+            assert created["status"] == "queued" and created["is_active"] is True
+            now[0] = rec.start  # where it would have started running
+            got = (await c.get(f"/v1/tasks/runs/{rid}")).json()
+            assert got["status"] == "action_required" and got["is_active"] is False and got["error"] is None
+            assert got["modified_at"] > got["created_at"]
+            # Not active: /result answers at once, whatever wait it is given (the guard only stops a hang).
+            r = await asyncio.wait_for(c.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 600}), 10)
+            assert_error(r, 404, "Run failed or run id not found")
+            events = sse((await asyncio.wait_for(c.get(f"/v1/tasks/runs/{rid}/events"), 10)).text)
+            assert events[-1]["run"]["status"] == "action_required" and events[-1]["output"] is None
+            now[0] = rec.start + 3_600  # an hour on, it is still waiting for an action
+            assert (await c.get(f"/v1/tasks/runs/{rid}")).json()["status"] == "action_required"
+        stats = app.stats()
+        assert stats["runs_by_status"]["action_required"] == 1 and stats["active_runs"] == 0
+
+    run(go())
+
+
+def test_groups_count_list_and_stream_the_new_statuses_like_the_others() -> None:
+    app = app_with(latency=0.05, failure_rate=0.25, cancel_rate=0.25, action_required_rate=0.25, seed=4)
+
+    async def go() -> None:
+        async with client(app) as c:
+            gid, r = await add(c, [body(metadata={"row": i}) for i in range(40)])
+            ids = r.json()["run_ids"]
+            events = sse((await c.get(f"/v1/tasks/groups/{gid}/events", params={"timeout": 30})).text)
+            finished = [e for e in events if e["type"] == "task_run.state"]
+            assert sorted(e["run"]["run_id"] for e in finished) == sorted(ids)  # every run's non-active event
+            assert all(e["run"]["is_active"] is False for e in finished)
+            assert events[-1]["type"] == "task_group_status" and events[-1]["status"]["is_active"] is False
+            counts = events[-1]["status"]["task_run_status_counts"]
+            assert set(counts) == {"completed", "failed", "cancelled", "action_required"}, counts
+            assert sum(counts.values()) == 40 and min(counts.values()) >= 3
+            status = (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]
+            assert status["task_run_status_counts"] == counts and status["is_active"] is False
+            listed = sse((await c.get(f"/v1/tasks/groups/{gid}/runs")).text)
+            assert [e["run"]["run_id"] for e in listed] == ids
+            for name, n in counts.items():
+                only = sse((await c.get(f"/v1/tasks/groups/{gid}/runs", params={"status": name})).text)
+                assert len(only) == n and all(e["run"]["status"] == name for e in only)
+            by_status = {e["run"]["status"]: 0 for e in finished}
+            for e in finished:
+                by_status[e["run"]["status"]] += 1
+            assert by_status == counts
+            assert all(e["run"]["error"] is None for e in finished if e["run"]["status"] != "failed")
+        stats = app.stats()["runs_by_status"]
+        assert {k: v for k, v in stats.items() if v} == counts
+
+    run(go())
+
+
+def test_cancels_and_action_required_leave_a_seeds_failures_as_they_were() -> None:
+    # The failures of this seed, as the emulator drew them before cancel_rate and action_required_rate.
+    pattern = "...F..F...FF......F....FFF...."
+
+    def statuses(app: EmulatorApp) -> list[str]:
+        async def go() -> list[str]:
+            async with client(app) as c:
+                gid, r = await add(c, [body(metadata={"row": i}) for i in range(30)])
+                await c.get(
+                    f"/v1/tasks/groups/{gid}/events", params={"timeout": 30}
+                )  # ends when none is active
+                return [
+                    (await c.get(f"/v1/tasks/runs/{rid}")).json()["status"] for rid in r.json()["run_ids"]
+                ]
+
+        return run(go())
+
+    plain = statuses(app_with(failure_rate=0.3, seed=5))
+    assert "".join("F" if s == "failed" else "." for s in plain) == pattern
+    mixed = statuses(app_with(failure_rate=0.3, cancel_rate=0.2, action_required_rate=0.2, seed=5))
+    assert [s == "failed" for s in mixed] == [s == "failed" for s in plain]
+    assert {"cancelled", "action_required", "completed"} <= set(mixed)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"cancel_rate": -0.1},
+        {"cancel_rate": 1.5},
+        {"action_required_rate": 2},
+        {"failure_rate": 0.5, "cancel_rate": 0.3, "action_required_rate": 0.3},
+    ],
+)
+def test_status_rates_are_checked(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        EmulatorConfig(**options)
+
+
+def test_status_rates_are_off_by_default() -> None:
+    config = EmulatorConfig()
+    assert config.cancel_rate == 0.0 and config.action_required_rate == 0.0
+    assert EmulatorConfig(failure_rate=0.5, cancel_rate=0.25, action_required_rate=0.25).cancel_rate == 0.25
