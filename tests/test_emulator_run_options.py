@@ -1,8 +1,8 @@
-"""The emulator's statuses beyond the happy path (task-api.md §4).
+"""The emulator's statuses beyond the happy path and its retry hints (task-api.md §4, §5).
 
-The `cancelled`, `cancelling` and `action_required` statuses come from options that are off by
-default. Everything goes over HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on
-127.0.0.1 where the SDK is the client.
+The `cancelled`, `cancelling` and `action_required` statuses and the `x-should-retry` header come from
+options that are off by default. Everything goes over HTTP: the ASGI app in-process
+(`httpx.ASGITransport`), and `Emulator` on 127.0.0.1 where the SDK is the client.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from parallel import InternalServerError, Parallel
+from parallel.types import TaskRun
 from test_emulator import (
     app_with,
     assert_error,
@@ -24,7 +26,7 @@ from test_emulator import (
     sse,
 )
 
-from enrich._emulator import EmulatorApp, EmulatorConfig
+from enrich._emulator import DEFAULT_FAULTS, FAULT_KINDS, Emulator, EmulatorApp, EmulatorConfig
 
 BETAS = {"parallel-beta": "mcp-server-2025-07-17,webhook-2025-08-12"}
 MCP = {"name": "crm", "url": "https://mcp.example.com/mcp", "type": "url"}
@@ -226,3 +228,119 @@ def test_status_rates_are_off_by_default() -> None:
     config = EmulatorConfig()
     assert config.cancel_rate == 0.0 and config.action_required_rate == 0.0
     assert EmulatorConfig(failure_rate=0.5, cancel_rate=0.25, action_required_rate=0.25).cancel_rate == 0.25
+
+
+# --------------------------------------------------------------------------------------------------
+# x-should-retry
+
+
+def test_no_retry_fault_is_a_503_error_response_that_says_do_not_retry_and_does_nothing() -> None:
+    app = app_with(fault_rate=1.0, faults=frozenset({"no_retry"}))
+
+    async def go() -> None:
+        async with client(app) as c:
+            for request in (
+                c.post("/v1/tasks/runs", json=body()),
+                c.post("/v1/tasks/groups", json={}),
+                c.get("/v1/tasks/runs/trun_x"),
+            ):
+                r = await request
+                error = assert_error(r, 503)
+                assert r.headers["x-should-retry"] == "false" and error["message"]
+        stats = app.stats()
+        assert (
+            stats["runs_created"] == 0 and stats["groups_created"] == 0 and stats["faults"]["no_retry"] == 3
+        )
+
+    run(go())
+
+
+def test_the_default_faults_are_the_four_of_before_and_draw_as_they_did() -> None:
+    assert EmulatorConfig().faults == DEFAULT_FAULTS == FAULT_KINDS - {"no_retry"}
+    # The kinds this seed drew for 40 creates before `no_retry` existed ("-": no fault).
+    drawn_before = (
+        "drop - lost_create html_5xx html_5xx html_5xx - - - slow html_5xx drop - - - slow drop lost_create "
+        "drop - - lost_create - - - - drop - - - slow - - drop slow - - html_5xx lost_create html_5xx"
+    )
+    app = app_with(fault_rate=0.5, seed=7, slow_seconds=0.0)
+
+    async def go() -> list[str]:
+        drawn = []
+        async with client(app) as c:
+            for _ in range(40):
+                seen = dict(app.stats()["faults"])
+                try:
+                    await c.post("/v1/tasks/runs", json={"input": "x", "processor": "base"})
+                except httpx.RemoteProtocolError:
+                    pass
+                now = app.stats()["faults"]
+                drawn.append(next((k for k in now if now[k] != seen[k]), "-"))
+        return drawn
+
+    assert run(go()) == drawn_before.split()
+
+
+def test_should_retry_header_marks_429s_and_injected_5xx_but_not_no_retry() -> None:
+    def retry_headers(**options: Any) -> dict[str, str | None]:
+        async def go() -> dict[str, str | None]:
+            seen: dict[str, str | None] = {}
+            limited = app_with(rate_limit=1, **options)
+            async with client(limited) as c:
+                await c.get("/v1/tasks/runs/trun_x")
+                r = await c.get("/v1/tasks/runs/trun_x")
+                assert r.status_code == 429
+                seen["429"] = r.headers.get("x-should-retry")
+            for kind in ("html_5xx", "lost_create", "no_retry"):
+                async with client(app_with(fault_rate=1.0, faults=frozenset({kind}), **options)) as c:
+                    r = await c.post("/v1/tasks/runs", json=body())
+                    assert r.status_code >= 500
+                    seen[kind] = r.headers.get("x-should-retry")
+            async with client(app_with(late_commit_seconds=0.05, **options)) as c:
+                r = await c.post("/v1/tasks/runs", json=body())
+                assert r.status_code == 504
+                seen["late commit"] = r.headers.get("x-should-retry")
+                await asyncio.sleep(0.1)
+            return seen
+
+        return run(go())
+
+    assert retry_headers() == {
+        "429": None,
+        "html_5xx": None,
+        "lost_create": None,
+        "no_retry": "false",
+        "late commit": None,
+    }
+    assert retry_headers(should_retry_header=True) == {
+        "429": "true",
+        "html_5xx": "true",
+        "lost_create": "true",
+        "no_retry": "false",
+        "late commit": "true",
+    }
+
+
+def test_the_sdk_never_retries_a_no_retry_fault() -> None:
+    with Emulator(latency=0.05, fault_rate=1.0, faults=frozenset({"no_retry"})) as emu:
+        sdk = Parallel(api_key=emu.api_key, base_url=emu.url, max_retries=2)
+        with pytest.raises(InternalServerError):
+            sdk.task_run.create(input="Acme", processor="base")
+        stats = emu.stats()
+    assert stats["requests"] == {"POST /v1/tasks/runs": 1} and stats["runs_created"] == 0
+
+
+def test_the_sdk_parses_the_new_statuses() -> None:
+    with Emulator(latency=0.05, action_required_rate=0.5, cancel_rate=0.5, seed=1) as emu:
+        sdk = Parallel(api_key=emu.api_key, base_url=emu.url, max_retries=0)
+        group = sdk.task_group.create()
+        added = sdk.task_group.add_runs(
+            group.task_group_id, inputs=[{"input": f"c{i}", "processor": "lite"} for i in range(8)]
+        )
+        events = list(sdk.task_group.events(group.task_group_id, api_timeout=30))
+        # Validated, not just built: the SDK builds its models without checking the status Literal.
+        statuses = {
+            TaskRun.model_validate(sdk.task_run.with_raw_response.retrieve(rid).http_response.json()).status
+            for rid in added.run_ids
+        }
+    assert statuses == {"cancelled", "action_required"}
+    assert events[-1].status.task_run_status_counts.keys() == statuses  # type: ignore[union-attr]

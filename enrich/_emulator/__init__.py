@@ -76,7 +76,7 @@ The package, one module per concept:
 from __future__ import annotations
 
 from enrich._emulator.app import EmulatorApp, create_app
-from enrich._emulator.config import FAULT_KINDS, EmulatorConfig
+from enrich._emulator.config import DEFAULT_FAULTS, FAULT_KINDS, EmulatorConfig
 from enrich._emulator.quota import _Bucket as _Bucket
 from enrich._emulator.quota import _budget as _budget
 from enrich._emulator.quota import _Window as _Window
@@ -85,6 +85,7 @@ from enrich._emulator.state import EmulatorState
 from enrich._emulator.wire import STATS_PATH
 
 __all__ = [
+    "DEFAULT_FAULTS",
     "DEMO_API_KEY",
     "FAULT_KINDS",
     "STATS_PATH",

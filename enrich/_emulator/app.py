@@ -58,6 +58,7 @@ from enrich._emulator.wire import (
     _MSG_422,
     _MSG_FORBIDDEN,
     _MSG_GROUP_404,
+    _MSG_NO_RETRY,
     _MSG_PAYMENT,
     _MSG_RATE,
     _MSG_RESULT_404,
@@ -189,7 +190,11 @@ class EmulatorApp:
         fault = self._draw_fault(route)
         if fault == "html_5xx":
             status = self._faults_rng.choice((502, 503))
-            await self._send(send, _Response(status, _HTML_5XX[status], content_type=b"text/html"))
+            await self._send(send, self._html_5xx(status))
+            return
+        if fault == "no_retry":
+            no_retry = [(b"x-should-retry", b"false")]
+            await self._send(send, self._error(503, _MSG_NO_RETRY, None, no_retry).response)
             return
         if fault == "drop":
             await send(
@@ -216,7 +221,7 @@ class EmulatorApp:
             if fault == "lost_create":
                 if isinstance(response, _Stream):
                     await response.chunks.aclose()
-                response = _Response(502, _HTML_5XX[502], content_type=b"text/html")
+                response = self._html_5xx(502)
             elif fault == "slow" and await self._wait(req, self.config.slow_seconds) == "disconnect":
                 if isinstance(response, _Stream):
                     await response.chunks.aclose()
@@ -340,6 +345,14 @@ class EmulatorApp:
     def _json(self, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None) -> _Response:
         return _Response(status, _compact(obj).encode(), headers or [])
 
+    def _retry_headers(self) -> list[tuple[bytes, bytes]]:
+        """`x-should-retry: true` when `should_retry_header` asks for it on 429s and injected 5xx."""
+        return [(b"x-should-retry", b"true")] if self.config.should_retry_header else []
+
+    def _html_5xx(self, status: int) -> _Response:
+        """A proxy's HTML error page (an injected 5xx)."""
+        return _Response(status, _HTML_5XX[status], self._retry_headers(), content_type=b"text/html")
+
     def _error(self, status: int, message: str, detail: Any = None, headers: Any = None) -> _HTTPError:
         ref = str(uuid.UUID(int=self._refs.getrandbits(128), version=4))
         body = {"type": "error", "error": {"ref_id": ref, "message": message, "detail": detail}}
@@ -349,8 +362,8 @@ class EmulatorApp:
         self._rate_limited += 1
         if len(self._rate_limited_at) < 100_000:
             self._rate_limited_at.append(self.state.now() - (self._first_request or self.state.now()))
-        headers = [(b"retry-after", f"{wait:.3f}".encode())] if self.config.retry_after_header else None
-        exc = self._error(429, _MSG_RATE, None, headers)
+        headers = [(b"retry-after", f"{wait:.3f}".encode())] if self.config.retry_after_header else []
+        exc = self._error(429, _MSG_RATE, None, headers + self._retry_headers())
         exc.rate_limited = True
         return exc
 
@@ -528,7 +541,7 @@ class EmulatorApp:
                     break
             if task.done():
                 return task.result()
-        return _Response(504, _HTML_5XX[504], content_type=b"text/html")
+        return self._html_5xx(504)
 
     async def _late_commit(self, reserved: int, commit: Callable[[bool], _Response]) -> _Response:
         try:

@@ -10,10 +10,14 @@ from dataclasses import dataclass
 
 from enrich._emulator.synth import check_basis_bytes
 
-__all__ = ["FAULT_KINDS", "EmulatorConfig"]
+__all__ = ["DEFAULT_FAULTS", "FAULT_KINDS", "EmulatorConfig"]
 
 #: Every transport/server fault the emulator can inject (see `EmulatorConfig.faults`).
-FAULT_KINDS = frozenset({"html_5xx", "drop", "slow", "lost_create"})
+FAULT_KINDS = frozenset({"html_5xx", "drop", "slow", "lost_create", "no_retry"})
+
+#: The kinds `EmulatorConfig.faults` holds unless told otherwise: the four that existed before
+#: `no_retry`, so a config that names no kinds draws the same faults from the same seed as it did.
+DEFAULT_FAULTS = frozenset({"html_5xx", "drop", "slow", "lost_create"})
 
 #: How a late-committed create is answered (see `EmulatorConfig.late_commit_answer`).
 _LATE_ANSWERS = ("gateway", "after")
@@ -45,7 +49,13 @@ class EmulatorConfig:
       `html_5xx` (502/503 with an HTML body, nothing done), `drop` (the connection closes before a full
       answer, nothing done), `slow` (the request is carried out, then the answer waits
       `slow_seconds`, long enough for a client read timeout), `lost_create` (a create-run or add-runs
-      request is carried out, the runs exist, but the answer is a 502 HTML page).
+      request is carried out, the runs exist, but the answer is a 502 HTML page), `no_retry` (503
+      with an ErrorResponse body and `x-should-retry: false`, nothing done: the SDK never retries it).
+      `faults` defaults to `DEFAULT_FAULTS`, every kind but `no_retry`; name it to draw it.
+    - `should_retry_header`: when True, every 429 and every injected 5xx but `no_retry` (the HTML
+      502/503 of `html_5xx` and `lost_create`, the 504 of a late commit) carries `x-should-retry: true`,
+      which the SDK obeys before looking at the status (task-api.md §5). Default False: no
+      `x-should-retry` header at all.
     - `rate_limit`: requests per `rate_window` per key, sliding window (GETs count unless
       `count_gets=False`); `run_rate_limit`: runs created per window per key (an add of N inputs
       counts N). Over either: 429 with `Retry-After` (seconds, a float) unless
@@ -94,7 +104,8 @@ class EmulatorConfig:
     cancel_rate: float = 0.0
     action_required_rate: float = 0.0
     fault_rate: float = 0.0
-    faults: frozenset[str] = FAULT_KINDS
+    faults: frozenset[str] = DEFAULT_FAULTS
+    should_retry_header: bool = False
     slow_seconds: float = 20.0
     rate_limit: int | None = 2_000
     run_rate_limit: int | None = None

@@ -29,6 +29,7 @@ _MSG_RUN_404 = "Run id not found"
 _MSG_RESULT_404 = "Run failed or run id not found"
 _MSG_GROUP_404 = "TaskGroup not found"
 _MSG_408 = "Request timed out; run still active"
+_MSG_NO_RETRY = "Service unavailable: the request was not processed; do not retry it"
 
 _HTML_5XX = {
     502: b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway"
