@@ -1241,7 +1241,12 @@ def test_synth_output_conforms_to_the_schema_and_echoes_the_input() -> None:
     assert isinstance(content["public"], bool) and content["tier"] in ("a", "b", "c")
     assert all(isinstance(t, str) and "Globex" in t for t in content["tags"])
     assert all(set(e) == {"role"} for e in content["execs"]) and set(content["hq"]) == {"city"}
-    assert [b["field"] for b in basis] == list(schema["properties"])
+    # One entry per field, and after an array field's one per element (SDK 1.3.7's shape).
+    fields = []
+    for name in schema["properties"]:
+        value = content[name]
+        fields += [name, *(f"{name}.{i}" for i in range(len(value)))] if isinstance(value, list) else [name]
+    assert [b["field"] for b in basis] == fields and "tags.0" in fields and "execs.0" in fields
     assert all(set(b) == {"field", "reasoning", "citations", "confidence"} for b in basis)
     assert all(set(c) == {"url", "title", "excerpts"} for b in basis for c in b["citations"])
     assert synth_output({"company": "Initech"}, schema)[0] != content

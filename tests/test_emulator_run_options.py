@@ -1,8 +1,10 @@
-"""The emulator's statuses beyond the happy path and its retry hints (task-api.md §4, §5).
+"""The emulator's statuses beyond the happy path, its retry hints and the shape of its basis (task-api.md
+§3, §4, §5).
 
 The `cancelled`, `cancelling` and `action_required` statuses and the `x-should-retry` header come from
-options that are off by default. Everything goes over HTTP: the ASGI app in-process
-(`httpx.ASGITransport`), and `Emulator` on 127.0.0.1 where the SDK is the client.
+options that are off by default; array fields get one basis entry per element. Everything goes over
+HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on 127.0.0.1 where the SDK is the
+client.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from test_emulator import (
     client,
     run,
     sse,
+    wait_done,
 )
 
 from enrich._emulator import DEFAULT_FAULTS, FAULT_KINDS, Emulator, EmulatorApp, EmulatorConfig
+from enrich._emulator.synth import expected_output
 
 BETAS = {"parallel-beta": "mcp-server-2025-07-17,webhook-2025-08-12"}
 MCP = {"name": "crm", "url": "https://mcp.example.com/mcp", "type": "url"}
@@ -344,3 +348,40 @@ def test_the_sdk_parses_the_new_statuses() -> None:
         }
     assert statuses == {"cancelled", "action_required"}
     assert events[-1].status.task_run_status_counts.keys() == statuses  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------------
+# One basis entry per array element
+
+
+def entry_names(content: dict[str, Any]) -> list[str]:
+    names = []
+    for name, value in content.items():
+        names += [name, *(f"{name}.{i}" for i in range(len(value)))] if isinstance(value, list) else [name]
+    return names
+
+
+@pytest.mark.parametrize("basis_bytes", [None, 2_000])
+def test_array_fields_get_one_basis_entry_per_element(basis_bytes: int | None) -> None:
+    app = app_with(basis_bytes=basis_bytes)
+    requests = [body(p, task_spec=ARRAYS) for p in ("lite", "core")] + [body("pro")]
+
+    async def go() -> None:
+        async with client(app) as c:
+            for request in requests:
+                output = (await wait_done(c, (await create(c, request)).json()["run_id"]))["output"]
+                assert output == expected_output(request, basis_bytes=basis_bytes)
+                names = [b["field"] for b in output["basis"]]
+                assert names == entry_names(output["content"])
+                arrays = [k for k, v in output["content"].items() if isinstance(v, list)]
+                assert arrays and all(f"{k}.0" in names for k in arrays)
+                for entry in output["basis"]:
+                    assert (
+                        set(entry) == {"field", "reasoning", "citations", "confidence"} and entry["citations"]
+                    )
+                    if basis_bytes is not None:
+                        assert 0.8 * basis_bytes <= size(entry) <= 1.2 * basis_bytes
+                elements = [b for b in output["basis"] if "." in b["field"]]
+                assert len({b["reasoning"] for b in elements}) == len(elements)  # each element its own
+
+    run(go())

@@ -88,11 +88,12 @@ class EmulatorConfig:
     - `keepalive_seconds`: interval of `: keepalive` comments on the long group events stream.
     - `basis_bytes`: the size of answers. None (the default): a compact basis per field (one to three
       citations with one-line excerpts, a one-line reasoning), a few hundred bytes. An int in
-      [512, 1,000,000]: each basis entry (each top-level field, or the text output's one) is about that
-      many bytes of compact UTF-8 JSON (a few % under; up to 15 % under at small sizes with long
-      names), as real core/pro answers are (several KB): several citations with distinct plausible
-      https URLs and titles derived from the input, excerpt passages of varied length, and a
-      reasoning paragraph. `lite`/`base` keep their rule of no
+      [512, 1,000,000]: each basis entry is about that many bytes of compact UTF-8 JSON (a few %
+      under; up to 15 % under at small sizes with long names), as real core/pro answers are (several
+      KB): the entry of each top-level field, of each element of an array field (so an array of three
+      items brings four entries of about N bytes), or the text output's one. An entry has several
+      citations with distinct plausible https URLs and titles derived from the input, excerpt
+      passages of varied length, and a reasoning paragraph. `lite`/`base` keep their rule of no
       excerpts and no confidence: their size comes from more citations and a longer reasoning. The
       content is the same either way, and the bytes depend only on (input, task spec, processor tier,
       basis_bytes), like every output (`enrich._emulator.synth.expected_output(..., basis_bytes=N)`).

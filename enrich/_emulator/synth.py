@@ -18,10 +18,13 @@ scalars and of objects), strings, integers, numbers, booleans, `enum`, `const`, 
 year, `website` a URL, `employees` a head count. Strings echo the row's first input value, so each row
 is recognisably its own.
 
-The basis is compact by default (one to three citations with one-line excerpts). With `basis_bytes=N`
-each field's basis is about N bytes of JSON, as real core/pro answers are: several citations with
-plausible URLs and titles, excerpt passages of varied length, and a reasoning paragraph, all sliced from
-fixed text pools by a per-(input, schema, field) hash, so they stay deterministic and cheap to make.
+The basis has an entry per top-level field and, after an array field's, one per element (`field.0`,
+`field.1`, ...), as SDK 1.3.7 returns them; the top-level entries are what they were before the element
+entries existed. It is compact by default (one to three citations with one-line excerpts). With
+`basis_bytes=N` each entry, element entries included, is about N bytes of JSON, as real core/pro
+answers are: several citations with plausible URLs and titles, excerpt passages of varied length, and a
+reasoning paragraph, all sliced from fixed text pools by a per-(input, schema, field) hash, so they
+stay deterministic and cheap to make.
 """
 
 from __future__ import annotations
@@ -148,10 +151,18 @@ def _hint(name: str, description: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _field_names(field: str) -> tuple[str, str]:
-    """(label, slug) of a top-level field, as its basis spells them."""
+def _field_names(field: str, element: int | None = None) -> tuple[str, str]:
+    """(label, slug) of a top-level field, or of element `element` of an array field, as its basis
+    spells them."""
     label = _words(field) or field
+    if element is not None:
+        label = f"{label} item {element + 1}"
     return label, _slug(label)
+
+
+def _entry_name(field: str, element: int | None) -> str:
+    """The `field` of a basis entry: the field's name, or `field.N` for element N of an array field."""
+    return field if element is None else f"{field}.{element}"
 
 
 # What a string field holds, from its name and hint alone (the first rule that matches wins); cached,
@@ -342,9 +353,9 @@ class _Gen:
             return self.echo
         return f"{self.echo}: {_words(name) or 'value'} ({d.tag(path)})"
 
-    def basis(self, field: str, path: str, basic: bool) -> dict[str, Any]:
+    def basis(self, field: str, path: str, basic: bool, element: int | None = None) -> dict[str, Any]:
         d = self.draw
-        label, field_slug = _field_names(field)
+        label, field_slug = _field_names(field, element)
         n = d.int(path + "#sources", 1, 3)
         citations = []
         for i in range(n):
@@ -356,23 +367,43 @@ class _Gen:
                 }
             )
         return {
-            "field": field,
+            "field": _entry_name(field, element),
             "reasoning": f"Synthetic: the {label} of {self.echo} was read from {n} source(s).",
             "citations": citations,
             "confidence": None if basic else d.pick(path + "#confidence", _CONFIDENCE),
         }
 
     def sized_basis(
-        self, field: str, path: str, basic: bool, target: int, value: Any = None
+        self, field: str, path: str, basic: bool, target: int, value: Any = None, element: int | None = None
     ) -> dict[str, Any]:
         """`basis()` of about `target` bytes of JSON (`basis_bytes`); see `_sized_basis`."""
         src = self._sources
         if src is None:
             src = self._sources = _RowSources(self.echo, self.slug)
         confidence = None if basic else self.draw.pick(path + "#confidence", _CONFIDENCE)
-        return _sized_basis(
-            src, field, value, confidence, basic, target, _Rng(self.draw.seed(path + "#basis"))
-        )
+        rng = _Rng(self.draw.seed(path + "#basis"))
+        return _sized_basis(src, field, value, confidence, basic, target, rng, element)
+
+    def bases(self, content: Mapping[str, Any], basic: bool, basis_bytes: int | None) -> list[dict[str, Any]]:
+        """The basis of a JSON output: one entry per top-level field, each array field's followed by
+        one entry per element (`field.0`, `field.1`, ...), as SDK 1.3.7 returns them."""
+        out = []
+        for key, value in content.items():
+            path = "/" + key
+            if basis_bytes is None:
+                out.append(self.basis(key, path, basic))
+            else:
+                out.append(self.sized_basis(key, path, basic, basis_bytes, value))
+            if not isinstance(value, list):
+                continue
+            for i, item in enumerate(value):
+                # The element's own draw path: what `value()` drew its content from.
+                at = f"{path}.{i}"
+                if basis_bytes is None:
+                    out.append(self.basis(key, at, basic, i))
+                else:
+                    out.append(self.sized_basis(key, at, basic, basis_bytes, item, i))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -659,10 +690,11 @@ _ANALYSIS = _Pool(_REASONING_SENTENCES, 16)
 
 
 @functools.lru_cache(maxsize=4096)
-def _field_plan(field: str) -> tuple[str, str, int, bool]:
-    """(label, slug, JSON size of the name, whether the label is plain) of a top-level field."""
-    label, slug = _field_names(field)
-    return label, slug, _json_size(field), _json_size(label) == len(label)
+def _field_plan(field: str, element: int | None = None) -> tuple[str, str, int, bool]:
+    """(label, slug, JSON size of the entry's name, whether the label is plain) of a top-level field or
+    of one element of an array field."""
+    label, slug = _field_names(field, element)
+    return label, slug, _json_size(_entry_name(field, element)), _json_size(label) == len(label)
 
 
 class _RowSources:
@@ -687,7 +719,14 @@ class _RowSources:
 
 
 def _sized_basis(
-    src: _RowSources, field: str, value: Any, confidence: str | None, basic: bool, target: int, rng: _Rng
+    src: _RowSources,
+    field: str,
+    value: Any,
+    confidence: str | None,
+    basic: bool,
+    target: int,
+    rng: _Rng,
+    element: int | None = None,
 ) -> dict[str, Any]:
     """A FieldBasis of about `target` bytes of compact UTF-8 JSON, shaped like a real one.
 
@@ -695,9 +734,10 @@ def _sized_basis(
     and a reasoning paragraph of 10-18 % of the size (at most `_REASONING_CAP`). Basic tiers (no excerpts,
     no confidence): 35-50 % reasoning, the rest in citations. Sizes are counted as the parts are made (a
     string's len, when the row and field names need no JSON escapes), so nothing is encoded; the
-    reasoning comes last and fills what is left.
+    reasoning comes last and fills what is left. `element`: the entry of that element of an array
+    field.
     """
-    label, field_slug, field_size, label_plain = _field_plan(field)
+    label, field_slug, field_size, label_plain = _field_plan(field, element)
     size_of = len if src.plain and label_plain else _json_size
     size = _BASIS_SKELETON + field_size + (len(confidence) - 2 if confidence else 0)
     if basic:
@@ -734,7 +774,12 @@ def _sized_basis(
         lead = f"Found in {n} source(s)."
     rest = target - size - _json_size(lead) - 1
     text = lead if rest < _MIN_EXCERPT else lead + " " + _ANALYSIS.passage(rng, rest, ".")
-    return {"field": field, "reasoning": text, "citations": citations, "confidence": confidence}
+    return {
+        "field": _entry_name(field, element),
+        "reasoning": text,
+        "citations": citations,
+        "confidence": confidence,
+    }
 
 
 def _fill_excerpts(
@@ -836,12 +881,13 @@ def synth_output(
     string; json gives a dict that conforms to the schema; auto on `pro` and above gives a dict that
     conforms to `AUTO_SCHEMA`.
 
-    `basis` holds one FieldBasis dict per top-level field (`"output"` for text). `processor` only
-    changes the basis: `lite`/`base` give no confidence and no excerpts. `basis_bytes` only changes the
-    basis too: None (the default) gives compact entries; an int in `BASIS_BYTES_RANGE` makes each entry
-    about that many bytes of compact JSON (see `EmulatorConfig.basis_bytes`). The result depends only on
-    (input, output_schema), the processor's tier and `basis_bytes`, so it is the same on every emulator
-    and run.
+    `basis` holds one FieldBasis dict per top-level field (`"output"` for text), and after an array
+    field's one entry per element (`"field.0"`, `"field.1"`, ...), as SDK 1.3.7 returns them.
+    `processor` only changes the basis: `lite`/`base` give no confidence and no excerpts. `basis_bytes`
+    only changes the basis too: None (the default) gives compact entries; an int in `BASIS_BYTES_RANGE`
+    makes each entry, element entries included, about that many bytes of compact JSON (see
+    `EmulatorConfig.basis_bytes`). The result depends only on (input, output_schema), the processor's
+    tier and `basis_bytes`, so it is the same on every emulator and run.
     """
     basis_bytes = check_basis_bytes(basis_bytes)
     return _synth(input, output_schema, processor, _canonical(output_schema), basis_bytes)
@@ -869,11 +915,7 @@ def _synth(
         return _text(input, schema if kind == "text" else None, draw, basic, basis_bytes)
     gen = _Gen(input, schema, draw)
     content = gen.obj(gen.resolve(schema), "", 0)
-    if basis_bytes is None:
-        basis = [gen.basis(key, "/" + key, basic) for key in content]
-    else:
-        basis = [gen.sized_basis(key, "/" + key, basic, basis_bytes, v) for key, v in content.items()]
-    return content, basis
+    return content, gen.bases(content, basic, basis_bytes)
 
 
 def build_output(
