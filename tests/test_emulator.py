@@ -536,6 +536,8 @@ def test_create_run_refuses_invalid_bodies_with_422(case: str) -> None:
     run(go())
 
 
+PREVIOUS = "<the interaction id of a run created first>"
+BETAS = {"parallel-beta": "mcp-server-2025-07-17,webhook-2025-08-12"}
 GOOD_RUN_BODIES: dict[str, Any] = {
     "metadata at the limits": body(metadata={"k" * 16: "v" * 512, "n": 1.5, "b": False}),
     "nesting of exactly 5": body(task_spec=json_spec(nested(5))),
@@ -566,11 +568,11 @@ GOOD_RUN_BODIES: dict[str, Any] = {
     "auto output schema": body(task_spec={"output_schema": {"type": "auto"}}),
     "every optional field": body(
         source_policy={"include_domains": ["a.com"], "exclude_domains": [".gov"], "after_date": "2024-01-01"},
-        advanced_settings={"location": "us", "data_sources": {"free": ["x"], "pay_per_use": []}},
+        advanced_settings={"location": "US", "data_sources": {"free": ["x"], "pay_per_use": []}},
         enable_events=False,
         mcp_servers=[{"name": "m", "url": "https://m.example.com", "type": "url", "headers": {"a": "b"}}],
         webhook={"url": "https://hook.example.com", "event_types": ["task_run.status"]},
-        previous_interaction_id="trun_x",
+        previous_interaction_id=PREVIOUS,
         memory_scope_key="scope",
         metadata=None,
         task_spec=None,
@@ -584,10 +586,14 @@ def test_create_run_accepts_valid_bodies_at_the_limits(case: str) -> None:
 
     async def go() -> None:
         async with client(app) as c:
-            r = await c.post("/v1/tasks/runs", json=GOOD_RUN_BODIES[case])
+            request = dict(GOOD_RUN_BODIES[case])
+            if request.get("previous_interaction_id") == PREVIOUS:
+                first = (await c.post("/v1/tasks/runs", json=body())).json()
+                request["previous_interaction_id"] = first["interaction_id"]
+            r = await c.post("/v1/tasks/runs", json=request, headers=BETAS)
             assert r.status_code == 202, r.text
             output = (await wait_done(c, r.json()["run_id"]))["output"]
-            assert output == expected_output(GOOD_RUN_BODIES[case])
+            assert output == expected_output(request)
 
     run(go())
 

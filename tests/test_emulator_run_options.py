@@ -1,10 +1,11 @@
-"""The emulator's statuses beyond the happy path, its retry hints and the shape of its basis (task-api.md
-§3, §4, §5).
+"""The emulator and the per-run options of the Task API (task-api.md §2.1, §3, §4, §5, §8).
 
 The `cancelled`, `cancelling` and `action_required` statuses and the `x-should-retry` header come from
-options that are off by default; array fields get one basis entry per element. Everything goes over
-HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on 127.0.0.1 where the SDK is the
-client.
+options that are off by default; array fields get one basis entry per element; each bad per-run field
+is a 422 that names it, for a single create and inside a group add; beta fields need their
+`parallel-beta` value; a `previous_interaction_id` must name an interaction the emulator handed out.
+Everything goes over HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on
+127.0.0.1 where the SDK is the client.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from parallel.types import TaskRun
 from test_emulator import (
     app_with,
     assert_error,
+    assert_fastapi_422,
     body,
     client,
     run,
@@ -383,5 +385,289 @@ def test_array_fields_get_one_basis_entry_per_element(basis_bytes: int | None) -
                         assert 0.8 * basis_bytes <= size(entry) <= 1.2 * basis_bytes
                 elements = [b for b in output["basis"] if "." in b["field"]]
                 assert len({b["reasoning"] for b in elements}) == len(elements)  # each element its own
+
+    run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-run fields: each bad one is a 422 naming it, on both ways of creating runs
+
+BAD_FIELDS: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "over 200 domain entries across include and exclude": (
+        {
+            "source_policy": {
+                "include_domains": [f"a{i}.com" for i in range(150)],
+                "exclude_domains": [f"b{i}.com" for i in range(51)],
+            }
+        },
+        ["source_policy"],
+    ),
+    "after_date not a real date": (
+        {"source_policy": {"after_date": "2024-02-30"}},
+        ["source_policy", "after_date"],
+    ),
+    "after_date not YYYY-MM-DD": (
+        {"source_policy": {"after_date": "2024/01/31"}},
+        ["source_policy", "after_date"],
+    ),
+    "after_date without zero padding": (
+        {"source_policy": {"after_date": "2024-1-5"}},
+        ["source_policy", "after_date"],
+    ),
+    "after_date a datetime": (
+        {"source_policy": {"after_date": "2024-01-05T00:00:00Z"}},
+        ["source_policy", "after_date"],
+    ),
+    "domain with a scheme": (
+        {"source_policy": {"include_domains": ["https://acme.com"]}},
+        ["source_policy", "include_domains", 0],
+    ),
+    "domain with a port": (
+        {"source_policy": {"exclude_domains": ["ok.com", "acme.com:443"]}},
+        ["source_policy", "exclude_domains", 1],
+    ),
+    "domain with a query": (
+        {"source_policy": {"include_domains": ["acme.com/news?page=2"]}},
+        ["source_policy", "include_domains", 0],
+    ),
+    "empty domain": ({"source_policy": {"include_domains": [""]}}, ["source_policy", "include_domains", 0]),
+    "domain of one label": (
+        {"source_policy": {"include_domains": ["acme"]}},
+        ["source_policy", "include_domains", 0],
+    ),
+    "domain extension with a path": (
+        {"source_policy": {"exclude_domains": [".gov/x"]}},
+        ["source_policy", "exclude_domains", 0],
+    ),
+    "domain not a string": (
+        {"source_policy": {"include_domains": [7]}},
+        ["source_policy", "include_domains", 0],
+    ),
+    "unknown source_policy field": ({"source_policy": {"domains": ["a.com"]}}, ["source_policy", "domains"]),
+    "location in lower case": ({"advanced_settings": {"location": "us"}}, ["advanced_settings", "location"]),
+    "location UK (the code is GB)": (
+        {"advanced_settings": {"location": "UK"}},
+        ["advanced_settings", "location"],
+    ),
+    "location alpha-3": ({"advanced_settings": {"location": "USA"}}, ["advanced_settings", "location"]),
+    "location not a string": ({"advanced_settings": {"location": 840}}, ["advanced_settings", "location"]),
+    "data_sources not a list": (
+        {"advanced_settings": {"data_sources": {"free": "news"}}},
+        ["advanced_settings", "data_sources", "free"],
+    ),
+    "data_sources empty name": (
+        {"advanced_settings": {"data_sources": {"pay_per_use": [""]}}},
+        ["advanced_settings", "data_sources", "pay_per_use", 0],
+    ),
+    "data_sources unknown kind": (
+        {"advanced_settings": {"data_sources": {"paid": ["x"]}}},
+        ["advanced_settings", "data_sources", "paid"],
+    ),
+    "data_sources on a fast processor": (
+        {"processor": "core-fast", "advanced_settings": {"data_sources": {"free": ["news"]}}},
+        ["advanced_settings", "data_sources"],
+    ),
+    "data_sources named like an MCP server": (
+        {"mcp_servers": [MCP], "advanced_settings": {"data_sources": {"free": ["crm"]}}},
+        ["advanced_settings", "data_sources"],
+    ),
+    "mcp server without a name": ({"mcp_servers": [{"url": MCP["url"]}]}, ["mcp_servers", 0, "name"]),
+    "mcp server with an empty name": ({"mcp_servers": [{**MCP, "name": ""}]}, ["mcp_servers", 0, "name"]),
+    "mcp server without a url": ({"mcp_servers": [{"name": "crm"}]}, ["mcp_servers", 0, "url"]),
+    "mcp server url not http": (
+        {"mcp_servers": [{**MCP, "url": "ftp://mcp.example.com"}]},
+        ["mcp_servers", 0, "url"],
+    ),
+    "mcp server url not a url": ({"mcp_servers": [{**MCP, "url": "mcp server"}]}, ["mcp_servers", 0, "url"]),
+    "mcp server of another type": ({"mcp_servers": [{**MCP, "type": "stdio"}]}, ["mcp_servers", 0, "type"]),
+    "mcp header not a string": (
+        {"mcp_servers": [{**MCP, "headers": {"x-api-key": 1}}]},
+        ["mcp_servers", 0, "headers", "x-api-key"],
+    ),
+    "mcp allowed_tools not a list": (
+        {"mcp_servers": [{**MCP, "allowed_tools": "search"}]},
+        ["mcp_servers", 0, "allowed_tools"],
+    ),
+    "mcp server names repeat": (
+        {"mcp_servers": [MCP, {**MCP, "url": "https://b.example.com"}]},
+        ["mcp_servers", 1, "name"],
+    ),
+    "more than 10 mcp servers": (
+        {"mcp_servers": [{**MCP, "name": f"s{i}"} for i in range(11)]},
+        ["mcp_servers"],
+    ),
+    "mcp_servers not a list": ({"mcp_servers": MCP}, ["mcp_servers"]),
+    "webhook without a url": ({"webhook": {"event_types": ["task_run.status"]}}, ["webhook", "url"]),
+    "webhook url not a url": ({"webhook": {**HOOK, "url": "hooks.example.com"}}, ["webhook", "url"]),
+    "webhook without event_types": ({"webhook": {"url": HOOK["url"]}}, ["webhook", "event_types"]),
+    "webhook with no event_types": ({"webhook": {**HOOK, "event_types": []}}, ["webhook", "event_types"]),
+    "webhook of another event type": (
+        {"webhook": {**HOOK, "event_types": ["task_run.progress"]}},
+        ["webhook", "event_types", 0],
+    ),
+    "webhook with a secret": ({"webhook": {**HOOK, "secret": "s"}}, ["webhook", "secret"]),
+    "enable_events not a bool": ({"enable_events": "true"}, ["enable_events"]),
+    "previous_interaction_id not a string": ({"previous_interaction_id": 12}, ["previous_interaction_id"]),
+    "memory_scope_key not a string": ({"memory_scope_key": ["a"]}, ["memory_scope_key"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_a_bad_per_run_field_is_a_422_naming_it_and_creates_nothing(case: str) -> None:
+    fields, loc = BAD_FIELDS[case]
+    app = app_with()
+
+    async def go() -> None:
+        async with client(app) as c:
+            error = assert_error(await create(c, body(**fields), BETAS), 422)
+            assert any(e["loc"] == ["body", *loc] for e in error["detail"]["errors"]), error
+            _, r = await add(c, [body(), body(**fields)], BETAS)
+            assert_fastapi_422(r, ["body", "inputs", 1, *loc])
+        assert app.stats()["runs_created"] == 0
+
+    run(go())
+
+
+GOOD_FIELDS: dict[str, dict[str, Any]] = {
+    "exactly 200 domain entries across include and exclude": {
+        "source_policy": {
+            "include_domains": [f"a{i}.com" for i in range(150)],
+            "exclude_domains": [f"b{i}.com" for i in range(50)],
+        }
+    },
+    "every kind of domain entry": {
+        "source_policy": {
+            "include_domains": [
+                "acme.com",
+                "docs.python.org/3",
+                "docs.python.org/3/",
+                ".gov",
+                ".co.uk",
+                "münchen.de",
+            ],
+            "after_date": "2024-02-29",
+        }
+    },
+    "a location and data sources": {
+        "advanced_settings": {"location": "GB", "data_sources": {"free": ["news"], "pay_per_use": []}}
+    },
+    "ten mcp servers with headers and tools": {
+        "mcp_servers": [
+            {**MCP, "name": f"s{i}", "headers": {"authorization": "Bearer t"}, "allowed_tools": ["q"]}
+            for i in range(10)
+        ]
+    },
+    "an mcp server as the docs spell it": {
+        "mcp_servers": [{"type": "url", "url": "https://dummy_mcp_server", "name": "dummy_mcp_server"}]
+    },
+    "a webhook": {"webhook": HOOK},
+    "null options": {
+        "source_policy": None,
+        "advanced_settings": None,
+        "mcp_servers": None,
+        "webhook": None,
+        "previous_interaction_id": None,
+        "memory_scope_key": None,
+        "enable_events": None,
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_FIELDS))
+def test_valid_per_run_fields_are_accepted_on_both_ways_of_creating_runs(case: str) -> None:
+    app = app_with()
+
+    async def go() -> None:
+        async with client(app) as c:
+            r = await create(c, body(**GOOD_FIELDS[case]), BETAS)
+            assert r.status_code == 202, r.text
+            _, r = await add(c, [body(**GOOD_FIELDS[case])], BETAS)
+            assert r.status_code == 200, r.text
+            sent = (await c.get(f"/v1/tasks/runs/{r.json()['run_ids'][0]}/input")).json()
+            assert sent == body(**GOOD_FIELDS[case])  # kept as sent, nulls included
+        assert app.stats()["runs_created"] == 2
+
+    run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# Beta fields need their parallel-beta value
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "beta"),
+    [("mcp_servers", [MCP], "mcp-server-2025-07-17"), ("webhook", HOOK, "webhook-2025-08-12")],
+)
+def test_a_beta_field_without_its_beta_header_is_a_422_naming_the_beta(
+    field: str, value: Any, beta: str
+) -> None:
+    app = app_with()
+    other = "events-sse-2025-07-24,field-basis-2025-11-25"
+
+    async def go() -> None:
+        async with client(app) as c:
+            for headers in (None, {"parallel-beta": other}):
+                error = assert_error(await create(c, body(**{field: value}), headers), 422)
+                assert field in error["message"] and beta in error["message"]
+                assert error["detail"]["errors"][0]["loc"] == ["body", field]
+                _, r = await add(c, [body(), body(**{field: value})], headers)
+                error = assert_error(r, 422)  # a service check, not request validation: an ErrorResponse
+                assert beta in error["message"]
+                assert error["detail"]["errors"][0]["loc"] == ["body", "inputs", 1, field]
+            assert app.stats()["runs_created"] == 0
+            # Comma-separated, spaces allowed, unknown values allowed, or one value per header line.
+            for headers in (
+                {"parallel-beta": f"{other}, {beta}"},
+                {"parallel-beta": f"some-future-beta,{beta}"},
+                [("parallel-beta", other), ("parallel-beta", beta)],
+            ):
+                assert (await create(c, body(**{field: value}), headers)).status_code == 202
+                _, r = await add(c, [body(**{field: value})], headers)
+                assert r.status_code == 200
+            # Null is no use of the field: no beta needed.
+            assert (await create(c, body(**{field: None}))).status_code == 202
+
+    run(go())
+
+
+def test_a_beta_header_is_accepted_on_every_endpoint() -> None:
+    app = app_with()
+    headers = {"parallel-beta": "events-sse-2025-07-24,field-basis-2025-11-25,anything-else"}
+
+    async def go() -> None:
+        async with client(app) as c:
+            rid = (await create(c, body(), headers)).json()["run_id"]
+            assert (
+                await c.get(f"/v1/tasks/runs/{rid}/result", params={"timeout": 10}, headers=headers)
+            ).status_code == 200
+            assert (await c.get(f"/v1/tasks/runs/{rid}/events", headers=headers)).status_code == 200
+            gid, r = await add(c, [body()], headers)
+            assert r.status_code == 200
+            assert (await c.get(f"/v1/tasks/groups/{gid}", headers=headers)).status_code == 200
+
+    run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# previous_interaction_id must name an interaction the emulator handed out
+
+
+def test_an_unknown_previous_interaction_is_a_422_naming_the_field_and_creates_nothing() -> None:
+    elsewhere, app = app_with(), app_with()
+
+    async def go() -> None:
+        async with client(elsewhere) as c:
+            foreign = (await create(c, body())).json()["interaction_id"]  # handed out by another emulator
+        async with client(app) as c:
+            for previous in (foreign, "trun_" + "0" * 32, "not-an-id"):
+                error = assert_error(await create(c, body(previous_interaction_id=previous)), 422)
+                assert "previous_interaction_id" in error["message"] and previous in error["message"]
+                assert error["detail"]["errors"][0]["loc"] == ["body", "previous_interaction_id"]
+                gid, r = await add(c, [body(), body(previous_interaction_id=previous)])
+                error = assert_error(r, 422)
+                assert "previous_interaction_id" in error["message"]
+                assert error["detail"]["errors"][0]["loc"] == ["body", "inputs", 1, "previous_interaction_id"]
+                assert (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]["num_task_runs"] == 0
+        assert app.stats()["runs_created"] == 0
 
     run(go())

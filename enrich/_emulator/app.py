@@ -40,7 +40,9 @@ from enrich._emulator.validate import (
     _MAX_INPUTS_PER_ADD,
     _MAX_SPEC_INPUT_CHARS,
     _RUN_INPUT_FIELDS,
+    _beta_problems,
     _check_advanced,
+    _check_data_sources_use,
     _check_extra,
     _check_mcp_servers,
     _check_metadata,
@@ -51,6 +53,7 @@ from enrich._emulator.validate import (
     _Errors,
     _input_warnings,
     _Loc,
+    _parse_betas,
 )
 from enrich._emulator.wire import (
     _HTML_5XX,
@@ -205,7 +208,11 @@ class EmulatorApp:
                 }
             )
             raise _ConnectionDropped
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers: dict[str, str] = {}
+        for k, v in scope.get("headers", []):
+            name, value = k.decode("latin-1").lower(), v.decode("latin-1")
+            # A header sent on several lines is one comma-separated list (RFC 9110 §5.3).
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
         query = {
             k: v[-1]
             for k, v in parse_qs(scope.get("query_string", b"").decode("utf-8", "replace"), True).items()
@@ -372,6 +379,19 @@ class EmulatorApp:
             return _HTTPError(self._json(422, {"detail": errors}))
         return self._error(422, _MSG_422, {"errors": errors})
 
+    def _refused(self, refusals: list[dict[str, Any]]) -> _HTTPError:
+        """422 as an ErrorResponse whose message says what is wrong (a missing beta, an unknown
+        interaction): these are refused by the service's own checks, not by request validation, so
+        the group endpoints answer them in the same shape as the run endpoints."""
+        message = refusals[0]["msg"]
+        if len(refusals) > 1:
+            message += f" (and {len(refusals) - 1} more; see detail)"
+        return self._error(422, message, {"errors": refusals})
+
+    @staticmethod
+    def _betas(req: _Request) -> frozenset[str]:
+        return _parse_betas(req.headers.get("parallel-beta", ""))
+
     def _parse_json(self, req: _Request, route: _Route) -> Any:
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         if not req.body:
@@ -434,9 +454,20 @@ class EmulatorApp:
     # -- creating runs
 
     def _prepare(
-        self, obj: Any, loc: _Loc, errs: _Errors, default_spec: _Spec | None = None
+        self,
+        obj: Any,
+        loc: _Loc,
+        errs: _Errors,
+        refusals: _Errors,
+        betas: frozenset[str],
+        default_spec: _Spec | None = None,
     ) -> tuple[_Prepared | None, str | None]:
-        """Validate one TaskRunInput. Returns (prepared or None, processor name if unknown)."""
+        """Validate one TaskRunInput. Returns (prepared or None, processor name if unknown).
+
+        Shape errors go to `errs`; `refusals` gets what a valid shape still cannot do: a beta field
+        without its `parallel-beta` value (`betas`), a `previous_interaction_id` this emulator never
+        handed out.
+        """
         before = len(errs)
         if not _check_object(obj, loc, errs):
             return None, None
@@ -465,8 +496,18 @@ class EmulatorApp:
             spec = self.state.spec(task_spec)
             for err in spec.errors:
                 errs.append({**err, "loc": [*loc, "task_spec", *err["loc"]]})
+        if len(errs) == before:
+            _check_data_sources_use(obj, loc, errs)
         if len(errs) > before:
             return None, None
+        refusals.extend(_beta_problems(obj, betas, loc))
+        previous = obj.get("previous_interaction_id")
+        if previous is not None and previous not in self.state.runs:
+            refusals.add(
+                (*loc, "previous_interaction_id"),
+                f"previous_interaction_id {previous!r} is not an interaction id this API handed out",
+                "unknown_interaction",
+            )
         value = obj["input"]
         input_text = value if isinstance(value, str) else _compact(value)
         if spec.size + len(input_text) > _MAX_SPEC_INPUT_CHARS:
@@ -556,10 +597,12 @@ class EmulatorApp:
 
     async def _h_create_run(self, req: _Request, route: _Route) -> _Response:
         obj = self._parse_json(req, route)
-        errs = _Errors()
-        prepared, unknown = self._prepare(obj, ("body",), errs)
+        errs, refusals = _Errors(), _Errors()
+        prepared, unknown = self._prepare(obj, ("body",), errs, refusals, self._betas(req))
         if errs:
             raise self._invalid(route, errs)
+        if refusals:
+            raise self._refused(refusals)
         if unknown is not None or prepared is None:
             raise self._error(403, _MSG_FORBIDDEN, {"processor": unknown})
         self._admit(req, [prepared])
@@ -741,14 +784,18 @@ class EmulatorApp:
             raise self._invalid(route, errs)
         prepared: list[_Prepared] = []
         unknown: list[str] = []
+        refusals = _Errors()
+        betas = self._betas(req)
         for i, item in enumerate(inputs):
-            p, bad = self._prepare(item, ("body", "inputs", i), errs, default_spec)
+            p, bad = self._prepare(item, ("body", "inputs", i), errs, refusals, betas, default_spec)
             if p is not None:
                 prepared.append(p)
             elif bad is not None:
                 unknown.append(bad)
         if errs:
             raise self._invalid(route, errs)
+        if refusals:
+            raise self._refused(refusals)
         if unknown:
             raise self._error(403, _MSG_FORBIDDEN, {"processors": sorted(set(unknown))})
         self._admit(req, prepared)

@@ -1,6 +1,6 @@
 """The emulator's checks of request bodies, as strict as the service: TaskRunInput fields, metadata,
 source policy, advanced settings, MCP servers, webhooks, task specs and their output JSON schemas, with
-the documented limits (task-api.md §3 and §6).
+the documented limits (task-api.md §2.1, §3 and §6), and the beta each beta field needs (`_beta_problems`).
 
 Errors are FastAPI-style dicts {loc, msg, type} collected in an `_Errors` list; the run endpoints wrap
 them in an ErrorResponse, the group endpoints answer them as {"detail": [...]}. `_check_task_spec`
@@ -13,7 +13,9 @@ import re
 from collections.abc import Mapping
 from datetime import date
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from enrich._emulator.sources import domain_entry_problem
 from enrich._emulator.wire import _compact
 from enrich._jsonschema import UNSUPPORTED_KEYWORDS
 
@@ -32,6 +34,23 @@ _MAX_ENUM_VALUES = 500
 _LARGE_ENUM_VALUES = 250  # an enum of more values than this ...
 _LARGE_ENUM_CHARS = 7_500  # ... may hold at most this many characters
 _MAX_DOMAINS = 200
+_MAX_MCP_SERVERS = 10  # docs.parallel.ai/task-api/mcp-tool-call: "up to 10 MCP servers per request"
+
+#: The beta header value each beta field of a TaskRunInput needs (task-api.md §2.1, §8).
+BETA_FIELDS = {"mcp_servers": "mcp-server-2025-07-17", "webhook": "webhook-2025-08-12"}
+
+#: ISO 3166-1 alpha-2: the 249 officially assigned codes (`advanced_settings.location`).
+_COUNTRY_TABLE = (
+    "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS BT BV "
+    "BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES "
+    "ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE "
+    "IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY "
+    "MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU "
+    "NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM "
+    "SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE "
+    "VG VI VN VU WF WS YE YT ZA ZM ZW"
+)
+_COUNTRY_CODES = frozenset(_COUNTRY_TABLE.split())
 
 _UNSUPPORTED_KEYWORDS = UNSUPPORTED_KEYWORDS  # the one list, shared with the client-side check
 _JSON_TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
@@ -75,14 +94,33 @@ def _check_str(obj: Mapping[str, Any], key: str, loc: _Loc, errs: _Errors, *, re
         errs.add((*loc, key), "Input should be a valid string", "string_type")
 
 
-def _check_str_list(value: Any, loc: _Loc, errs: _Errors) -> int:
+def _check_str_list(value: Any, loc: _Loc, errs: _Errors, *, nonempty_items: bool = False) -> int:
     if not isinstance(value, list):
         errs.add(loc, "Input should be a valid list", "list_type")
         return 0
     for i, item in enumerate(value):
         if not isinstance(item, str):
             errs.add((*loc, i), "Input should be a valid string", "string_type")
+        elif nonempty_items and not item:
+            errs.add((*loc, i), "String should have at least 1 character", "string_too_short")
     return len(value)
+
+
+def _check_url(obj: Mapping[str, Any], key: str, loc: _Loc, errs: _Errors) -> None:
+    """A required absolute http(s) URL with a host."""
+    _check_str(obj, key, loc, errs, required=True)
+    value = obj.get(key)
+    if not isinstance(value, str):
+        return
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        errs.add(
+            (*loc, key), "Input should be a valid URL with an http or https scheme and a host", "url_parsing"
+        )
 
 
 def _check_extra(
@@ -127,10 +165,23 @@ def _check_source_policy(value: Any, loc: _Loc, errs: _Errors) -> None:
     _check_extra(value, {"include_domains", "exclude_domains", "after_date"}, loc, errs)
     total = 0
     for key in ("include_domains", "exclude_domains"):
-        if key in value:
-            total += _check_str_list(value[key], (*loc, key), errs)
+        entries = value.get(key)
+        if entries is None:
+            continue
+        total += _check_str_list(entries, (*loc, key), errs)
+        if not isinstance(entries, list):
+            continue
+        for i, entry in enumerate(entries):
+            problem = domain_entry_problem(entry) if isinstance(entry, str) else None
+            if problem is not None:
+                errs.add((*loc, key, i), problem, "value_error")
     if total > _MAX_DOMAINS:
-        errs.add(loc, f"At most {_MAX_DOMAINS} domain entries are allowed in total", "too_long")
+        errs.add(
+            loc,
+            f"At most {_MAX_DOMAINS} domain entries are allowed in include_domains and exclude_domains "
+            f"together; got {total}",
+            "too_long",
+        )
     after = value.get("after_date")
     if after is not None:
         try:
@@ -150,12 +201,19 @@ def _check_advanced(value: Any, loc: _Loc, errs: _Errors) -> None:
         return
     _check_extra(value, {"location", "data_sources"}, loc, errs)
     _check_str(value, "location", loc, errs)
+    location = value.get("location")
+    if isinstance(location, str) and location not in _COUNTRY_CODES:
+        errs.add(
+            (*loc, "location"),
+            "Input should be an ISO 3166-1 alpha-2 country code in upper case, such as 'US' or 'GB'",
+            "value_error",
+        )
     sources = value.get("data_sources")
     if sources is not None and _check_object(sources, (*loc, "data_sources"), errs):
         _check_extra(sources, {"free", "pay_per_use"}, (*loc, "data_sources"), errs)
         for key in ("free", "pay_per_use"):
-            if key in sources:
-                _check_str_list(sources[key], (*loc, "data_sources", key), errs)
+            if sources.get(key) is not None:
+                _check_str_list(sources[key], (*loc, "data_sources", key), errs, nonempty_items=True)
 
 
 def _check_mcp_servers(value: Any, loc: _Loc, errs: _Errors) -> None:
@@ -164,13 +222,29 @@ def _check_mcp_servers(value: Any, loc: _Loc, errs: _Errors) -> None:
     if not isinstance(value, list):
         errs.add(loc, "Input should be a valid list", "list_type")
         return
+    if len(value) > _MAX_MCP_SERVERS:
+        errs.add(
+            loc,
+            f"List should have at most {_MAX_MCP_SERVERS} items after validation, not {len(value)}",
+            "too_long",
+        )
+    names: set[str] = set()
     for i, server in enumerate(value):
         sloc = (*loc, i)
         if not _check_object(server, sloc, errs):
             continue
         _check_extra(server, {"name", "url", "type", "headers", "allowed_tools"}, sloc, errs)
         _check_str(server, "name", sloc, errs, required=True)
-        _check_str(server, "url", sloc, errs, required=True)
+        name = server.get("name")
+        if name == "":
+            errs.add((*sloc, "name"), "String should have at least 1 character", "string_too_short")
+        elif isinstance(name, str):
+            if name in names:
+                errs.add(
+                    (*sloc, "name"), f"MCP server names must be distinct; {name!r} repeats", "value_error"
+                )
+            names.add(name)
+        _check_url(server, "url", sloc, errs)
         if "type" in server and server["type"] != "url":
             errs.add((*sloc, "type"), "Input should be 'url'", "literal_error")
         headers = server.get("headers")
@@ -186,15 +260,63 @@ def _check_webhook(value: Any, loc: _Loc, errs: _Errors) -> None:
     if value is None or not _check_object(value, loc, errs):
         return
     _check_extra(value, {"url", "event_types"}, loc, errs)
-    _check_str(value, "url", loc, errs, required=True)
-    if "event_types" in value:
-        kinds = value["event_types"]
-        if not isinstance(kinds, list):
-            errs.add((*loc, "event_types"), "Input should be a valid list", "list_type")
-        else:
-            for i, kind in enumerate(kinds):
-                if kind != "task_run.status":
-                    errs.add((*loc, "event_types", i), "Input should be 'task_run.status'", "literal_error")
+    _check_url(value, "url", loc, errs)
+    # The docs mark event_types required, and only ["task_run.status"] is supported (the OAS gives a
+    # default of [], which would never notify): the stricter reading.
+    if "event_types" not in value:
+        errs.add((*loc, "event_types"), "Field required", "missing")
+        return
+    kinds = value["event_types"]
+    if not isinstance(kinds, list):
+        errs.add((*loc, "event_types"), "Input should be a valid list", "list_type")
+    elif not kinds:
+        errs.add(
+            (*loc, "event_types"),
+            "List should have at least 1 item after validation, not 0; use ['task_run.status']",
+            "too_short",
+        )
+    else:
+        for i, kind in enumerate(kinds):
+            if kind != "task_run.status":
+                errs.add((*loc, "event_types", i), "Input should be 'task_run.status'", "literal_error")
+
+
+def _check_data_sources_use(obj: Mapping[str, Any], loc: _Loc, errs: _Errors) -> None:
+    """What `advanced_settings.data_sources` asks of the rest of a TaskRunInput (the SDK's docstring:
+    "Supported on standard processors only; a selected partner name must not collide with an
+    `mcp_servers` entry"). Call it once the fields' own shapes are valid."""
+    advanced = obj.get("advanced_settings") or {}
+    sources = advanced.get("data_sources") or {}
+    chosen = [name for key in ("free", "pay_per_use") for name in sources.get(key) or ()]
+    if not chosen:
+        return
+    sloc = (*loc, "advanced_settings", "data_sources")
+    processor = obj.get("processor")
+    if isinstance(processor, str) and processor.endswith("-fast"):
+        errs.add(
+            sloc,
+            f"data_sources is supported on standard processors only, not {processor!r}; use "
+            f"{processor.removesuffix('-fast')!r}",
+            "value_error",
+        )
+    servers = {s.get("name") for s in obj.get("mcp_servers") or ()}
+    clashes = sorted(servers.intersection(chosen))
+    if clashes:
+        errs.add(sloc, f"data source names must not collide with mcp_servers names: {clashes}", "value_error")
+
+
+def _beta_problems(obj: Mapping[str, Any], betas: frozenset[str], loc: _Loc) -> _Errors:
+    """The beta fields of a TaskRunInput sent without the `parallel-beta` value they need."""
+    errs = _Errors()
+    for key, beta in BETA_FIELDS.items():
+        if obj.get(key) is not None and beta not in betas:
+            errs.add((*loc, key), f"{key} needs the beta header 'parallel-beta: {beta}'", "missing_beta")
+    return errs
+
+
+def _parse_betas(header: str) -> frozenset[str]:
+    """The values of a `parallel-beta` header: comma-separated, any string allowed."""
+    return frozenset(v.strip() for v in header.split(",") if v.strip())
 
 
 def _check_schema_wrapper(value: Any, loc: _Loc, errs: _Errors, *, output: bool) -> str:
