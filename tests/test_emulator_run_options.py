@@ -3,9 +3,10 @@
 The `cancelled`, `cancelling` and `action_required` statuses and the `x-should-retry` header come from
 options that are off by default; array fields get one basis entry per element; each bad per-run field
 is a 422 that names it, for a single create and inside a group add; beta fields need their
-`parallel-beta` value; a `previous_interaction_id` must name an interaction the emulator handed out.
-Everything goes over HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on
-127.0.0.1 where the SDK is the client.
+`parallel-beta` value; a `previous_interaction_id` must name an interaction the emulator handed out,
+and a follow-up's basis says which; citations keep to the run's `source_policy`. Everything goes over
+HTTP: the ASGI app in-process (`httpx.ASGITransport`), and `Emulator` on 127.0.0.1 where the SDK is
+the client.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from parallel import InternalServerError, Parallel
 from parallel.types import TaskRun
 from test_emulator import (
+    SPEC,
     app_with,
     assert_error,
     assert_fastapi_422,
@@ -669,5 +671,138 @@ def test_an_unknown_previous_interaction_is_a_422_naming_the_field_and_creates_n
                 assert error["detail"]["errors"][0]["loc"] == ["body", "inputs", 1, "previous_interaction_id"]
                 assert (await c.get(f"/v1/tasks/groups/{gid}")).json()["status"]["num_task_runs"] == 0
         assert app.stats()["runs_created"] == 0
+
+    run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# Follow-ups say which interaction they continue
+
+
+def test_a_follow_up_continues_the_interaction_it_names_and_its_basis_says_so() -> None:
+    app = app_with()
+
+    async def go() -> None:
+        async with client(app) as c:
+            first = (await create(c, body("core", task_spec=ARRAYS))).json()
+            assert first["interaction_id"] == first["run_id"]
+            # An interaction can be followed up before it ends, from a single run or in a group.
+            follow = body("core", task_spec=ARRAYS, previous_interaction_id=first["interaction_id"])
+            r = await create(c, follow)
+            assert (
+                r.status_code == 202 and r.json()["interaction_id"] == r.json()["run_id"] != first["run_id"]
+            )
+            chained = (await wait_done(c, r.json()["run_id"]))["output"]
+            lead = f"Following up on interaction {first['interaction_id']}:"
+            assert chained["basis"] and all(b["reasoning"].startswith(lead) for b in chained["basis"])
+            assert chained == expected_output(follow)
+            plain = (await wait_done(c, first["run_id"]))["output"]
+            assert chained["content"] == plain["content"]  # the same research, followed up
+            assert not any(b["reasoning"].startswith("Following up") for b in plain["basis"])
+            # A group run's interaction chains too, into another group; the answer is deterministic.
+            _, r = await add(c, [follow, follow])
+            a, b = r.json()["run_ids"]
+            group_follow = body("base", previous_interaction_id=a)
+            _, r = await add(c, [group_follow])
+            assert r.status_code == 200
+            again = (await wait_done(c, r.json()["run_ids"][0]))["output"]
+            assert again == expected_output(group_follow)
+            assert again["basis"][0]["reasoning"].startswith(f"Following up on interaction {a}:")
+            assert (await wait_done(c, a))["output"] == (await wait_done(c, b))["output"] == chained
+
+    run(go())
+
+
+def test_a_follow_up_of_a_sized_answer_keeps_its_size() -> None:
+    app = app_with(basis_bytes=3_000)
+
+    async def go() -> None:
+        async with client(app) as c:
+            rid = (await create(c, body("core", task_spec=SPEC))).json()["run_id"]
+            follow = body("core", task_spec=SPEC, previous_interaction_id=rid)
+            output = (await wait_done(c, (await create(c, follow)).json()["run_id"]))["output"]
+            assert output == expected_output(follow, basis_bytes=3_000)
+            for entry in output["basis"]:
+                assert entry["reasoning"].startswith(f"Following up on interaction {rid}:")
+                assert 2_400 <= size(entry) <= 3_600
+
+    run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# source_policy in citations
+
+
+EXCLUDED = ["example.com", ".org", ".net", ".io", ".com", *(f".example{k}" for k in range(195))]
+POLICIES: dict[str, tuple[dict[str, Any], Any]] = {
+    # (source_policy, the check each citation must pass)
+    "one domain": ({"include_domains": ["acme.com"]}, lambda u: on(u, "acme.com")),
+    "a subdomain": ({"include_domains": ["investors.acme.com"]}, lambda u: on(u, "investors.acme.com")),
+    "a domain and path": ({"include_domains": ["docs.python.org/3/"]}, lambda u: on(u, "docs.python.org/3")),
+    "an extension": ({"include_domains": [".gov"]}, lambda u: on(u, ".gov")),
+    "several, exclusions ignored": (
+        {"include_domains": ["acme.com", ".co.uk"], "exclude_domains": ["acme.com"]},
+        lambda u: on(u, "acme.com") or on(u, ".co.uk"),
+    ),
+    "the compact host and two sources excluded": (
+        {"exclude_domains": ["example.com", "wikipedia.org", "crunchbase.com"]},
+        lambda u: not any(on(u, e) for e in ("example.com", "wikipedia.org", "crunchbase.com")),
+    ),
+    "common hosts excluded": (
+        {"exclude_domains": [".com", "wikipedia.org", "linkedin.com/company"]},
+        lambda u: not any(on(u, e) for e in (".com", "wikipedia.org", "linkedin.com/company")),
+    ),
+    "200 exclusions": ({"exclude_domains": EXCLUDED}, lambda u: not any(on(u, e) for e in EXCLUDED)),
+}
+
+
+@pytest.mark.parametrize("basis_bytes", [None, 4_000])
+@pytest.mark.parametrize("case", sorted(POLICIES))
+def test_every_citation_keeps_to_the_runs_source_policy(case: str, basis_bytes: int | None) -> None:
+    policy, allowed = POLICIES[case]
+    app = app_with(basis_bytes=basis_bytes)
+    requests = [
+        body("core", task_spec=ARRAYS, source_policy=policy),
+        body("lite", task_spec=ARRAYS, source_policy=policy),
+        {"input": "What does Acme Corp make?", "processor": "base", "source_policy": policy},
+        body("pro", source_policy=policy),  # auto schema: an array field too
+    ]
+
+    async def go() -> None:
+        async with client(app) as c:
+            singles = [(await create(c, r)).json()["run_id"] for r in requests]
+            gid, added = await add(c, requests)
+            for request, rid in zip(requests, singles, strict=True):
+                output = (await wait_done(c, rid))["output"]
+                assert output == expected_output(request, basis_bytes=basis_bytes)
+                urls = citations(output)
+                assert urls and all(allowed(u) for u in urls), [u for u in urls if not allowed(u)]
+                assert all(u.startswith("https://") for u in urls)
+            await asyncio.gather(*(wait_done(c, rid) for rid in added.json()["run_ids"]))
+            listed = sse(
+                (await c.get(f"/v1/tasks/groups/{gid}/runs", params={"include_output": "true"})).text
+            )
+            for request, event in zip(requests, listed, strict=True):
+                assert event["output"] == expected_output(request, basis_bytes=basis_bytes)
+
+    run(go())
+
+
+def test_without_a_policy_citations_are_as_before_and_a_policy_changes_only_citations() -> None:
+    app = app_with()
+
+    async def go() -> None:
+        async with client(app) as c:
+            free = (await wait_done(c, (await create(c, body("core", task_spec=SPEC))).json()["run_id"]))[
+                "output"
+            ]
+            assert any(on(u, "example.com") for u in citations(free))  # the compact basis's own host
+            bound_request = body("core", task_spec=SPEC, source_policy={"include_domains": ["acme.com"]})
+            bound = (await wait_done(c, (await create(c, bound_request)).json()["run_id"]))["output"]
+            assert bound["content"] == free["content"]
+            assert [b["reasoning"] for b in bound["basis"]] == [b["reasoning"] for b in free["basis"]]
+            assert citations(bound) != citations(free) and all(on(u, "acme.com") for u in citations(bound))
+            dated = body("core", task_spec=SPEC, source_policy={"after_date": "2024-01-01"})
+            assert (await wait_done(c, (await create(c, dated)).json()["run_id"]))["output"] == free
 
     run(go())

@@ -96,7 +96,8 @@ class EmulatorConfig:
       passages of varied length, and a reasoning paragraph. `lite`/`base` keep their rule of no
       excerpts and no confidence: their size comes from more citations and a longer reasoning. The
       content is the same either way, and the bytes depend only on (input, task spec, processor tier,
-      basis_bytes), like every output (`enrich._emulator.synth.expected_output(..., basis_bytes=N)`).
+      basis_bytes, and the run's source policy and previous interaction), like every output
+      (`enrich._emulator.synth.expected_output(run_input, basis_bytes=N)`).
     """
 
     api_key: str | None = None

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from enrich._emulator.config import EmulatorConfig, _draw_seed, _id_source
+from enrich._emulator.sources import SourcePolicy
 from enrich._emulator.synth import _canonical as _synth_canonical
 from enrich._emulator.synth import output_of
 from enrich._emulator.validate import _check_task_spec
@@ -395,14 +396,21 @@ class EmulatorState:
         return body
 
     def run_output(self, run: _Run) -> dict[str, Any]:
-        # `build_output(input, spec.spec, processor)`, with the spec's part of the work done once per spec.
+        # `build_output(input, spec.spec, processor, ...)`, with the spec's part done once per spec.
         spec = run.spec
         cached = spec.output
         if cached is None:
             schema = spec.spec.get("output_schema") if spec.spec else None
             cached = spec.output = (schema, _synth_canonical(schema))
+        body = json.loads(run.body)
         return output_of(
-            json.loads(run.body)["input"], cached[0], cached[1], run.processor, self.config.basis_bytes
+            body["input"],
+            cached[0],
+            cached[1],
+            run.processor,
+            self.config.basis_bytes,
+            SourcePolicy.of(body.get("source_policy")),
+            body.get("previous_interaction_id"),
         )
 
     def stats(self) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Deterministic synthetic task outputs, as the emulator serves them.
 
 Every value is derived from a hash of (input, output schema) and nothing else: not the emulator's seed,
-not the run id, not the time. A test can therefore compute the exact answer of every row with
-`expected_output()` and compare it to what came back through the API.
+not the run id, not the time. The basis also follows the run's `source_policy` (citations only on
+domains it allows) and `previous_interaction_id` (a follow-up's reasoning names the interaction). A test
+can therefore compute the exact answer of every row with `expected_output()` and compare it to what came
+back through the API.
 
     >>> content, basis = synth_output(
     ...     {"company": "Acme Corp"},
@@ -35,6 +37,8 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from enrich._emulator.sources import SourcePolicy
 
 __all__ = [
     "AUTO_SCHEMA",
@@ -198,9 +202,18 @@ def _string_kind(name: str, hint: str) -> str:
 
 
 class _Gen:
-    def __init__(self, input: str | Mapping[str, Any], root_schema: Mapping[str, Any], draw: _Draw) -> None:
+    def __init__(
+        self,
+        input: str | Mapping[str, Any],
+        root_schema: Mapping[str, Any],
+        draw: _Draw,
+        policy: SourcePolicy | None = None,
+        previous: str | None = None,
+    ) -> None:
         self.echo = _echo(input)
         self.slug = _slug(self.echo)
+        self.policy = policy  # where citations may point (`source_policy`)
+        self.prefix = f"Following up on interaction {previous}: " if previous else ""
         self.root = root_schema
         self.draw = draw
         self._sources: _RowSources | None = None  # made on the first sized basis of the row
@@ -359,16 +372,17 @@ class _Gen:
         n = d.int(path + "#sources", 1, 3)
         citations = []
         for i in range(n):
+            url = f"https://{self.slug}.example.com/{field_slug}/{i + 1}"
             citations.append(
                 {
-                    "url": f"https://{self.slug}.example.com/{field_slug}/{i + 1}",
+                    "url": url if self.policy is None else self.policy.place(url, self.slug, i),
                     "title": f"{self.echo} — {label} (source {i + 1})",
                     "excerpts": None if basic else [f"{self.echo}: evidence for {label}."],
                 }
             )
         return {
             "field": _entry_name(field, element),
-            "reasoning": f"Synthetic: the {label} of {self.echo} was read from {n} source(s).",
+            "reasoning": f"{self.prefix}Synthetic: the {label} of {self.echo} was read from {n} source(s).",
             "citations": citations,
             "confidence": None if basic else d.pick(path + "#confidence", _CONFIDENCE),
         }
@@ -382,7 +396,13 @@ class _Gen:
             src = self._sources = _RowSources(self.echo, self.slug)
         confidence = None if basic else self.draw.pick(path + "#confidence", _CONFIDENCE)
         rng = _Rng(self.draw.seed(path + "#basis"))
-        return _sized_basis(src, field, value, confidence, basic, target, rng, element)
+        if not self.prefix:
+            return _sized_basis(src, field, value, confidence, basic, target, rng, element, self.policy)
+        # The follow-up's lead is part of the size: the rest of the entry gets what it leaves.
+        target = max(target - _json_size(self.prefix), BASIS_BYTES_RANGE[0] // 2)
+        entry = _sized_basis(src, field, value, confidence, basic, target, rng, element, self.policy)
+        entry["reasoning"] = self.prefix + entry["reasoning"]
+        return entry
 
     def bases(self, content: Mapping[str, Any], basic: bool, basis_bytes: int | None) -> list[dict[str, Any]]:
         """The basis of a JSON output: one entry per top-level field, each array field's followed by
@@ -727,6 +747,7 @@ def _sized_basis(
     target: int,
     rng: _Rng,
     element: int | None = None,
+    policy: SourcePolicy | None = None,
 ) -> dict[str, Any]:
     """A FieldBasis of about `target` bytes of compact UTF-8 JSON, shaped like a real one.
 
@@ -735,7 +756,7 @@ def _sized_basis(
     no confidence): 35-50 % reasoning, the rest in citations. Sizes are counted as the parts are made (a
     string's len, when the row and field names need no JSON escapes), so nothing is encoded; the
     reasoning comes last and fills what is left. `element`: the entry of that element of an array
-    field.
+    field. `policy`: citations it does not allow are moved to hosts it does (`SourcePolicy.place`).
     """
     label, field_slug, field_size, label_plain = _field_plan(field, element)
     size_of = len if src.plain and label_plain else _json_size
@@ -755,6 +776,8 @@ def _sized_basis(
     citations: list[dict[str, Any]] = []
     for i in range(wanted):
         url, title = src.citation((start + i * step) % _N_SOURCES, i // _N_SOURCES, field_slug, label, rng)
+        if policy is not None:
+            url = policy.place(url, src.slug, i)
         cost = skeleton + len(url) + size_of(title) + (1 if citations else 0)
         if citations and size + cost + least + reasoning > target:
             break
@@ -851,10 +874,8 @@ def _normalize(output_schema: Any) -> tuple[str, Any]:
     raise ValueError(f"not an output schema: {output_schema!r}")
 
 
-def _text(
-    input: str | Mapping[str, Any], description: str | None, draw: _Draw, basic: bool, basis_bytes: int | None
-) -> tuple[str, list]:
-    gen = _Gen(input, {}, draw)
+def _text(description: str | None, gen: _Gen, basic: bool, basis_bytes: int | None) -> tuple[str, list]:
+    draw = gen.draw
     topic = f" Task: {' '.join(description.split())[:120]}" if description else ""
     content = (
         f"{gen.echo}: synthetic research summary ({draw.tag('text')}).{topic} "
@@ -871,6 +892,8 @@ def synth_output(
     *,
     processor: str | None = None,
     basis_bytes: int | None = None,
+    source_policy: Mapping[str, Any] | None = None,
+    previous_interaction_id: str | None = None,
 ) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
     """The (content, basis) the emulator answers for `input` under `output_schema`.
 
@@ -886,11 +909,21 @@ def synth_output(
     `processor` only changes the basis: `lite`/`base` give no confidence and no excerpts. `basis_bytes`
     only changes the basis too: None (the default) gives compact entries; an int in `BASIS_BYTES_RANGE`
     makes each entry, element entries included, about that many bytes of compact JSON (see
-    `EmulatorConfig.basis_bytes`). The result depends only on (input, output_schema), the processor's
-    tier and `basis_bytes`, so it is the same on every emulator and run.
+    `EmulatorConfig.basis_bytes`). The run's `source_policy` and `previous_interaction_id` change the
+    basis only: every citation is on a domain the policy allows (`sources.SourcePolicy`), and a
+    follow-up's reasoning opens with "Following up on interaction <id>: ". The result depends only on
+    these arguments (the processor by its tier), so it is the same on every emulator and run.
     """
     basis_bytes = check_basis_bytes(basis_bytes)
-    return _synth(input, output_schema, processor, _canonical(output_schema), basis_bytes)
+    return _synth(
+        input,
+        output_schema,
+        processor,
+        _canonical(output_schema),
+        basis_bytes,
+        SourcePolicy.of(source_policy),
+        previous_interaction_id,
+    )
 
 
 def _synth(
@@ -899,9 +932,11 @@ def _synth(
     processor: str | None,
     schema_json: str,
     basis_bytes: int | None = None,
+    policy: SourcePolicy | None = None,
+    previous: str | None = None,
 ) -> tuple[str | dict[str, Any], list[dict[str, Any]]]:
     """`synth_output()` given `schema_json = _canonical(output_schema)`, which a caller may compute once,
-    and a `basis_bytes` already checked."""
+    a `basis_bytes` already checked and the source policy parsed."""
     kind, schema = _normalize(output_schema)
     tier = _tier(processor)
     basic = tier in _BASIC_TIERS
@@ -912,8 +947,9 @@ def _synth(
     if kind == "auto" and tier in PREMIUM_TIERS:
         kind, schema = "json", AUTO_SCHEMA
     if kind != "json":
-        return _text(input, schema if kind == "text" else None, draw, basic, basis_bytes)
-    gen = _Gen(input, schema, draw)
+        gen = _Gen(input, {}, draw, policy, previous)
+        return _text(schema if kind == "text" else None, gen, basic, basis_bytes)
+    gen = _Gen(input, schema, draw, policy, previous)
     content = gen.obj(gen.resolve(schema), "", 0)
     return content, gen.bases(content, basic, basis_bytes)
 
@@ -924,11 +960,19 @@ def build_output(
     processor: str,
     *,
     basis_bytes: int | None = None,
+    source_policy: Mapping[str, Any] | None = None,
+    previous_interaction_id: str | None = None,
 ) -> dict[str, Any]:
     """The wire `output` object (TaskRunJsonOutput or TaskRunTextOutput) of a completed run."""
     output_schema = task_spec.get("output_schema") if task_spec else None
     return output_of(
-        input, output_schema, _canonical(output_schema), processor, check_basis_bytes(basis_bytes)
+        input,
+        output_schema,
+        _canonical(output_schema),
+        processor,
+        check_basis_bytes(basis_bytes),
+        SourcePolicy.of(source_policy),
+        previous_interaction_id,
     )
 
 
@@ -938,11 +982,13 @@ def output_of(
     schema_json: str,
     processor: str,
     basis_bytes: int | None = None,
+    policy: SourcePolicy | None = None,
+    previous: str | None = None,
 ) -> dict[str, Any]:
     """`build_output()` given the task spec's `output_schema` and `schema_json = _canonical(output_schema)`,
     so a caller answering many runs of one spec (the emulator) encodes the schema once. `basis_bytes` is
     not checked here: the emulator's config did that."""
-    content, basis = _synth(input, output_schema, processor, schema_json, basis_bytes)
+    content, basis = _synth(input, output_schema, processor, schema_json, basis_bytes, policy, previous)
     if isinstance(content, str):
         return {"type": "text", "content": content, "basis": basis}
     auto = _normalize(output_schema)[0] == "auto"
@@ -962,13 +1008,21 @@ def expected_output(
 ) -> dict[str, Any]:
     """The `output` that `GET /v1/tasks/runs/{id}/result` answers for a run created from `run_input`.
 
-    `run_input` is the TaskRunInput as sent (`input`, `processor`, optional `task_spec`);
-    `default_task_spec` is the add-runs request's default, used when the input has no `task_spec`;
-    `basis_bytes` is the emulator's `EmulatorConfig.basis_bytes`.
+    `run_input` is the TaskRunInput as sent (`input`, `processor`, optional `task_spec`, and the
+    `source_policy` and `previous_interaction_id` that shape the basis); `default_task_spec` is the
+    add-runs request's default, used when the input has no `task_spec`; `basis_bytes` is the
+    emulator's `EmulatorConfig.basis_bytes`.
 
         >>> out = expected_output({"input": "Acme Corp", "processor": "base"})
         >>> out["type"], out["basis"][0]["field"]
         ('text', 'output')
     """
     spec = run_input.get("task_spec") or default_task_spec
-    return build_output(run_input["input"], spec, run_input["processor"], basis_bytes=basis_bytes)
+    return build_output(
+        run_input["input"],
+        spec,
+        run_input["processor"],
+        basis_bytes=basis_bytes,
+        source_policy=run_input.get("source_policy"),
+        previous_interaction_id=run_input.get("previous_interaction_id"),
+    )
