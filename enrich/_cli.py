@@ -515,7 +515,10 @@ def _emulate(args: argparse.Namespace) -> int:
         "api_key": args.api_key,
         "latency": args.latency,
         "failure_rate": args.failure_rate,
+        "cancel_rate": args.cancel_rate,
+        "action_required_rate": args.action_required_rate,
         "fault_rate": args.fault_rate,
+        "should_retry_header": args.should_retry_header,
         "rate_limit": args.rate_limit or None,
         "run_rate_limit": args.run_rate_limit or None,
         "rate_window": args.rate_window,
@@ -724,9 +727,28 @@ def _parser() -> argparse.ArgumentParser:
         "--latency", type=float, help="mean seconds a run takes (default: the processor's range / 60)"
     )
     emu.add_argument("--failure-rate", type=float, default=0.0, help="share of runs that fail (0-1)")
+    emu.add_argument(
+        "--cancel-rate",
+        type=float,
+        default=0.0,
+        help="share of runs that end cancelled, via cancelling (0-1)",
+    )
+    emu.add_argument(
+        "--action-required-rate",
+        type=float,
+        default=0.0,
+        help="share of runs that stop at action_required (0-1)",
+    )
     emu.add_argument("--fault-rate", type=float, default=0.0, help="share of requests hit by a fault (0-1)")
     emu.add_argument(
-        "--faults", help="fault kinds, comma-separated: html_5xx,drop,slow,lost_create (default: all)"
+        "--faults",
+        help="fault kinds, comma-separated: html_5xx,drop,slow,lost_create,no_retry "
+        "(default: html_5xx,drop,slow,lost_create)",
+    )
+    emu.add_argument(
+        "--should-retry-header",
+        action="store_true",
+        help="send x-should-retry: true with every 429 and 5xx fault (no_retry sends false)",
     )
     emu.add_argument(
         "--rate-limit",

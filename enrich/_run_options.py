@@ -58,6 +58,7 @@ KNOWN_BETAS = (
 _NEEDS_BETA = {"mcp_servers": "mcp-server-2025-07-17", "webhook": "webhook-2025-08-12"}
 
 MAX_DOMAINS = 200  # include_domains and exclude_domains together (task-api.md §2.1)
+MAX_MCP_SERVERS = 10  # docs.parallel.ai/task-api/mcp-tool-call: "up to 10 MCP servers per request"
 
 #: The key under which the beta values enter a row's content key (never a TaskRunInput field).
 BETA_KEY = "parallel-beta"
@@ -81,6 +82,9 @@ def _text(value: str) -> str | None:
     return "is empty" if not value.strip() else None
 
 
+_LABEL = re.compile(r"[^\W_](?:[^\W_]|-)*")
+
+
 def _domain(value: str) -> str | None:
     if not value.strip():
         return "is empty (a domain such as example.com, a path such as example.com/blog, or a .tld)"
@@ -89,8 +93,17 @@ def _domain(value: str) -> str | None:
             f"{value!r} is a URL; give the domain alone (example.com), e.g. a column made with "
             "pl.col(...).str.replace(r'^https?://(www\\.)?', '').str.strip_chars_end('/')"
         )
-    if any(c.isspace() for c in value) or value.startswith("/"):
+    host, slash, _ = value.partition("/")
+    extension = host.startswith(".")
+    labels = (host[1:] if extension else host).split(".")
+    if any(c.isspace() for c in value) or "?" in value or "#" in value or ":" in host or "@" in host:
+        return f"{value!r} is not a domain (example.com, example.com/blog, or .tld: no port, query or user)"
+    if not all(_LABEL.fullmatch(label) for label in labels):
         return f"{value!r} is not a domain (example.com, example.com/blog, or .tld)"
+    if extension and slash:
+        return f"{value!r}: a domain extension such as .gov takes no path"
+    if not extension and len(labels) < 2:
+        return f"{value!r} has one label; write a domain (example.com) or an extension (.gov)"
     return None
 
 
@@ -159,7 +172,11 @@ _SHAPES: dict[str, _Shape] = {
             ("name", "url"),
         ),
     ),
-    "webhook": ("object", {"url": _url, "event_types": ("list", _one_of("task_run.status"))}, ("url",)),
+    "webhook": (
+        "object",
+        {"url": _url, "event_types": ("list", _one_of("task_run.status"))},
+        ("url", "event_types"),
+    ),
 }
 
 _Path = tuple[str | int, ...]
@@ -257,9 +274,12 @@ def _replace(value: Any, marks: Mapping[_Path, str], path: _Path = ()) -> Any:
 
 
 def check_run_options(
-    run_options: Mapping[str, Any] | None, beta: str | Sequence[str] | None = None
+    run_options: Mapping[str, Any] | None,
+    beta: str | Sequence[str] | None = None,
+    processor: str | None = None,
 ) -> RunOptions | None:
-    """`run_options` and `beta` checked (see the module docstring): None when there are none."""
+    """`run_options` and `beta` checked (see the module docstring), for runs on `processor` (some
+    fields depend on it): None when there are none."""
     if run_options is None:
         run_options = {}
     if not isinstance(run_options, Mapping):
@@ -291,6 +311,26 @@ def check_run_options(
                 f"run_options source_policy: {count} domains in include_domains and exclude_domains; "
                 f"the API takes at most {MAX_DOMAINS} in all"
             )
+    servers = given.get("mcp_servers", [])
+    if len(servers) > MAX_MCP_SERVERS:
+        raise UsageError(
+            f"run_options mcp_servers: {len(servers)} servers; the API takes at most {MAX_MCP_SERVERS}"
+        )
+    names = [server["name"] for server in servers]
+    if len(set(names)) < len(names):
+        raise UsageError(f"run_options mcp_servers: each server needs its own name; {names} repeats one")
+    sources = given.get("advanced_settings", {}).get("data_sources", {})
+    chosen = [name for key in ("free", "pay_per_use") for name in sources.get(key, [])]
+    if chosen and processor is not None and processor.endswith("-fast"):
+        raise UsageError(
+            f"run_options advanced_settings.data_sources works on standard processors only, not "
+            f"{processor!r}: use {processor.removesuffix('-fast')!r}"
+        )
+    clash = sorted(set(chosen) & set(names))
+    if clash:
+        raise UsageError(
+            f"run_options advanced_settings.data_sources: {clash} also name mcp_servers; rename one"
+        )
     betas = _checked_beta(beta)
     for name, needed in _NEEDS_BETA.items():
         if name in given:

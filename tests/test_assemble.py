@@ -67,7 +67,8 @@ def run(app: Any, data: Any, **kw: Any) -> Any:
 @pytest.fixture
 def small_parts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Small sizes; counts what the file join did: parts, spill files, record batches, chunks."""
-    monkeypatch.setattr(assemble, "PART_BYTES", 25_000)  # ~10 distinct rows with their basis per part
+    # ~10 distinct rows with their basis per part (a basis entry per array element included)
+    monkeypatch.setattr(assemble, "PART_BYTES", 30_000)
     monkeypatch.setattr(assemble, "SPILL_BYTES", 20_000)  # answers set aside several times per part
     monkeypatch.setattr(assemble, "BATCH_BYTES", 8_000)
     monkeypatch.setattr(assemble, "CHUNK_BYTES", 30_000)

@@ -74,7 +74,7 @@ def sent_runs(rec: Recording) -> list[dict[str, Any]]:
             {
                 "source_policy": {
                     "include_domains": [f"d{i}.com" for i in range(150)],
-                    "exclude_domains": ["x"] * 51,
+                    "exclude_domains": [f"e{i}.com" for i in range(51)],
                 }
             },
             "201 domains",
@@ -88,6 +88,12 @@ def sent_runs(rec: Recording) -> list[dict[str, Any]]:
         ({"mcp_servers": [{"name": "t", "url": "ftp://x"}]}, "not an http(s) URL"),
         ({"webhook": {"event_types": ["task_run.status"]}}, "needs 'url'"),
         ({"webhook": {"url": "https://h.example", "event_types": ["done"]}}, "not one of 'task_run.status'"),
+        ({"webhook": {"url": "https://h.example"}}, "needs 'event_types'"),
+        ({"mcp_servers": [{"name": f"s{i}", "url": "https://m.example"} for i in range(11)]}, "at most 10"),
+        ({"mcp_servers": [{"name": "s", "url": "https://m.example"}] * 2}, "its own name"),
+        ({"source_policy": {"exclude_domains": ["localhost"]}}, "one label"),
+        ({"source_policy": {"exclude_domains": ["acme.com:8080"]}}, "no port"),
+        ({"advanced_settings": {"data_sources": {"free": ["x"]}}}, "standard processors only"),
         ({"enable_events": "yes"}, "true or false"),
         ({"previous_interaction_id": ""}, "is empty"),
         ({"source_policy": {"include_domains": ["{domian}"]}}, "run_options field column 'domian' not found"),
@@ -98,7 +104,7 @@ def sent_runs(rec: Recording) -> list[dict[str, Any]]:
 def test_a_bad_option_is_refused_in_one_line_before_anything_is_sent(options: Any, message: str) -> None:
     rec = Recording(create_app(EmulatorConfig(latency=0.01)))
     with pytest.raises(UsageError, match="run_options") as info:
-        run_job(rec, companies(3), run_options=options, checkpoint=False)
+        run_job(rec, companies(3), run_options=options, checkpoint=False, processor="lite-fast")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert rec.requests == []

@@ -166,7 +166,7 @@ def _plan_and_prepared(
         processor=processor,
         mode=mode,
         near=Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
-        options=check_run_options(run_options, beta),
+        options=check_run_options(run_options, beta, processor),
     )
     if not estimate:
         return None, job

@@ -172,7 +172,7 @@ async def aenrich(
             processor=processor,
             mode=mode,
             near=Path(near) if near is not None else None,
-            options=check_run_options(run_options, beta),
+            options=check_run_options(run_options, beta, processor),
         )
     spool = prepared if isinstance(prepared, Spool) else None
     try:
