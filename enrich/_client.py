@@ -4,11 +4,15 @@ Every call a bulk job needs, with typed answers (`enrich._models`), one exceptio
 (`enrich._exceptions`), a shared rate limiter and retries that never pay twice:
 
 - Read-only calls are retried on transport errors, 408, 409, 429 and 5xx with exponential backoff and
-  full jitter, honouring the server's `Retry-After` / `retry-after-ms`.
+  full jitter, honouring the server's `Retry-After` / `retry-after-ms`. The service's `x-should-retry`
+  header overrides the status, as in the official SDK: `true` is retried whatever the status, `false`
+  never is (`enrich._retry.retryable`).
 - Calls that create runs (`create_run`, `add_runs`) are retried only when the service certainly did
   nothing: the connection was never made, or it answered 429. When the request may have reached the
   service and the answer was lost (a 5xx, a dropped connection, a read timeout), `OutcomeUnknownError`
   is raised instead, so the caller can find out what was created before sending anything again.
+  `x-should-retry` never changes that: a 5xx may have created the runs whether or not the service
+  says to send it again (`true` does retry a create refused with a 4xx: nothing was created).
 
 Example::
 
@@ -51,7 +55,7 @@ from enrich._models import (
     TaskRunResult,
     parse_event,
 )
-from enrich._retry import RetryPolicy
+from enrich._retry import RetryPolicy, retryable, should_retry_header
 from enrich._sse import SSEDecoder
 
 __all__ = ["DEFAULT_BASE_URL", "MAX_RUNS_PER_ADD", "Limiter", "TaskClient", "service_of"]
@@ -164,15 +168,17 @@ def _error_from_response(response: httpx.Response, request: RequestInfo) -> APIS
         text = _SPACE.sub(" ", _TAGS.sub(" ", response.text)).strip()
         reason = response.reason_phrase or "error"
         message = reason + (f": {text[:200]}" if text and text.lower() != reason.lower() else "")
-    kwargs: dict[str, Any] = {"status": status, "request": request, "ref_id": ref_id, "detail": detail}
+    kwargs: dict[str, Any] = {
+        "status": status,
+        "request": request,
+        "ref_id": ref_id,
+        "detail": detail,
+        "should_retry": should_retry_header(response.headers.get("x-should-retry")),
+    }
     if status == 429:
         return RateLimitError(message, retry_after=_parse_retry_after(response.headers), **kwargs)
     cls = STATUS_ERRORS.get(status) or (ServerError if status >= 500 else APIStatusError)
     return cls(message, **kwargs)
-
-
-def _is_retryable_status(status: int) -> bool:
-    return status in (408, 409, 429) or status >= 500
 
 
 # Transport errors raised before the request could have reached the service: safe to retry anything.
@@ -334,7 +340,7 @@ class TaskClient:
                     on_refused()
                 if self.limiter is not None:
                     self.limiter.rate_limited(error_.retry_after, grant)
-                if rate_limited > self.retry.max_rate_limited:
+                if rate_limited > self.retry.max_rate_limited or error_.should_retry is False:
                     raise error_
                 if not retry_429:
                     raise error_
@@ -342,15 +348,22 @@ class TaskClient:
                     await self.retry.sleep(self.retry.delay(min(rate_limited - 1, 10), error_.retry_after))
                 continue
             if creates and isinstance(error_, ServerError):
+                # It may have created the runs (or the service may still): found out by the caller,
+                # never sent again blindly, whatever `x-should-retry` says.
                 raise OutcomeUnknownError(
                     f"the service answered {error_.status} after the request was sent",
                     cause=error_,
                     request=info,
                 )
-            retryable = _is_retryable_status(error_.status or 0) and (retry_408 or error_.status != 408)
+            # (408 from the blocking result call means "still running": its caller asks again itself)
+            again = retryable(error_.status or 0, error_.should_retry) and (retry_408 or error_.status != 408)
+            if creates:  # refused (4xx): nothing was created; sent again only when the service says so
+                again = again and error_.should_retry is True
             failures += 1
-            if not retryable or creates or failures >= self.retry.max_attempts:
+            if not again or failures >= self.retry.max_attempts:
                 raise error_
+            if creates and on_refused is not None:
+                on_refused()  # nothing on the wire until the next `on_send`
             await self.retry.sleep(self.retry.delay(failures - 1, _parse_retry_after(response.headers)))
 
     async def _retry_or_raise(
@@ -542,10 +555,11 @@ class TaskClient:
                             self.rate_limited_count += 1
                             if self.limiter is not None:
                                 self.limiter.rate_limited(error.retry_after, grant)
-                                continue
+                                if error.should_retry is not False:
+                                    continue
                         elif self.limiter is not None:
                             self.limiter.succeeded(grant)
-                        if not _is_retryable_status(error.status or 0):
+                        if not retryable(error.status or 0, error.should_retry):
                             raise error
                         raise _RetryStream(error, _parse_retry_after(response.headers))
                     answered = True

@@ -24,8 +24,9 @@
             ├── RateLimitError           429  quota exceeded; `retry_after` says how long to wait
             └── ServerError              5xx  (the body may be HTML)
 
-API errors carry what they came from as attributes: `status`, `message`, `ref_id`, `detail` and `request`
-(method and URL only). None of them holds or prints the API key: the request's headers are never kept.
+API errors carry what they came from as attributes: `status`, `message`, `ref_id`, `detail`, `request`
+(method and URL only) and `should_retry` (the service's `x-should-retry` header, when it sent one).
+None of them holds or prints the API key: the request's headers are never kept.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ class ForeignRunError(APIError):
 
 
 class APIStatusError(APIError):
-    """The API answered with an error status; `status` holds it."""
+    """The API answered with an error status; `status` holds it, and `should_retry` the service's
+    `x-should-retry` header: True or False when it said, None when it did not."""
 
     def __init__(
         self,
@@ -177,9 +179,11 @@ class APIStatusError(APIError):
         request: RequestInfo | None = None,
         ref_id: str | None = None,
         detail: Any = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message, request=request, ref_id=ref_id, detail=detail)
         self.status = status
+        self.should_retry = should_retry
 
 
 class BadRequestError(APIStatusError):

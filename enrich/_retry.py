@@ -1,4 +1,6 @@
-"""Backoff for retried requests: exponential, full jitter, the server's Retry-After when it gives one."""
+"""Which answers are retried (`retryable`: the status, or the service's `x-should-retry` header, read as
+the official SDK reads it) and how long to wait first (`RetryPolicy`: exponential, full jitter, the
+server's Retry-After when it gives one)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,38 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-__all__ = ["RetryPolicy"]
+__all__ = ["RetryPolicy", "retryable", "should_retry_header"]
+
+#: Statuses retried when the service says nothing about it (`x-should-retry`): as the SDK does.
+RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def should_retry_header(value: str | None) -> bool | None:
+    """The service's `x-should-retry` header: True for "true", False for "false" (any case, spaces
+    around ignored), None when it is absent or says anything else (then the status decides).
+
+    >>> should_retry_header("true"), should_retry_header(" FALSE "), should_retry_header(None)
+    (True, False, None)
+    """
+    if value is None:
+        return None
+    return {"true": True, "false": False}.get(value.strip().lower())
+
+
+def retryable(status: int, advice: bool | None = None) -> bool:
+    """Whether an error answer of `status` is worth sending again, as the SDK decides
+    (../shared/task-api.md section 5): the service's `x-should-retry` (`advice`, see
+    `should_retry_header`) wins when it gave one, true or false; otherwise 408, 409, 429 and 5xx are.
+
+    What is *safe* to send again is the client's to decide on top of this: a create answered 5xx may
+    have created its runs, whatever the header says (`TaskClient`).
+
+    >>> retryable(503), retryable(503, False), retryable(400), retryable(400, True)
+    (True, False, False, True)
+    """
+    if advice is not None:
+        return advice
+    return status in RETRYABLE_STATUSES or status >= 500
 
 
 @dataclass(frozen=True, slots=True)

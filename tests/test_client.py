@@ -28,7 +28,7 @@ from enrich._exceptions import (
     ValidationError,
 )
 from enrich._models import ErrorEvent, GroupStatusEvent, RunStateEvent, TaskRunResult, UnknownEvent
-from enrich._retry import RetryPolicy
+from enrich._retry import RetryPolicy, retryable, should_retry_header
 
 KEY = "sk-test-SECRET-123456"
 
@@ -673,3 +673,170 @@ def test_group_events_stream() -> None:
     assert isinstance(events[1], RunStateEvent) and events[1].output is None
     assert isinstance(events[2], GroupStatusEvent) and not events[2].status.is_active
     assert seen[0].url.params["last_event_id"] == "e0" and seen[0].url.params["timeout"] == "30"
+
+
+# -- x-should-retry: the service's word on retrying, read as the SDK reads it ----------------------
+
+NO = {"x-should-retry": "false"}
+YES = {"x-should-retry": "true"}
+
+
+@pytest.mark.parametrize(
+    ("status", "header", "expected"),
+    [
+        (503, None, True),
+        (500, "false", False),
+        (429, "FALSE", False),
+        (408, None, True),
+        (409, None, True),
+        (400, None, False),
+        (400, "true", True),
+        (404, " True ", True),
+        (401, "maybe", False),  # neither: the status decides
+        (502, "", True),
+    ],
+)
+def test_retryable_follows_the_header_then_the_status(
+    status: int, header: str | None, expected: bool
+) -> None:
+    assert retryable(status, should_retry_header(header)) is expected
+
+
+def test_read_answered_should_retry_false_is_raised_at_once() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503, json=error_body("busy"), headers=NO)
+
+    with pytest.raises(ServerError) as info:
+        run(lambda c: c.get_run("trun_1"), handler)
+    assert len(calls) == 1 and info.value.should_retry is False
+
+
+def test_read_answered_should_retry_true_is_retried_whatever_its_status() -> None:
+    answers = [
+        httpx.Response(400, json=error_body("try again"), headers=YES),
+        httpx.Response(404, json=error_body("not yet"), headers=YES),
+        httpx.Response(200, json=RUN),
+    ]
+    assert run(lambda c: c.get_run("trun_1"), lambda req: answers.pop(0)).run_id == "trun_1"
+    assert not answers
+
+
+def test_read_without_the_header_keeps_the_status_rules() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(400, json=error_body("bad"))
+
+    with pytest.raises(BadRequestError) as info:
+        run(lambda c: c.get_run("trun_1"), handler)
+    assert len(calls) == 1 and info.value.should_retry is None
+
+
+def test_rate_limit_said_not_to_retry_is_raised_and_reported() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(429, json=error_body("quota spent"), headers={**NO, "Retry-After": "4"})
+
+    limiter = FakeLimiter()
+    with pytest.raises(RateLimitError) as info:
+        run(lambda c: c.get_run("trun_1"), handler, limiter=limiter)
+    assert len(calls) == 1 and info.value.should_retry is False
+    assert limiter.limited == [4.0]  # the pace still hears of it
+
+
+@pytest.mark.parametrize("header", [NO, YES])
+def test_create_answered_5xx_is_in_doubt_whatever_the_header(header: dict[str, str]) -> None:
+    # A 5xx may have created the runs: "false" does not make it a refusal, "true" does not make it safe
+    # to send again. The caller finds out (reconciles) either way.
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(503, json=error_body("unavailable"), headers=header)
+
+    with pytest.raises(OutcomeUnknownError) as info:
+        run(lambda c: c.add_runs("tgrp_1", [{"input": "x", "processor": "lite"}]), handler)
+    assert len(calls) == 1
+    assert isinstance(info.value.cause, ServerError)
+    assert info.value.cause.should_retry is (header is YES)
+
+
+def test_create_refused_4xx_is_sent_again_only_when_the_service_says_so() -> None:
+    sends: list[int] = []
+    refused: list[int] = []
+    answers = [
+        httpx.Response(409, json=error_body("busy, try again"), headers=YES),
+        httpx.Response(200, json={"run_ids": ["trun_1"], "status": {}}),
+    ]
+
+    async def on_send() -> None:
+        sends.append(1)
+
+    def go(c: TaskClient) -> Any:
+        return c.add_runs(
+            "tgrp_1",
+            [{"input": "x", "processor": "lite"}],
+            on_send=on_send,
+            on_refused=lambda: refused.append(1),
+        )
+
+    assert run(go, lambda req: answers.pop(0)).run_ids == ("trun_1",)
+    assert len(sends) == 2 and len(refused) == 1  # nothing was on the wire between the two sends
+
+    calls = []
+
+    def conflict(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(409, json=error_body("conflict"))
+
+    with pytest.raises(ConflictError):  # a 409 of a create, without the header: not sent again
+        run(lambda c: c.create_run("x", "lite"), conflict)
+    assert len(calls) == 1
+
+
+def test_blocking_result_408_is_left_to_its_caller_even_with_should_retry_true() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(408, json=error_body("Request timed out; run still active"), headers=YES)
+
+    with pytest.raises(StillRunningError):
+        run(lambda c: c.get_result("trun_1", timeout=1), handler)
+    assert len(calls) == 1  # `wait_for_result` asks again itself
+
+
+def test_stream_follows_should_retry() -> None:
+    answers = [
+        httpx.Response(400, json=error_body("again"), headers=YES),
+        httpx.Response(200, content=sse(state(1))),
+    ]
+    events = run(collect(lambda c: c.stream_group_runs("tgrp_1")), lambda req: answers.pop(0))
+    assert [e.run.run_id for e in events] == ["trun_1"]
+
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(502, text="bad gateway", headers=NO)
+
+    with pytest.raises(ServerError):
+        run(collect(lambda c: c.stream_group_runs("tgrp_1")), handler)
+    assert len(calls) == 1
+
+    limiter = FakeLimiter()
+    calls.clear()
+
+    def limited(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(429, json=error_body("quota spent"), headers=NO)
+
+    with pytest.raises(RateLimitError):
+        run(collect(lambda c: c.stream_group_events("tgrp_1")), limited, limiter=limiter)
+    assert len(calls) == 1 and limiter.limited == [None]

@@ -503,6 +503,9 @@ class _Job:
         The client already retries a few times over some seconds; an overnight job must also survive a
         service that is down for minutes. Transport errors, 5xx and exhausted 429 retries are retried with
         backoff (up to a minute apart) until `_OUTAGE_SECONDS` of failures in a row; other errors end the job.
+        An answer the service says not to retry (`x-should-retry: false`) is not sent again by the client,
+        but a read is still ridden out here, slowly: it creates nothing, and ending an overnight job on
+        one 503 would lose more than a few reads cost.
         """
         first_failure: float | None = None
         attempt = 0
