@@ -18,7 +18,8 @@ directory, a checkpoint is:
                                    sent_at (when the request went out: a late commit is possible until a
                                    horizon after it)
     receipts-000000003.parquet     runs created: row_key, run_id, group_id, batch_id, created_at
-    outcomes-000000004.parquet     runs finished: row_key, run_id, status, output, basis, error, finished_at
+    outcomes-000000004.parquet     runs finished: row_key, run_id, status (completed, failed, cancelled,
+                                   action_required), output, basis, error, finished_at
     resolutions-000000005.parquet  in-doubt intent batches that reconciliation settled: batch_id
     duplicates-000000006.parquet   runs found for a row that already had one (a create committed after the
                                    job gave it up): row_key, run_id, group_id, found_at; paid, never joined
@@ -194,7 +195,9 @@ _MEMORY: Final[dict[str, list[str]]] = {
 _KINDS: Final = tuple(_SCHEMAS)
 _SEGMENT_RE: Final = re.compile(rf"({'|'.join(_KINDS)})-(\d{{9,}})\.parquet")
 _ROW_KEY_RE: Final = r"^[0-9a-fA-F]{32}$"
-_STATUSES: Final = ("completed", "failed")
+#: What an outcome records: a run's end as the service named it. A checkpoint of an older enrich recorded
+#: every end but "completed" as "failed" (with the service's status in its error).
+_STATUSES: Final = ("completed", "failed", "cancelled", "action_required")
 _PENDING_SLICE: Final = 100_000  # intents compared with receipts at a time, on open
 _LIGHT_STATE: Final = ("row_key", "run_id", "group_id", "status", "error", "created_at", "finished_at")
 _STATE_COLUMNS: Final = (
@@ -238,11 +241,12 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A finished run. `output` and `basis` are JSON text, stored verbatim; `error` says why it failed."""
+    """A finished run. `output` and `basis` are JSON text, stored verbatim; `error` says why it has no answer
+    (it failed, was cancelled, or waits for an action on the service's side: `action_required`)."""
 
     row_key: str
     run_id: str
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "cancelled", "action_required"]
     output: str | None = None
     basis: str | None = None
     error: str | None = None
@@ -254,7 +258,7 @@ class Counts:
     """How far a job got. Row counts are by `row_key`; `runs` is the number of runs created (paid for)."""
 
     rows: int
-    """Rows with at least one run: submitted + completed + failed."""
+    """Rows with at least one run: submitted + completed + failed + cancelled + action_required."""
     submitted: int
     """Rows whose latest run has no outcome yet."""
     completed: int
@@ -266,6 +270,11 @@ class Counts:
     duplicates: int = 0
     """Runs created for a row that already had one (a create the service committed after the job gave it
     up and sent again): paid for, never joined."""
+    cancelled: int = 0
+    """Rows whose run was cancelled: no answer, and not sent again unless asked by name (`retry_failed`)."""
+    action_required: int = 0
+    """Rows whose run stopped waiting for an action on the service's side: no answer, not waited for, and
+    not sent again unless asked by name."""
 
 
 @dataclass(slots=True)
@@ -960,11 +969,12 @@ class Checkpoint:
     def state(self, *, outputs: bool = True, basis: bool = True) -> pl.DataFrame:
         """One row per row_key that has a run, in the order their latest runs were recorded.
 
-        Columns: row_key, run_id, group_id (of the latest receipt), status ("completed" or "failed" from the
-        outcome of that run, else "submitted"), output, basis, error, created_at, finished_at. Buffered
-        outcomes are included. With `outputs=False` the `output` and `basis` columns are left out and
-        nothing is read from disk; with `outputs=True` they are read from the outcome segments, and with
-        `basis=False` the `basis` column (most of the bytes) is left null without being read.
+        Columns: row_key, run_id, group_id (of the latest receipt), status (the outcome of that run:
+        "completed", "failed", "cancelled" or "action_required"; else "submitted"), output, basis,
+        error, created_at, finished_at. Buffered outcomes are included. With `outputs=False` the
+        `output` and `basis` columns are left out and nothing is read from disk; with `outputs=True`
+        they are read from the outcome segments, and with `basis=False` the `basis` column (most of the
+        bytes) is left null without being read.
         """
         with self._lock:
             light = self._light_state()
@@ -1022,6 +1032,8 @@ class Checkpoint:
                 in_doubt=len(self._pending),
                 runs=self._runs,
                 duplicates=len(self._duplicates),
+                cancelled=by_status.get("cancelled", 0),
+                action_required=by_status.get("action_required", 0),
             )
 
     # -- internals: state --------------------------------------------------------------------------
@@ -1522,6 +1534,8 @@ class Settled:
             in_doubt=self.in_doubt,
             runs=self.runs,
             duplicates=self.duplicates,
+            cancelled=by_status.get("cancelled", 0),
+            action_required=by_status.get("action_required", 0),
         )
 
 
@@ -1656,7 +1670,7 @@ def _outcomes_frame(outcomes: Iterable[Outcome] | pl.DataFrame) -> pl.DataFrame:
     _check_ids(frame, "run_id")
     bad = frame["status"].filter(frame["status"].is_null() | ~frame["status"].is_in(_STATUSES))
     if bad.len():
-        raise ValueError(f"outcome status must be 'completed' or 'failed', got {bad[0]!r}")
+        raise ValueError(f"outcome status must be one of {', '.join(_STATUSES)}, got {bad[0]!r}")
     return frame
 
 

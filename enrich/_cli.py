@@ -40,7 +40,7 @@ CONFIRM_ABOVE = 10.0  # dollars: a bigger job asks first
 
 _EPILOG = """\
 exit codes:
-  0  every row finished (completed or failed; the summary line counts both)
+  0  every row finished (completed, failed, cancelled or action required; the summary line counts each)
   2  a usage or input error, or an address that never answered: nothing was created
   3  incomplete (timeout, interrupt, --max-cost reached, the service unreachable for a long while, or
      the checkpoint or the output could not be written once the job had started): run the same
@@ -326,11 +326,10 @@ def _run_planned(
         else:
             _say(f"interrupted: the checkpoint {checkpoint} is kept; run the same command again to resume")
         return EXIT_INCOMPLETE
-    by = stats.statuses
-    done, failed, pending = by.get("completed", 0), by.get("failed", 0), by.get("pending", 0)
+    pending = stats.statuses.get("pending", 0)
     wrote = "stdout" if str(output_path) == "-" else output_path
     kept = f" (checkpoint {checkpoint})" if stats.checkpoint else ""  # an empty input records nothing
-    _say(_summary(stats.rows, done, failed, pending, stats, args.emulator) + f"; wrote {wrote}{kept}")
+    _say(_summary(stats.rows, stats.statuses, stats, args.emulator) + f"; wrote {wrote}{kept}")
     for message, runs in sorted(stats.service_warnings.items(), key=lambda kv: -kv[1]):
         _say(f"the service warns ({runs:,} runs): {message}")
     if stats.duplicates:
@@ -345,8 +344,9 @@ def _run_planned(
     return EXIT_OK
 
 
-def _summary(rows: int, done: int, failed: int, pending: int, stats: Any, emulator: bool = False) -> str:
-    """The job's one-line account: rows by status, runs created or found now, requests, 429s, spend."""
+def _summary(rows: int, by: dict[str, int], stats: Any, emulator: bool = False) -> str:
+    """The job's one-line account: rows by status (`by`: `_status` -> rows; cancelled and action
+    required only when there are any), runs created or found now, requests, 429s, spend."""
     distinct = f" ({stats.distinct:,} distinct inputs)" if stats.distinct != rows else ""
     now = f"{stats.runs_now:,} runs created or found now"
     found = stats.reconciled + stats.found_late
@@ -360,8 +360,10 @@ def _summary(rows: int, done: int, failed: int, pending: int, stats: Any, emulat
     )
     if emulator and stats.spent is not None:
         spent = f"; ${stats.spent:,.2f} at list prices, not billed: the emulator ({stats.runs_total:,} runs)"
+    ended = [f"{by.get('completed', 0):,} completed", f"{by.get('failed', 0):,} failed"]
+    ended += [f"{by[s]:,} {s.replace('_', ' ')}" for s in ("cancelled", "action_required") if by.get(s)]
     return (
-        f"{done:,} completed, {failed:,} failed, {pending:,} pending of {rows:,} rows{distinct}; "
+        f"{', '.join(ended)}, {by.get('pending', 0):,} pending of {rows:,} rows{distinct}; "
         f"{now}, {stats.requests:,} requests{limited}{spent}"
     )
 
@@ -448,6 +450,8 @@ def _status(args: argparse.Namespace) -> int:
         "inputs": {
             "completed": counts.completed,
             "failed": counts.failed,
+            "cancelled": counts.cancelled,
+            "action_required": counts.action_required,
             "submitted": counts.submitted,
             "in_doubt": counts.in_doubt,
         },
@@ -481,7 +485,9 @@ def _status(args: argparse.Namespace) -> int:
         f"processor:   {processor} ({report['mode']} mode)",
         *([rows_line] if rows_line else []),
         f"inputs:      {counts.completed:,} completed, {counts.failed:,} failed, "
-        f"{counts.submitted:,} submitted and not collected, {counts.in_doubt:,} in doubt",
+        + (f"{counts.cancelled:,} cancelled, " if counts.cancelled else "")
+        + (f"{counts.action_required:,} action required, " if counts.action_required else "")
+        + f"{counts.submitted:,} submitted and not collected, {counts.in_doubt:,} in doubt",
         f"runs:        {counts.runs:,} created; spent {spent} at list prices"
         + (
             f" ({counts.duplicates:,} duplicates: creates committed after they were sent again, never joined)"

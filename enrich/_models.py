@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "RUN_STATUSES",
     "AddRunsResponse",
     "Citation",
     "ErrorEvent",
@@ -32,6 +33,9 @@ __all__ = [
 
 #: Statuses in which a run is still doing something (`is_active` is true).
 ACTIVE_STATUSES = frozenset({"queued", "running", "cancelling"})
+#: Every status the API documents (../shared/task-api.md section 4). `action_required` is neither active
+#: nor terminal: the run waits for an action on the service's side and may go on after it.
+RUN_STATUSES = frozenset({*ACTIVE_STATUSES, "action_required", "completed", "failed", "cancelled"})
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -136,15 +140,19 @@ class TaskRun:
 
     @property
     def is_terminal(self) -> bool:
-        """True once the run has stopped for good (completed, failed, cancelled, or unknown and inactive)."""
-        return not self.is_active
+        """True once the run has stopped for good: completed, failed, cancelled, or a status this version
+        does not know that the service says is inactive. `action_required` is not: it is inactive, but
+        the run may go on once someone acts on it."""
+        return not self.is_active and self.status != "action_required"
 
     @classmethod
     def from_json(cls, data: Any) -> TaskRun:
         d = _dict(data)
         status = str(d.get("status", "unknown"))
         is_active = d.get("is_active")
-        if not isinstance(is_active, bool):
+        if status in RUN_STATUSES or not isinstance(is_active, bool):
+            # A documented status decides (is_active is true exactly for these): a run "cancelling" is
+            # waited for like a running one even if a service called it inactive. An unknown one: its flag.
             is_active = status in ACTIVE_STATUSES
         error = d.get("error")
         if error is None and d.get("errors"):  # the product page's older shape

@@ -19,9 +19,10 @@ __all__ = ["Progress", "ProgressSink", "TqdmSink"]
 class Progress:
     """Counts of distinct inputs (runs) in a job at one moment.
 
-    `total` distinct inputs; `completed` and `failed` are finished; `running` are submitted and not
-    finished; `waiting` are not submitted yet; `rate_limited` is the number of requests waiting for the
-    rate limiter now; `refused` the number of answers 429 (rate limited) so far; `spent` the dollars
+    `total` distinct inputs; `completed`, `failed`, `cancelled` and `action_required` are finished (the
+    last two: runs the service stopped, without an answer); `running` are submitted and not finished;
+    `waiting` are not submitted yet; `rate_limited` is the number of requests waiting for the rate
+    limiter now; `refused` the number of answers 429 (rate limited) so far; `spent` the dollars
     spent on the job so far, every run the checkpoint records at list prices (None: no known price).
     `message` carries a one-off notice (where the checkpoint is, a reconciliation) or None.
     """
@@ -35,18 +36,21 @@ class Progress:
     message: str | None = None
     refused: int = 0
     spent: float | None = None
+    cancelled: int = 0
+    action_required: int = 0
 
     @property
     def finished(self) -> int:
-        return self.completed + self.failed
+        return self.completed + self.failed + self.cancelled + self.action_required
 
 
 ProgressSink = Callable[[Progress], None]
 
 
 class TqdmSink:
-    """A tqdm.auto bar: finished of total with an ETA, then failed, running, waiting, requests waiting
-    for the rate limiter, 429 answers, and the dollars spent so far."""
+    """A tqdm.auto bar: finished of total with an ETA, then failed (cancelled and action required, when
+    any), running, waiting, requests waiting for the rate limiter, 429 answers, and the dollars spent so
+    far."""
 
     def __init__(self, desc: str = "enrich", file: Any = None) -> None:
         self._desc = desc
@@ -74,8 +78,12 @@ class TqdmSink:
             bar.update(progress.finished - bar.n)  # update(), not n=: tqdm's rate and ETA follow it
         else:
             bar.n = progress.finished
-        postfix: dict[str, Any] = {
-            "failed": progress.failed,
+        postfix: dict[str, Any] = {"failed": progress.failed}
+        if progress.cancelled:
+            postfix["cancelled"] = progress.cancelled
+        if progress.action_required:
+            postfix["action-required"] = progress.action_required
+        postfix |= {
             "running": progress.running,
             "waiting": progress.waiting,
             "rate-wait": progress.rate_limited,

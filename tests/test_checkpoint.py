@@ -292,6 +292,25 @@ def test_round_trip_every_kind(cp: Checkpoint) -> None:
 
 
 @both
+def test_each_end_the_service_names_is_an_outcome_of_its_own(cp: Checkpoint) -> None:
+    statuses = ["completed", "failed", "cancelled", "action_required"]
+    cp.record_receipts([Receipt(key(i), f"run_{i}", "g1", "b1", T0) for i in range(5)])
+    cp.add_outcomes(
+        [
+            Outcome(key(i), f"run_{i}", s, error=None if s == "completed" else s)
+            for i, s in enumerate(statuses)
+        ]
+    )
+    with pytest.raises(ValueError, match="outcome status must be one of completed, failed, cancelled"):
+        cp.add_outcomes([Outcome(key(4), "run_4", "cancelling")])  # type: ignore[arg-type]
+    cp = reopen(cp)
+    assert cp.state(outputs=False)["status"].to_list() == [*statuses, "submitted"]
+    assert cp.counts() == Counts(
+        rows=5, submitted=1, completed=1, failed=1, in_doubt=0, runs=5, cancelled=1, action_required=1
+    )
+
+
+@both
 def test_columnar_input(cp: Checkpoint) -> None:
     cp.record_receipts(
         pl.DataFrame(

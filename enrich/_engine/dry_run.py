@@ -5,7 +5,7 @@ quota), worked out without sending anything (`plan()`, `enrich run --dry-run`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import polars as pl
 
 from enrich._checkpoint import Checkpoint
 from enrich._client import service_of
+from enrich._engine.job import OUTCOMES, retry_statuses
 from enrich._engine.prepare import _checkpoint_path, _Plan
 from enrich._engine.shards import area_states
 from enrich._engine.spool import BUCKETS, Spool, _prepare_any
@@ -90,7 +91,7 @@ def plan(
     processor: str = "core",
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
-    retry_failed: bool = False,
+    retry_failed: bool | str | Collection[str] = False,
     base_url: str | None = None,
     service: str | None = None,
     rate_limit: int = 2000,
@@ -144,7 +145,7 @@ def _plan_and_prepared(
     processor: str = "core",
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
-    retry_failed: bool = False,
+    retry_failed: bool | str | Collection[str] = False,
     base_url: str | None = None,
     service: str | None = None,
     rate_limit: int = 2000,
@@ -191,7 +192,7 @@ def _estimate(
     job: _Plan | Spool,
     *,
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None,
-    retry_failed: bool,
+    retry_failed: bool | str | Collection[str],
     base_url: str | None,
     service: str | None,
     rate_limit: int,
@@ -209,6 +210,8 @@ def _estimate(
         )
     done = running = 0
     runs_created = 0
+    again = retry_statuses(retry_failed)
+    ended = [s for s in OUTCOMES if s not in again]  # rows sent again are not done
     svc = service if service is not None else service_of(base_url)
     path = None
     if checkpoint is not False:
@@ -237,9 +240,7 @@ def _estimate(
             refused_keys = pl.Series(list(refused), dtype=pl.String)
             wanted = keys_of.filter(~keys_of.is_in(refused_keys.implode())).implode()
             state = area.state.filter(pl.col("row_key").is_in(wanted))
-            finished = state.filter(pl.col("status").is_in(["completed", "failed"]))
-            if retry_failed:
-                finished = finished.filter(pl.col("status") == "completed")
+            finished = state.filter(pl.col("status").is_in(ended))
             done += finished.height
             running += state.filter(pl.col("status") == "submitted").height
         if spool is not None and not spool.counted:  # files of shards never made, and their counts

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +32,7 @@ from enrich._exceptions import (
     RateLimitError,
     ServerError,
     TransportError,
+    UsageError,
     ValidationError,
 )
 from enrich._limiter import RateLimiter
@@ -48,8 +49,47 @@ _log = logging.getLogger("enrich")
 _OUTAGE_SECONDS = 1800.0
 # Outcomes are handed to the checkpoint this many at a time (or after a second, or at the end of a poll).
 _OUTCOME_BATCH = 1000
-_STATUS = {"completed": "completed", "failed": "failed"}  # one str object per status, not one per row
+#: How a run that ended without an answer is recorded (`_status`), besides "failed": the service's own
+#: word for it. `cancelled` and `action_required` are never sent again unless asked by name.
+UNANSWERED = ("failed", "cancelled", "action_required")
+#: The outcome statuses of a finished row.
+OUTCOMES = ("completed", *UNANSWERED)
+# What each means, the start of its row's `_error` (the service's message, if any, follows).
+_MEANING = {
+    "cancelled": "cancelled: the run was stopped before it finished, and has no answer",
+    "action_required": (
+        "action required: the run stopped to wait for an action on the service's side (see it on "
+        "Parallel's platform), and has no answer; it is not waited for"
+    ),
+}
+_STATUS = {s: s for s in OUTCOMES}  # one str object per status, not one per row
 _COMPLETED = ("completed", None)
+
+
+def retry_statuses(value: object) -> frozenset[str]:
+    """The outcome statuses `retry_failed` asks to send again: False/None none, True "failed", or the
+    names given (one string, or several) among `UNANSWERED`. A `UsageError` for anything else.
+
+    >>> sorted(retry_statuses(True)), sorted(retry_statuses(("failed", "cancelled")))
+    (['failed'], ['cancelled', 'failed'])
+    """
+    if value is None or value is False:
+        return frozenset()
+    if value is True:
+        return frozenset({"failed"})
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in names):
+        raise UsageError(
+            f"retry_failed must be True, False or statuses to send again ({', '.join(UNANSWERED)}), "
+            f"got {value!r}"
+        )
+    unknown = [n for n in names if n not in UNANSWERED]
+    if unknown:
+        raise UsageError(
+            f"retry_failed: {unknown[0]!r} is not a status that can be sent again; "
+            f"use any of {', '.join(UNANSWERED)} (True: failed)"
+        )
+    return frozenset(names)
 
 
 @dataclass
@@ -94,7 +134,8 @@ class JobStats:
     #: are absent. "join" sums each shard's join: finished shards are joined a few at once in worker
     #: threads, so it may exceed its share of the wall.
     stages: dict[str, float] = field(default_factory=dict)
-    #: Rows of the result per `_status` ("completed", "failed", "pending"), counted by the join.
+    #: Rows of the result per `_status` ("completed", "failed", "cancelled", "action_required",
+    #: "pending"), counted by the join.
     statuses: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -128,7 +169,7 @@ class _Job:
         client: TaskClient,
         limiter: RateLimiter,
         *,
-        retry_failed: bool,
+        retry_failed: bool | str | Collection[str],
         sink: ProgressSink | None,
         stats: JobStats,
         concurrency: int,
@@ -143,7 +184,8 @@ class _Job:
         self.sink = sink
         self.stats = stats
         self.concurrency = concurrency
-        self.retry_failed = retry_failed
+        # The outcome statuses whose rows are sent again.
+        self.retry_failed: frozenset[str] = retry_statuses(retry_failed)
         self.max_cost = max_cost
         self.keep_basis = keep_basis  # the join reads each row's basis (the checkpoint always has it)
         self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
@@ -178,7 +220,8 @@ class _Job:
         # there a segment at a time into typed columns. Answers and bases held here until the join took
         # gigabytes (100,000 rows with citations: 9 GB).
         self.done: dict[str, tuple[str, str | None]] = {}
-        self.failed_count = 0
+        # Rows of `done` per status other than "completed" (for the progress counts).
+        self.unanswered: collections.Counter[str] = collections.Counter()
         self.recorded_groups: frozenset[str] = frozenset()  # groups of earlier calls (set by load)
         # The service's warnings on the runs finished in this call: message -> runs that carried it.
         self.service_warnings: collections.Counter[str] = collections.Counter()
@@ -190,7 +233,7 @@ class _Job:
         self.wanted = frozenset(plan.keys)
         # Run ids submitted and not collected yet, by group (None: runs created one by one).
         self.pending: dict[str | None, set[str]] = {}
-        # Runs that answered a key before (superseded by retry_failed): never adopted again.
+        # Runs that answered a key before (superseded by retry_failed, or sent again): never adopted again.
         self.superseded: set[str] = set()
         self._last_report = 0.0
         self.collect_wakeup = asyncio.Event()
@@ -231,28 +274,27 @@ class _Job:
         # Finished rows need no reverse index (run -> key): the collector tells them by the key in their
         # run's metadata.
         status = pl.col("status")
-        if self.retry_failed:
-            self.superseded.update(state.filter(status == "failed")["run_id"].to_list())
-            ended = state["status"] == "completed"
-        else:
-            ended = state["status"].is_in(["completed", "failed"])
+        again = sorted(self.retry_failed)
+        if again:
+            self.superseded.update(state.filter(status.is_in(again))["run_id"].to_list())
+        # (a status not among the outcomes is "submitted": running, collected below)
+        ended = state["status"].is_in([s for s in OUTCOMES if s not in self.retry_failed])
         finished = state if ended.all() else state.filter(ended)
         keys = finished["row_key"].to_list()
         statuses = [_STATUS.get(x, x) for x in finished["status"].to_list()]  # shared constants
         self.done = dict(zip(keys, zip(statuses, finished["error"].to_list(), strict=True), strict=True))
         self.run_of = dict(zip(keys, finished["run_id"].to_list(), strict=True))
         del finished
-        running = state.filter(~status.is_in(["completed", "failed"]) & pl.col("run_id").is_not_null())
+        running = state.filter(~status.is_in(OUTCOMES) & pl.col("run_id").is_not_null())
         for key, run_id, group_id in running.select("row_key", "run_id", "group_id").iter_rows():
             self._adopt(key, run_id, group_id)
         self.stats.already_done += len(self.done)
         for key in self.plan.keys:
             if key in self.plan.local_errors:
                 self.done[key] = ("failed", self.plan.local_errors[key])
-                self.failed_count += 1
             elif key not in self.done and key not in self.run_of:
                 self.todo.append(key)
-        self.failed_count = sum(1 for v in self.done.values() if v[0] == "failed")
+        self.unanswered = collections.Counter(v[0] for v in self.done.values() if v[0] != "completed")
         # Runs recorded for keys about to be (re)submitted answered them before: never adopt one again,
         # never let one hold the runs-stream cursor.
         if self.todo:
@@ -431,13 +473,15 @@ class _Job:
         if not force and message is None and now - self._last_report < 0.2:
             return
         self._last_report = now
-        failed = self.failed_count
-        completed = len(self.done) - failed
+        counts = self.unanswered
+        completed = len(self.done) - sum(counts.values())
         self.sink(
             Progress(
                 total=len(self.plan.keys),
                 completed=completed,
-                failed=failed,
+                failed=counts["failed"],
+                cancelled=counts["cancelled"],
+                action_required=counts["action_required"],
                 running=self.outstanding,
                 # by definition, not by a queue: rows taken off a queue and not sent (a timeout) still wait
                 waiting=max(0, len(self.plan.keys) - len(self.done) - self.outstanding),
@@ -481,15 +525,10 @@ class _Job:
                 finished_at=now,
             )
         else:
-            if run.error is not None:
-                error = run.error.message
-            elif run.status == "completed":
-                error = "the run completed without an output"
-            else:
-                error = f"the run ended with status {run.status!r}"
-            self.done[key] = ("failed", error)
-            self.failed_count += 1
-            outcome = Outcome(row_key=key, run_id=run.run_id, status="failed", error=error, finished_at=now)
+            status, error = _unanswered(run)
+            self.done[key] = (status, error)
+            self.unanswered[status] += 1
+            outcome = Outcome(row_key=key, run_id=run.run_id, status=status, error=error, finished_at=now)
         if not self._outcomes:
             self._outcomes_since = time.monotonic()
         self._outcomes.append(outcome)
@@ -550,3 +589,17 @@ class _Job:
         """The create of `keys` is answered (or failed): their runs, if any, are no longer on the wire."""
         for k in keys:
             self.inflight.pop(k, None)
+
+
+def _unanswered(run: TaskRun) -> tuple[Any, str]:
+    """The outcome status and `_error` of a run that ended without an answer: cancelled and
+    action_required as themselves, anything else (failed, an unknown inactive status, a completed run
+    without an output) as failed."""
+    said = run.error.message if run.error is not None else None
+    if run.status in _MEANING:
+        return _STATUS[run.status], _MEANING[run.status] + (f" (the service says: {said})" if said else "")
+    if said is not None:
+        return "failed", said
+    if run.status == "completed":
+        return "failed", "the run completed without an output"
+    return "failed", f"the run ended with status {run.status!r}"

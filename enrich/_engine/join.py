@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from enrich._engine.job import _Job
+from enrich._engine.job import OUTCOMES, _Job
 from enrich._engine.prepare import _Plan
 from enrich._models import FieldBasis
 
@@ -114,7 +114,7 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
     )
 
 
-def _finished_meta(plan: _Plan, cp: Any, *, retry_failed: bool) -> pl.DataFrame | None:
+def _finished_meta(plan: _Plan, cp: Any, *, retry_failed: frozenset[str]) -> pl.DataFrame | None:
     """`_meta` of a shard whose every row is finished, read column-wise from its checkpoint, or None
     when something is left to do (a row to send, a run to collect, a create in doubt, a failure to
     retry). Building the job's state per row costs ~2 s of a million-row resume that has nothing to do.
@@ -126,7 +126,9 @@ def _finished_meta(plan: _Plan, cp: Any, *, retry_failed: bool) -> pl.DataFrame 
     return _finished_meta_of(plan, state, retry_failed=retry_failed)
 
 
-def _finished_meta_of(plan: _Plan, state: pl.DataFrame, *, retry_failed: bool) -> pl.DataFrame | None:
+def _finished_meta_of(
+    plan: _Plan, state: pl.DataFrame, *, retry_failed: frozenset[str]
+) -> pl.DataFrame | None:
     """`_finished_meta` from a shard's state (`Checkpoint.state(outputs=False)`, or the one kept when it
     settled: `read_settled`), with nothing in doubt."""
     state = state.select(
@@ -148,7 +150,7 @@ def _finished_meta_of(plan: _Plan, state: pl.DataFrame, *, retry_failed: bool) -
     )
     del state
     refused = pl.col("_local").is_not_null()  # refused before sending: never sent, never retried
-    ended = ("completed",) if retry_failed else ("completed", "failed")
+    ended = [s for s in OUTCOMES if s not in retry_failed]  # rows to send again are left to do
     if not meta.select((refused | pl.col("_status").is_in(ended)).fill_null(False).all()).item():
         return None
     return meta.select(

@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ import polars as pl
 from enrich._checkpoint import Checkpoint, Settled, read_settled
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
-from enrich._engine.job import JobStats, _Fatal, _Job
+from enrich._engine.job import JobStats, _Fatal, _Job, retry_statuses
 from enrich._engine.join import _finished_meta, _finished_meta_of, _join, _meta
 from enrich._engine.prepare import _checkpoint_path, _Plan
 from enrich._engine.spool import Spool, _prepare_any
@@ -122,7 +122,7 @@ async def aenrich(
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None = None,
     mode: str = "group",
     basis: bool = False,
-    retry_failed: bool = False,
+    retry_failed: bool | str | Collection[str] = False,
     api_key: str | None = None,
     base_url: str | None = None,
     service: str | None = None,
@@ -219,7 +219,7 @@ async def _enrich_prepared(
     processor: str,
     checkpoint: str | os.PathLike[str] | CheckpointStore | bool | None,
     basis: bool,
-    retry_failed: bool,
+    retry_failed: bool | str | Collection[str],
     api_key: str | None,
     base_url: str | None,
     service: str | None,
@@ -267,6 +267,7 @@ async def _enrich_prepared(
         )
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise UsageError(f"concurrency must be a whole number of 1 or more, got {concurrency!r}")
+    retry = retry_statuses(retry_failed)
     fmt: str | None = None
     if write_to is not None:  # refused now, before anything is sent, if it cannot be written
         check_output_path(write_to, format=write_format)
@@ -328,7 +329,7 @@ async def _enrich_prepared(
         tally=tally,
         basis=basis,
         options={
-            "retry_failed": retry_failed,
+            "retry_failed": retry,
             "concurrency": concurrency,
             "max_cost": max_cost,
             "keep_basis": basis,
@@ -686,13 +687,24 @@ def _settled_meta(run: _Run, area: shards.Area, store: Any) -> tuple[Settled, pl
 
 def _say_finished(run: _Run, area: shards.Area, meta: pl.DataFrame) -> None:
     """The counts of a shard found finished, for the progress bar and the stats."""
-    failed = int((meta["_status"] == "failed").sum())
+    by = meta["_status"].value_counts()
+    counts = dict(zip(by["_status"].to_list(), by["count"].to_list(), strict=True))
     run.stats.already_done += int(meta["_run_id"].is_not_null().sum())  # (refused rows have no run)
     area.plan.inputs = None
     area.plan.consumed = True
     sink = run.tally.sink_for(area.shard)
     if sink is not None:
-        sink(Progress(total=meta.height, completed=meta.height - failed, failed=failed, running=0, waiting=0))
+        sink(
+            Progress(
+                total=meta.height,
+                completed=counts.get("completed", 0),
+                failed=counts.get("failed", 0),
+                cancelled=counts.get("cancelled", 0),
+                action_required=counts.get("action_required", 0),
+                running=0,
+                waiting=0,
+            )
+        )
 
 
 def _close_area(run: _Run, area: shards.Area, cp: Checkpoint, *, settled: bool = False) -> None:

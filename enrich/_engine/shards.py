@@ -228,14 +228,18 @@ class Tally:
         shown = list(self.latest.values())
         completed = sum(p.completed for p in shown)
         failed = sum(p.failed for p in shown)
+        cancelled = sum(p.cancelled for p in shown)
+        action_required = sum(p.action_required for p in shown)
         running = sum(p.running for p in shown)
         self.sink(
             Progress(
                 total=self.total,
                 completed=completed,
                 failed=failed,
+                cancelled=cancelled,
+                action_required=action_required,
                 running=running,
-                waiting=max(0, self.total - completed - failed - running),
+                waiting=max(0, self.total - completed - failed - cancelled - action_required - running),
                 rate_limited=rate_limited,
                 message=message,
                 refused=refused,

@@ -19,7 +19,8 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
 
     The result has the caller's type (polars in, polars out; pandas in, pandas out): every input column
     and row in the original order, then one typed column per output field, then `_status`
-    ("completed", "failed" or "pending"), `_error` (why, null when completed) and `_run_id`, and with
+    ("completed", "failed", "cancelled", "action_required" or "pending"), `_error` (why there is no
+    answer, null when completed) and `_run_id`, and with
     `basis=True` a `_basis` column (per-field reasoning, citations and confidence).
 
     Args:
@@ -59,7 +60,11 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
             create per row, each sent as soon as the budget allows; collected through the job's group).
         basis: add the `_basis` column.
-        retry_failed: submit again the rows whose run failed (only those).
+        retry_failed: True submits again the rows whose run failed (only those). Or the statuses
+            whose rows to submit again, by name: "failed", "cancelled", "action_required" (one, or a
+            list, e.g. `("failed", "cancelled")`); another name is a `UsageError`. Rows the service
+            cancelled, or stopped for an action on its side (`action_required`: not waited for), are
+            never sent again unless named.
         api_key: default env `PARALLEL_API_KEY`. base_url: default env `PARALLEL_BASE_URL`, else
             `https://api.parallel.ai`.
         service: the name the checkpoint records for the service (default: the base URL without
