@@ -292,6 +292,17 @@ def test_unknown_status_is_kept() -> None:
     assert r.status == "teleporting" and r.is_terminal
 
 
+def test_a_documented_status_decides_whether_a_run_is_active() -> None:
+    from enrich._models import TaskRun
+
+    # is_active is true exactly for queued, running, cancelling (task-api.md section 4): a cancelling run
+    # is waited for even if a service called it inactive; action_required is inactive and not terminal.
+    assert TaskRun.from_json({**RUN, "status": "cancelling", "is_active": False}).is_active
+    stopped = TaskRun.from_json({**RUN, "status": "action_required", "is_active": True})
+    assert not stopped.is_active and not stopped.is_terminal
+    assert TaskRun.from_json({**RUN, "status": "cancelled"}).is_terminal
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
