@@ -18,15 +18,18 @@ directory, a checkpoint is:
                                    sent_at (when the request went out: a late commit is possible until a
                                    horizon after it)
     receipts-000000003.parquet     runs created: row_key, run_id, group_id, batch_id, created_at
-    outcomes-000000004.parquet     runs finished: row_key, run_id, status (completed, failed, cancelled,
-                                   action_required), output, basis, error, finished_at
+    outcomes-000000004.parquet     runs finished: row_key, run_id, interaction_id (the service's, for a
+                                   follow-up run; null in segments of an older enrich), status
+                                   (completed, failed, cancelled, action_required), output, basis, error,
+                                   finished_at
     resolutions-000000005.parquet  in-doubt intent batches that reconciliation settled: batch_id
     duplicates-000000006.parquet   runs found for a row that already had one (a create committed after the
                                    job gave it up): row_key, run_id, group_id, found_at; paid, never joined
     pacing.json                    what the limiter learned of the service's quota (replaced atomically)
     warnings.json                  the service's warnings on the runs: message -> runs (replaced atomically)
     last_call.json                 the last call that opened it: rows, distinct inputs, when (replaced)
-    settled.parquet                a cache: the state when nothing was running or in doubt, tagged with
+    settled.parquet                a cache: the state when nothing was running or in doubt (its light
+                                   columns, `state(outputs=False)`), tagged with
                                    the segments it was read from, used only while they are exactly the
                                    segments on disk (`record_settled`, `read_settled`; replaced)
 
@@ -84,10 +87,10 @@ segments per tier, with about log(w) / log(fanout) tiers. Merged segments always
 unmerged ones, and higher tiers older than lower, so reading them in that order yields rows in `_order`.
 
 Memory: the object keeps groups, resolved batches, in-doubt rows, all receipts and the small columns of all
-outcomes (run_id, status, error, finished_at), updated as it writes, so no call re-reads the disk except
-`state(outputs=True)`, which reads the `output` and `basis` columns from the outcome segments on each call.
-Intents are read at open only to find the rows in doubt. For 1,000,000 rows that is about 200 MB kept, and
-opening takes about a second.
+outcomes (run_id, interaction_id, status, error, finished_at), updated as it writes, so no call re-reads the
+disk except `state(outputs=True)`, which reads the `output` and `basis` columns from the outcome segments on
+each call. Intents are read at open only to find the rows in doubt. For 1,000,000 rows that is about 240 MB
+kept (the interaction ids ~40 MB of it), and opening takes about a second.
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ FORMAT: Final = 2  # the newest readable: 1, one area; 2, a root of shards (`"sh
 MANIFEST: Final = "manifest.json"
 #: The state of a checkpoint with nothing running or in doubt, kept in one file (`record_settled`).
 SETTLED: Final = "settled.parquet"
-_SETTLED_VERSION: Final = "2"
+_SETTLED_VERSION: Final = "3"  # 3: interaction_id among the columns (a file of 2 is not read: recomputed)
 PACING: Final = "pacing.json"
 SERVICE_WARNINGS: Final = "warnings.json"
 LAST_CALL: Final = "last_call.json"
@@ -156,6 +159,7 @@ _SCHEMAS: Final[dict[str, pl.Schema]] = {
         {
             "row_key": pl.String(),
             "run_id": pl.String(),
+            "interaction_id": pl.String(),
             "status": pl.String(),
             "output": pl.String(),
             "basis": pl.String(),
@@ -175,7 +179,10 @@ _SCHEMAS: Final[dict[str, pl.Schema]] = {
     ),
 }
 # Columns added after segments without them were written: such a segment reads them as null.
-_ADDED: Final[dict[str, frozenset[str]]] = {"intents": frozenset({"sent_at"})}
+_ADDED: Final[dict[str, frozenset[str]]] = {
+    "intents": frozenset({"sent_at"}),
+    "outcomes": frozenset({"interaction_id"}),
+}
 # The identity of a record: compaction keeps the latest row per key.
 _KEYS: Final[dict[str, list[str]]] = {
     "groups": ["group_id"],
@@ -190,7 +197,7 @@ _HEAVY: Final = ("output", "basis")
 # What stays in memory of the two kinds that grow with the job (the others are reduced to sets at open).
 _MEMORY: Final[dict[str, list[str]]] = {
     "receipts": ["row_key", "run_id", "group_id", "created_at", _ORDER],
-    "outcomes": ["run_id", "status", "error", "finished_at", _ORDER],
+    "outcomes": ["run_id", "interaction_id", "status", "error", "finished_at", _ORDER],
 }
 _KINDS: Final = tuple(_SCHEMAS)
 _SEGMENT_RE: Final = re.compile(rf"({'|'.join(_KINDS)})-(\d{{9,}})\.parquet")
@@ -199,10 +206,20 @@ _ROW_KEY_RE: Final = r"^[0-9a-fA-F]{32}$"
 #: every end but "completed" as "failed" (with the service's status in its error).
 _STATUSES: Final = ("completed", "failed", "cancelled", "action_required")
 _PENDING_SLICE: Final = 100_000  # intents compared with receipts at a time, on open
-_LIGHT_STATE: Final = ("row_key", "run_id", "group_id", "status", "error", "created_at", "finished_at")
+_LIGHT_STATE: Final = (
+    "row_key",
+    "run_id",
+    "interaction_id",
+    "group_id",
+    "status",
+    "error",
+    "created_at",
+    "finished_at",
+)
 _STATE_COLUMNS: Final = (
     "row_key",
     "run_id",
+    "interaction_id",
     "group_id",
     "status",
     "output",
@@ -242,7 +259,9 @@ class Receipt:
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A finished run. `output` and `basis` are JSON text, stored verbatim; `error` says why it has no answer
-    (it failed, was cancelled, or waits for an action on the service's side: `action_required`)."""
+    (it failed, was cancelled, or waits for an action on the service's side: `action_required`).
+    `interaction_id` is the service's id of the run's research, which a follow-up run names
+    (`previous_interaction_id`); None when the service gave none."""
 
     row_key: str
     run_id: str
@@ -251,6 +270,7 @@ class Outcome:
     basis: str | None = None
     error: str | None = None
     finished_at: datetime | None = None
+    interaction_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -969,7 +989,8 @@ class Checkpoint:
     def state(self, *, outputs: bool = True, basis: bool = True) -> pl.DataFrame:
         """One row per row_key that has a run, in the order their latest runs were recorded.
 
-        Columns: row_key, run_id, group_id (of the latest receipt), status (the outcome of that run:
+        Columns: row_key, run_id, interaction_id (of the run's outcome: null while it runs, and in
+        outcomes an older enrich recorded), group_id (of the latest receipt), status (the outcome of that run:
         "completed", "failed", "cancelled" or "action_required"; else "submitted"), output, basis,
         error, created_at, finished_at. Buffered outcomes are included. With `outputs=False` the
         `output` and `basis` columns are left out and nothing is read from disk; with `outputs=True`
@@ -988,6 +1009,14 @@ class Checkpoint:
         """Forget the state cached by `state()` (rebuilt when next asked; ~130 MB at a million rows)."""
         with self._lock:
             self._light = None
+
+    def interactions(self) -> pl.DataFrame:
+        """run_id, interaction_id of every run with an outcome (its latest record; buffered ones included),
+        from memory. interaction_id is null where the service gave none, and in outcomes recorded by an
+        enrich that did not keep it."""
+        with self._lock:
+            records = self._outcome_records()
+            return records.filter(pl.col("run_id").is_last_distinct()).select("run_id", "interaction_id")
 
     def in_doubt(self) -> list[Intent]:
         """Intent batches some of whose rows may or may not have a run, oldest first.
@@ -1510,7 +1539,8 @@ def _list(store: CheckpointStore) -> list[str]:
 class Settled:
     """The state of a checkpoint with nothing running or in doubt (`Checkpoint.record_settled`)."""
 
-    #: One row per row_key with a run: row_key, run_id, group_id, status, error, created_at, finished_at.
+    #: One row per row_key with a run: row_key, run_id, interaction_id, group_id, status, error,
+    #: created_at, finished_at.
     state: pl.DataFrame
     #: Runs created, as `Checkpoint.runs`.
     runs: int
@@ -1549,7 +1579,7 @@ def read_settled(store: CheckpointStore, job_id: str, columns: Sequence[str] | N
     on disk now, in this very checkpoint (its manifest's `instance`: segment names are sequence
     numbers, so another checkpoint of the job copied over this one could show the same names); else
     None (never kept, of another job or checkpoint, or the checkpoint recorded since). Its state
-    holds `columns` (None: all of row_key, run_id, group_id, status, error, created_at, finished_at)."""
+    holds `columns` (None: all of `_LIGHT_STATE`)."""
     try:
         names = _list(store)
         if SETTLED not in names:
@@ -1664,7 +1694,7 @@ def _receipts_frame(receipts: Iterable[Receipt] | pl.DataFrame) -> pl.DataFrame:
 
 def _outcomes_frame(outcomes: Iterable[Outcome] | pl.DataFrame) -> pl.DataFrame:
     frame = _records_frame(
-        outcomes, Outcome, "outcomes", optional=("output", "basis", "error", "finished_at")
+        outcomes, Outcome, "outcomes", optional=("interaction_id", "output", "basis", "error", "finished_at")
     )
     _check_row_keys(frame["row_key"])
     _check_ids(frame, "run_id")

@@ -35,11 +35,11 @@ is sent. The schema built from field specs lists every field in `required` and s
 defaults where they leave them out. A JSON Schema given whole is sent exactly as given.
 
 Field names (top level) must be non-empty, without leading or trailing spaces, must not start with
-`_` (enrich's result columns `_status`, `_error`, `_run_id` and `_basis` live there), and must not be
-one of `citations`, `confidence`, `evidence`, `reasoning`, `source`, `sources`, `source_urls`: every
-run already returns citations, reasoning and confidence in its basis (the `_basis` column), and the
-API warns that such fields duplicate it. These are refused with the reason, so rename the field
-(`lead_source`) if you mean something else.
+`_` (enrich's result columns `_status`, `_error`, `_run_id`, `_interaction_id` and `_basis` live
+there), and must not be one of `citations`, `confidence`, `evidence`, `reasoning`, `source`, `sources`,
+`source_urls`: every run already returns citations, reasoning and confidence in its basis (the `_basis`
+column), and the API warns that such fields duplicate it. These are refused with the reason, so rename
+the field (`lead_source`) if you mean something else.
 
 Column dtypes: string and enum → `pl.String` (enum values are checked, but the column stays
 `pl.String` so frames from several runs and checkpoints concatenate without category mismatches),
@@ -80,7 +80,7 @@ __all__ = [
 ]
 
 #: Result columns enrich adds to every frame; output fields and input columns may not use these names.
-RESERVED_COLUMNS: tuple[str, ...] = ("_status", "_error", "_run_id", "_basis")
+RESERVED_COLUMNS: tuple[str, ...] = ("_status", "_error", "_run_id", "_interaction_id", "_basis")
 
 #: Output field names the Task API warns about because the run's basis already holds them.
 BASIS_FIELD_NAMES = frozenset(

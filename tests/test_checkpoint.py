@@ -251,7 +251,7 @@ def test_round_trip_every_kind(cp: Checkpoint) -> None:
     cp.resolve_intents("b2")
     cp.add_outcomes(
         [
-            Outcome(key(1), "run_1", "completed", '{"ceo": "Ada"}', '[{"field": "ceo"}]', None, T0),
+            Outcome(key(1), "run_1", "completed", '{"ceo": "Ada"}', '[{"field": "ceo"}]', None, T0, "int_1"),
             Outcome(key(2), "run_2", "failed", error="timeout", finished_at=T0),
         ]
     )
@@ -265,6 +265,7 @@ def test_round_trip_every_kind(cp: Checkpoint) -> None:
     assert state.columns == [
         "row_key",
         "run_id",
+        "interaction_id",
         "group_id",
         "status",
         "output",
@@ -274,14 +275,16 @@ def test_round_trip_every_kind(cp: Checkpoint) -> None:
         "finished_at",
     ]
     assert state.rows() == [
-        (key(1), "run_1", "g1", "completed", '{"ceo": "Ada"}', '[{"field": "ceo"}]', None, T0, T0),
-        (key(2), "run_2", "g1", "failed", None, None, "timeout", T0, T0),
-        (key(3), "run_3", "g1", "submitted", None, None, None, T0, None),
+        (key(1), "run_1", "int_1", "g1", "completed", '{"ceo": "Ada"}', '[{"field": "ceo"}]', None, T0, T0),
+        (key(2), "run_2", None, "g1", "failed", None, None, "timeout", T0, T0),
+        (key(3), "run_3", None, "g1", "submitted", None, None, None, T0, None),
     ]
+    assert cp.interactions().rows() == [("run_1", "int_1"), ("run_2", None)]
     assert cp.counts() == Counts(rows=3, submitted=1, completed=1, failed=1, in_doubt=0, runs=3)
     assert cp.state(outputs=False).columns == [
         "row_key",
         "run_id",
+        "interaction_id",
         "group_id",
         "status",
         "error",
@@ -325,8 +328,8 @@ def test_columnar_input(cp: Checkpoint) -> None:
     cp.add_outcomes(pl.DataFrame({"row_key": [key(1)], "run_id": ["r1"], "status": ["completed"]}))
     cp = reopen(cp)
     assert cp.state().rows() == [
-        (key(1), "r1", None, "completed", None, None, None, datetime(2025, 1, 1, 12, tzinfo=UTC), None),
-        (key(2), "r2", None, "submitted", None, None, None, None, None),
+        (key(1), "r1", None, None, "completed", None, None, None, datetime(2025, 1, 1, 12, tzinfo=UTC), None),
+        (key(2), "r2", None, None, "submitted", None, None, None, None, None),
     ]
     cp.close()
 

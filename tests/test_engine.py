@@ -65,7 +65,7 @@ def test_typed_columns_of_every_type(tmp_path: Path) -> None:
     app = create_app(EmulatorConfig(latency=0.05))
     df = companies()
     out = run_job(app, df, FIELDS, checkpoint=tmp_path / "cp")
-    assert out.columns == [*df.columns, *FIELDS, "_status", "_error", "_run_id"]
+    assert out.columns == [*df.columns, *FIELDS, "_status", "_error", "_run_id", "_interaction_id"]
     assert out.schema["ceo"] == pl.Utf8 and out.schema["founded"] == pl.Int64
     assert out.schema["revenue"] == pl.Float64 and out.schema["public"] == pl.Boolean
     assert out.schema["products"] == pl.List(pl.Utf8)
@@ -101,7 +101,7 @@ def test_text_output_and_prompt_template() -> None:
     app = create_app(EmulatorConfig(latency=0.05))
     df = companies(5)
     out = run_job(app, df, "A one-line summary of the company", prompt="Describe {company} ({website})")
-    assert out.columns[-4:] == ["output", "_status", "_error", "_run_id"]
+    assert out.columns[-5:] == ["output", "_status", "_error", "_run_id", "_interaction_id"]
     want = expected(df, "A one-line summary of the company", prompt="Describe {company} ({website})")
     assert out["output"].to_list() == want
     assert all(isinstance(w, str) and w for w in want)

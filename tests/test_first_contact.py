@@ -90,12 +90,12 @@ def test_an_enriched_file_can_be_enriched_again(
         capsys.readouterr()
         assert run(str(first), "-o", str(second), "--field", "cfo=CFO", *extra) == 0, capsys.readouterr().err
         out = pl.read_parquet(second)
-        assert out.columns == ["company", "ceo", "cfo", "_status", "_error", "_run_id"]
+        assert out.columns == ["company", "ceo", "cfo", "_status", "_error", "_run_id", "_interaction_id"]
         assert out["ceo"].to_list() == pl.read_parquet(first)["ceo"].to_list()  # carried through
         assert set(out["_status"]) == {"completed"} and "replaced by this job's" in capsys.readouterr().err
     # the second job sent company (and the earlier answer, without --columns), never _status or _run_id
     sent = [json.dumps(json.loads(r.body)["input"]) for r in emu.app.state.runs.values()]
-    assert not any("_status" in s or "_run_id" in s for s in sent)
+    assert not any("_status" in s or "_run_id" in s or "_interaction_id" in s for s in sent)
 
 
 def test_the_same_inputs_through_another_mapping_pay_nothing_more(tmp_path: Path, emu: Emulator) -> None:
@@ -125,7 +125,7 @@ def test_an_empty_table_gives_a_typed_empty_result(
     assert run(str(src), "-o", str(out), *spec, "--emulator") == 0, capsys.readouterr().err
     back = pl.read_parquet(out)
     assert back.height == 0 and back.schema["founded"] == pl.Int64 and back.schema["tags"] == pl.List(pl.Utf8)
-    assert back.columns[-3:] == ["_status", "_error", "_run_id"]
+    assert back.columns[-4:] == ["_status", "_error", "_run_id", "_interaction_id"]
     # The library, with no key and no service: nothing is needed to enrich nothing.
     empty = enrich(pl.DataFrame({"company": pl.Series([], dtype=pl.Utf8)}), CEO, api_key=None, progress=False)
     assert empty.height == 0 and empty.schema["ceo"] == pl.Utf8
@@ -328,7 +328,7 @@ def test_an_arrow_table_gives_an_arrow_table(emu: Emulator) -> None:
     out = enrich(table, CEO, progress=False, processor="lite", checkpoint=False)
     assert isinstance(out, pa.Table)
     assert out.select(["company", "zip"]).equals(table)  # the caller's columns exactly as given
-    assert out.column_names[-3:] == ["_status", "_error", "_run_id"]
+    assert out.column_names[-4:] == ["_status", "_error", "_run_id", "_interaction_id"]
     lazy = asyncio.run(aenrich(pl.LazyFrame({"company": ["Acme"]}), CEO, progress=False, processor="lite"))
     assert isinstance(lazy, pl.DataFrame) and lazy["_status"].to_list() == ["completed"]
 
@@ -342,7 +342,8 @@ def test_csv_values_come_back_and_are_sent_as_written(tmp_path: Path, emu: Emula
     src.write_text("\n".join(rows) + "\n")
     assert run(str(src), "-o", str(out), "--field", "ceo=CEO") == 0
     back = out.read_text().splitlines()
-    assert [line.rsplit(",", 4)[0] for line in back] == rows  # ... then ceo, _status, _error, _run_id
+    # ... then ceo, _status, _error, _run_id, _interaction_id
+    assert [line.rsplit(",", 5)[0] for line in back] == rows
     sent = sorted(json.loads(r.body)["input"]["zip"] for r in emu.app.state.runs.values())
     assert sent == ["00000", "00001", "00002", "ABC"]
 
@@ -397,7 +398,7 @@ def test_stdin_to_stdout_globs_and_json_arrays(
     )
     assert code.returncode == 0, code.stderr
     lines = code.stdout.decode().splitlines()
-    assert lines[0] == "company,ceo,_status,_error,_run_id" and lines[1].startswith("Acme,")
+    assert lines[0] == "company,ceo,_status,_error,_run_id,_interaction_id" and lines[1].startswith("Acme,")
     assert run(str(array), "-o", str(out), "--field", "ceo=CEO") == 0
     assert pl.read_parquet(out)["company"].to_list() == ["Acme", "Initech"]
 

@@ -264,7 +264,7 @@ def test_a_lazy_table_read_in_batches_sends_the_same_options(monkeypatch: pytest
     whole = run_job(whole_rec, df, run_options=options, checkpoint=False)
     lazy_rec = Recording(create_app(EmulatorConfig(latency=0.01)))
     lazy = run_job(lazy_rec, df.lazy(), run_options=options, checkpoint=False, _shard_rows=8)
-    assert lazy.drop("_run_id").equals(whole.drop("_run_id"))
+    assert lazy.drop("_run_id", "_interaction_id").equals(whole.drop("_run_id", "_interaction_id"))
 
     def by_company(rec: Recording) -> dict[str, Any]:
         return {

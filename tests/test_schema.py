@@ -302,7 +302,7 @@ def test_text_output() -> None:
         (
             {"_status": "x"},
             "field '_status': names starting with '_' are reserved for enrich's own columns (_status, "
-            "_error, _run_id, _basis); rename the field",
+            "_error, _run_id, _interaction_id, _basis); rename the field",
         ),
         ({"_mine": "x"}, "names starting with '_' are reserved"),
         ({"": "x"}, "a field name is empty; give every field a name"),

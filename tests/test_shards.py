@@ -62,7 +62,7 @@ def test_a_sharded_job_gives_the_unsharded_result_with_a_group_per_shard(tmp_pat
     whole = run_job(whole_app, df, checkpoint=tmp_path / "whole", _shard_rows=1000)
     stats = JobStats()
     split = run_job(app, df, checkpoint=tmp_path / "split", stats=stats)
-    assert split.drop("_run_id").equals(whole.drop("_run_id"))
+    assert split.drop("_run_id", "_interaction_id").equals(whole.drop("_run_id", "_interaction_id"))
     assert set(split["_status"]) == {"completed"} and split["_run_id"].null_count() == 0
     assert app.stats()["runs_created"] == 40 == stats.runs_total
     manifest = json.loads((tmp_path / "split" / "manifest.json").read_text())
@@ -247,7 +247,9 @@ def test_shards_run_by_the_caller_share_one_limiter_and_resume_on_their_own(tmp_
     assert again.equals(results[1]) and app.stats()["requests_total"] == requests
     whole = run_job(create_app(EmulatorConfig(latency=0.05)), df.drop("i"), checkpoint=tmp_path / "whole")
     joined = pl.concat(results).sort("company")
-    assert joined.drop("_run_id").equals(whole.sort("company").drop("_run_id"))
+    assert joined.drop("_run_id", "_interaction_id").equals(
+        whole.sort("company").drop("_run_id", "_interaction_id")
+    )
 
 
 def test_a_sharded_job_on_a_store_that_is_not_a_directory() -> None:

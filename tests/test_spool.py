@@ -60,7 +60,7 @@ def test_a_lazy_table_gives_the_frames_result_and_pays_once_per_distinct_input(t
     stats = JobStats()
     lazy = run_job(app, df.lazy(), checkpoint=tmp_path / "lazy", stats=stats)
     assert isinstance(lazy, pl.DataFrame)
-    assert lazy.drop("_run_id").equals(whole.drop("_run_id"))
+    assert lazy.drop("_run_id", "_interaction_id").equals(whole.drop("_run_id", "_interaction_id"))
     assert lazy.select(df.columns).equals(df)  # every input value as given, in the input's order
     assert app.stats()["runs_created"] == 60 == stats.distinct and stats.rows == 73
     manifest = json.loads((tmp_path / "lazy" / "manifest.json").read_text())
@@ -241,7 +241,7 @@ def test_a_categorical_column_is_spooled_and_comes_back_as_given(tmp_path: Path)
     whole = run_job(create_app(EmulatorConfig(latency=0.02)), df, checkpoint=tmp_path / "whole")
     lazy = run_job(create_app(EmulatorConfig(latency=0.02)), df.lazy(), checkpoint=tmp_path / "lazy")
     assert lazy.select(df.columns).equals(df)
-    assert lazy.drop("_run_id").equals(whole.drop("_run_id"))
+    assert lazy.drop("_run_id", "_interaction_id").equals(whole.drop("_run_id", "_interaction_id"))
     assert not leftovers(tmp_path)
 
 

@@ -62,7 +62,7 @@ def test_each_status_is_recorded_as_itself(tmp_path: Path, mode: str) -> None:
     stats = JobStats()
     events: list[Progress] = []
     out = run_job(app, df, checkpoint=tmp_path / "cp", mode=mode, stats=stats, progress=events.append)
-    assert out.columns[-3:] == ["_status", "_error", "_run_id"]
+    assert out.columns[-4:] == ["_status", "_error", "_run_id", "_interaction_id"]
     got = out["_status"].to_list()
     assert set(got) == {"completed", "cancelled", "action_required"}  # none failed, none pending
     # As the service says, row by row (action_required rows are settled for this call, not waited for).

@@ -17,7 +17,7 @@ One module per stage, each taking the previous one's output:
    each intent durable before it is sent and its receipt before the next.
 5. `collect`: one collector per task group reads the answers as the runs end (events and runs streams).
 6. `join`: the answers, read from the checkpoint a segment at a time and typed, onto every row in its
-   original order, with `_status`, `_error`, `_run_id` (and `_basis`).
+   original order, with `_status`, `_error`, `_run_id`, `_interaction_id` (and `_basis`).
 
 `pipeline.aenrich()` runs the stages (the implementation of the public API); `sync.enrich()` is its one
 sync bridge; `dry_run.plan()` works out what a job would do without sending anything (`--dry-run`).

@@ -523,12 +523,20 @@ class _Job:
                 basis=basis,
                 error=None,
                 finished_at=now,
+                interaction_id=run.interaction_id,
             )
         else:
             status, error = _unanswered(run)
             self.done[key] = (status, error)
             self.unanswered[status] += 1
-            outcome = Outcome(row_key=key, run_id=run.run_id, status=status, error=error, finished_at=now)
+            outcome = Outcome(
+                row_key=key,
+                run_id=run.run_id,
+                status=status,
+                error=error,
+                finished_at=now,
+                interaction_id=run.interaction_id,
+            )
         if not self._outcomes:
             self._outcomes_since = time.monotonic()
         self._outcomes.append(outcome)

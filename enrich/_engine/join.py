@@ -1,5 +1,5 @@
 """Stage 6, the join: the answers, typed, onto every row of the caller's frame in its original order,
-with `_status`, `_error`, `_run_id` and (with `basis=True`) `_basis`.
+with `_status`, `_error`, `_run_id`, `_interaction_id` and (with `basis=True`) `_basis`.
 
 `_meta` says per distinct row what became of it; `_distinct` builds the added columns of a range of
 distinct rows from their answers; `assemble` runs it a part at a time (`_join` does it at once, for the
@@ -54,8 +54,9 @@ _UNREADABLE = (
 
 
 def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
-    """Per distinct row, in `plan.keys` order: `_status`, `_error`, `_run_id`, and `answered` (the run
-    whose answer the row gets: completed rows only). Built column-wise: a Python step per row was 2.4 s
+    """Per distinct row, in `plan.keys` order: `_status`, `_error`, `_run_id`, `_interaction_id` (its run's,
+    as its outcome recorded it: null until it ends), and `answered` (the run whose answer the row gets:
+    completed rows only). Built column-wise: a Python step per row was 2.4 s
     of a million-row resume."""
     keys = pl.DataFrame({"key": pl.Series(plan.keys, dtype=pl.String)})
     done = job.done if job is not None else {}
@@ -75,6 +76,11 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
             "_run_id": pl.Series(list(run_of.values()), dtype=pl.String),
         }
     )
+    interactions = (
+        job.cp.interactions()
+        if job is not None
+        else pl.DataFrame(schema={"run_id": pl.String, "interaction_id": pl.String})
+    ).rename({"run_id": "_run_id", "interaction_id": "_interaction_id"})
     held = pl.Series(list(job.held_keys) if job is not None else [], dtype=pl.String)
     if job is not None and (job.temporary or job.default_checkpoint):
         running = (
@@ -102,6 +108,7 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
     return (
         keys.join(finished, on="key", how="left", maintain_order="left")
         .join(runs, on="key", how="left", maintain_order="left")
+        .join(interactions, on="_run_id", how="left", maintain_order="left")
         .select(
             pl.col("_status").fill_null("pending"),
             pl.when(pl.col("_status").is_null())
@@ -109,6 +116,7 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
             .otherwise(pl.col("_error"))
             .alias("_error"),
             "_run_id",
+            "_interaction_id",
             pl.when(pl.col("_status") == "completed").then(pl.col("_run_id")).alias("answered"),
         )
     )
@@ -136,6 +144,7 @@ def _finished_meta_of(
         pl.col("status").alias("_status"),
         pl.col("error").alias("_error"),
         pl.col("run_id").alias("_run_id"),
+        pl.col("interaction_id").alias("_interaction_id"),
     )
     local = pl.DataFrame(
         {
@@ -157,6 +166,7 @@ def _finished_meta_of(
         pl.when(refused).then(pl.lit("failed")).otherwise(pl.col("_status")).alias("_status"),
         pl.when(refused).then(pl.col("_local")).otherwise(pl.col("_error")).alias("_error"),
         pl.when(refused).then(None).otherwise(pl.col("_run_id")).alias("_run_id"),
+        pl.when(refused).then(None).otherwise(pl.col("_interaction_id")).alias("_interaction_id"),
         pl.when(~refused & (pl.col("_status") == "completed")).then(pl.col("_run_id")).alias("answered"),
     )
 
@@ -171,8 +181,8 @@ def _distinct(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The columns the job adds, for the distinct rows of `meta` (a slice of `_meta`): the typed answers
     found in `answers` (run_id, output text, typed basis, as `assemble.Spill` keeps them), `_status`,
-    `_error`, `_run_id`, and `_basis` with `basis`; and the answers typed here (run_id, the output
-    columns, `_problem`), for `typed.TypedAnswers` to keep.
+    `_error`, `_run_id`, `_interaction_id`, and `_basis` with `basis`; and the answers typed here
+    (run_id, the output columns, `_problem`), for `typed.TypedAnswers` to keep.
 
     `typed` holds answers typed by an earlier join (same columns): those are not decoded again. Without
     `basis` their text need not have been read (`answers` may lack them): the record of a completed
@@ -255,7 +265,7 @@ def _distinct(
         .to_series()
         .alias("_error")
     )
-    extra = [meta["_status"], error, meta["_run_id"]]
+    extra = [meta["_status"], error, meta["_run_id"], meta["_interaction_id"]]
     if basis:
         extra.append(merged["_basis_in"].cast(_BASIS).alias("_basis"))
     return merged.select(columns).with_columns(extra), new

@@ -678,7 +678,7 @@ async def _run_settled(run: _Run, area: shards.Area, submitted: asyncio.Event, t
 
 def _settled_meta(run: _Run, area: shards.Area, store: Any) -> tuple[Settled, pl.DataFrame] | None:
     """A shard's settled state and what became of its rows (`_finished_meta_of`), or None."""
-    settled = read_settled(store, run.root.job_id, ("row_key", "run_id", "status", "error"))
+    settled = read_settled(store, run.root.job_id, ("row_key", "run_id", "interaction_id", "status", "error"))
     if settled is None:
         return None
     meta = _finished_meta_of(area.plan, settled.state, retry_failed=run.options["retry_failed"])

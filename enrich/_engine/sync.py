@@ -20,8 +20,9 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
     The result has the caller's type (polars in, polars out; pandas in, pandas out): every input column
     and row in the original order, then one typed column per output field, then `_status`
     ("completed", "failed", "cancelled", "action_required" or "pending"), `_error` (why there is no
-    answer, null when completed) and `_run_id`, and with
-    `basis=True` a `_basis` column (per-field reasoning, citations and confidence).
+    answer, null when completed), `_run_id` and `_interaction_id` (the run's, for a follow-up run's
+    `previous_interaction_id`; null until the run ended, and where an older enrich's checkpoint did not
+    record it), and with `basis=True` a `_basis` column (per-field reasoning, citations and confidence).
 
     Args:
         data: a polars DataFrame or LazyFrame, or a pandas DataFrame.
