@@ -24,11 +24,27 @@ _DECODE_BYTES = 4 << 20  # JSON text of the basis decoded at a time
 
 
 _CITATION = pl.Struct({"url": pl.Utf8, "title": pl.Utf8, "excerpts": pl.List(pl.Utf8)})
+# The basis as decoded from the service's JSON (set aside so, for the join: never kept in a checkpoint).
 _BASIS = pl.List(
     pl.Struct(
         {"field": pl.Utf8, "reasoning": pl.Utf8, "confidence": pl.Utf8, "citations": pl.List(_CITATION)}
     )
 )
+# ... and as `_basis` gives it: each entry's `field` a top-level field, and `element` the index of the
+# array element an entry is about (`field.0`, `field.1`, ... as the service names them), null for an
+# entry about the whole field. One row per element: `out.explode("_basis").unnest("_basis")`.
+_BASIS_OUT = pl.List(
+    pl.Struct(
+        {
+            "field": pl.Utf8,
+            "element": pl.Int64,
+            "reasoning": pl.Utf8,
+            "confidence": pl.Utf8,
+            "citations": pl.List(_CITATION),
+        }
+    )
+)
+_ELEMENT = r"^(.+)\.(\d+)$"
 # What `FieldBasis.from_json(...).to_json()` makes of a decoded entry: text fields "" and lists [] when
 # missing (the confidence and a citation's title stay null: "not given").
 _NORMAL_BASIS = pl.col("basis").list.eval(
@@ -267,7 +283,7 @@ def _distinct(
     )
     extra = [meta["_status"], error, meta["_run_id"], meta["_interaction_id"]]
     if basis:
-        extra.append(merged["_basis_in"].cast(_BASIS).alias("_basis"))
+        extra.append(_per_element(merged["_basis_in"].cast(_BASIS), plan.spec.columns).alias("_basis"))
     return merged.select(columns).with_columns(extra), new
 
 
@@ -284,6 +300,25 @@ def _join(plan: _Plan, job: _Job | None, *, basis: bool, answers: pl.DataFrame |
 
 def _no_answers() -> pl.DataFrame:
     return pl.DataFrame(schema={"run_id": pl.String, "output": pl.String, "basis": _BASIS})
+
+
+def _per_element(basis: pl.Series, fields: list[str]) -> pl.Series:
+    """`basis` (of `_BASIS`) as `_basis` gives it (`_BASIS_OUT`): an entry the service named `f.N`, where
+    `f` is one of the top-level `fields` and `f.N` is not, is about element N of `f`: its `field` becomes
+    `f` and its `element` N. Every other entry keeps its `field` as sent, `element` null. So no entry is
+    dropped or renamed beyond recovery (`f.N` is `field` + "." + `element`), and a field whose name holds
+    a dot is never taken for an element of another."""
+    sent = pl.element().struct.field("field")
+    head = sent.str.extract(_ELEMENT, 1)
+    index = sent.str.extract(_ELEMENT, 2).cast(pl.Int64, strict=False)
+    element = ~sent.is_in(fields) & head.is_in(fields) & index.is_not_null()
+    return basis.list.eval(
+        pl.struct(
+            pl.when(element).then(head).otherwise(sent).alias("field"),
+            pl.when(element).then(index).alias("element"),
+            *(pl.element().struct.field(f) for f in ("reasoning", "confidence", "citations")),
+        )
+    ).cast(_BASIS_OUT)
 
 
 def _typed_basis(part: pl.DataFrame) -> pl.DataFrame:

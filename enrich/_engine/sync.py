@@ -60,7 +60,12 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             records the service it ran on and is never used with another one.
         mode: "group" (default: task groups, add-runs of up to 1,000, few requests) or "runs" (one
             create per row, each sent as soon as the budget allows; collected through the job's group).
-        basis: add the `_basis` column.
+        basis: add the `_basis` column: per row, a list of the service's basis entries, each a struct
+            of `field`, `element`, `reasoning`, `confidence` (null on lite/base) and `citations` (url,
+            title, excerpts). An array field also gets an entry per element (the service names them
+            `field.0`, `field.1`, ...): `field` is then the array field's name and `element` the index,
+            null for an entry about a whole field. One row per entry:
+            `out.explode("_basis").unnest("_basis")`.
         retry_failed: True submits again the rows whose run failed (only those). Or the statuses
             whose rows to submit again, by name: "failed", "cancelled", "action_required" (one, or a
             list, e.g. `("failed", "cancelled")`); another name is a `UsageError`. Rows the service
