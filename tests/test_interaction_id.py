@@ -1,7 +1,7 @@
 """`_interaction_id` (issue 13): each run's `interaction_id`, as the service gave it, recorded with the run's
 outcome and joined next to `_run_id`: in frames and files, with and without the basis, in shards, spooled
 tables and settled states. A checkpoint that did not record it gives null, never a made-up id.
-Against the emulator, in-process.
+Against the emulator, in-process, and over HTTP for the follow-up chain it enables.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from enrich import EmulatorConfig, create_app
+from enrich import Emulator, EmulatorConfig, create_app
 from enrich._checkpoint import SETTLED, Checkpoint
+from enrich._cli import main as cli
 from enrich._engine import aenrich, spool
 
 CEO = {"ceo": "Name of the current CEO"}
@@ -152,3 +153,57 @@ def test_a_checkpoint_that_did_not_record_it_gives_null_and_resumes(tmp_path: Pa
     assert more["_interaction_id"].tail(6).to_list() == interaction_ids(
         app, more["_run_id"].tail(6).to_list()
     )
+
+
+# -- the chain it enables: a follow-up job on the same research --------------------------------------
+
+
+def stored_inputs(emu: Emulator, run_ids: list[str]) -> list[dict[str, Any]]:
+    """Each run's input as the service stored it (GET /v1/tasks/runs/{id}/input)."""
+    headers = {"x-api-key": emu.api_key}
+    return [httpx.get(f"{emu.url}/v1/tasks/runs/{r}/input", headers=headers).json() for r in run_ids]
+
+
+def test_a_follow_up_job_names_each_rows_interaction_from_python(tmp_path: Path) -> None:
+    df = companies(6)
+    with Emulator(latency=0.05) as emu:
+        kw: dict[str, Any] = {
+            "api_key": emu.api_key,
+            "base_url": emu.url,
+            "processor": "lite",
+            "progress": False,
+        }
+        first = asyncio.run(aenrich(df, CEO, checkpoint=tmp_path / "first", **kw))
+        follow = asyncio.run(
+            aenrich(
+                first,
+                {"cfo": "Name of the CFO"},
+                checkpoint=tmp_path / "follow",
+                run_options={"previous_interaction_id": "{_interaction_id}"},
+                **kw,
+            )
+        )
+        sent = stored_inputs(emu, follow["_run_id"].to_list())
+    assert [s["previous_interaction_id"] for s in sent] == first["_interaction_id"].to_list()
+    assert follow["ceo"].to_list() == first["ceo"].to_list()  # the first answers, carried through
+    assert set(follow["_status"]) == {"completed"}
+    # the follow-up's own runs, with their own interaction ids, replace the earlier ones in the output
+    assert not set(follow["_interaction_id"]) & set(first["_interaction_id"])
+
+
+def test_a_follow_up_job_names_each_rows_interaction_from_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, first, second = tmp_path / "in.csv", tmp_path / "first.parquet", tmp_path / "second.parquet"
+    companies(5).write_csv(source)
+    options = tmp_path / "follow.json"
+    options.write_text(json.dumps({"previous_interaction_id": "{_interaction_id}"}))
+    with Emulator(latency=0.05) as emu:
+        monkeypatch.setenv("PARALLEL_API_KEY", emu.api_key)
+        common = ["--processor", "lite", "--no-progress", "--base-url", emu.url]
+        assert cli(["run", str(source), "-o", str(first), "--field", "ceo=CEO", *common]) == 0
+        args = ["run", str(first), "-o", str(second), "--field", "cfo=CFO", "--run-options", str(options)]
+        assert cli([*args, *common]) == 0
+        done = pl.read_parquet(second)
+        sent = stored_inputs(emu, done["_run_id"].to_list())
+    assert [s["previous_interaction_id"] for s in sent] == pl.read_parquet(first)["_interaction_id"].to_list()
