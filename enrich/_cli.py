@@ -217,7 +217,9 @@ def _run(args: argparse.Namespace) -> int:
         "processor": args.processor,
         "checkpoint": checkpoint,
         "mode": args.mode,
-        "retry_failed": args.retry_failed,
+        "retry_failed": [n.strip() for n in args.retry_failed.split(",") if n.strip()]
+        if args.retry_failed
+        else False,
         "rate_limit": args.rate_limit,
         "run_rate": args.run_rate,
     }
@@ -676,7 +678,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--basis", action="store_true", help="add a _basis column: reasoning, citations, confidence"
     )
-    run.add_argument("--retry-failed", action="store_true", help="submit again the rows whose run failed")
+    run.add_argument(
+        "--retry-failed",
+        nargs="?",
+        const="failed",
+        metavar="STATUSES",
+        help="submit again the rows whose run failed; or name the statuses to send again, comma-separated "
+        "(failed, cancelled, action_required)",
+    )
     run.add_argument(
         "--timeout", type=float, help="stop after SECONDS; unfinished rows come back pending (exit 3)"
     )

@@ -83,15 +83,52 @@ def test_a_lost_create_the_service_says_to_retry_is_reconciled_not_sent_blindly(
     app = create_app(
         EmulatorConfig(
             latency=0.05,
-            fault_rate=0.3,
+            fault_rate=0.5,  # (of every request: enough creates among them lose their answer)
             faults=frozenset({"lost_create", "html_5xx"}),
             should_retry_header=True,
             seed=2,
         )
     )
-    df = companies(24)
+    df = companies(48)
     stats = JobStats()
     out = run_job(app, df, checkpoint=tmp_path / "cp", mode=mode, commit_horizon=0.2, stats=stats)
     own_answers(out, df, app)
-    assert app.stats()["faults"]["lost_create"] > 0 and stats.reconciled > 0
+    # (found by reading the group at once, or adopted when it appeared while the row was held)
+    assert app.stats()["faults"]["lost_create"] > 0 and stats.reconciled + stats.found_late > 0
     assert app.stats()["runs_created"] == df.height and app.stats()["duplicate_runs"] == 0
+
+
+class _NoRetryOn429:
+    """The emulator, with `x-should-retry: false` added to each of its 429s (it never sends that itself):
+    a service that says a rate-limited create must not be sent again as it is."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.marked = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def marking(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 429:
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-should-retry"]
+                message = {**message, "headers": [*headers, (b"x-should-retry", b"false")]}
+                self.marked += 1
+            await send(message)
+
+        await self.app(scope, receive, send) if scope["type"] != "http" else await self.app(
+            scope, receive, marking
+        )
+
+
+def test_a_429_that_says_not_to_retry_puts_the_row_back_in_runs_mode(tmp_path: Path) -> None:
+    """Nothing was created: the row waits its turn under the limiter (which learned of the 429) and is
+    sent again, as group mode forms its call again; the job is not ended by a rate limit."""
+    inner = create_app(
+        EmulatorConfig(latency=0.05, rate_limit=None, run_rate_limit=3, rate_window=0.3, seed=5)
+    )
+    app = _NoRetryOn429(inner)
+    df = companies(20)
+    stats = JobStats()
+    out = run_job(app, df, checkpoint=tmp_path / "cp", mode="runs", run_rate=40, rate_window=0.3, stats=stats)
+    own_answers(out, df, inner)
+    assert app.marked > 0  # the service refused some creates, and said not to retry them
+    assert inner.stats()["runs_created"] == df.height and inner.stats()["duplicate_runs"] == 0

@@ -189,3 +189,37 @@ def test_the_summary_and_status_count_each_status(tmp_path: Path, capsys: pytest
     assert inputs["cancelled"] == n["cancelled"] and inputs["action_required"] == n["action_required"]
     assert cli(["status", str(target)]) == 0
     assert f"{n['cancelled']} cancelled, {n['action_required']} action required" in capsys.readouterr().out
+
+
+def test_the_cli_retries_failed_rows_or_the_statuses_it_names(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source, target = tmp_path / "in.csv", tmp_path / "out.parquet"
+    companies(30).write_csv(source)
+    with Emulator(latency=0.05, failure_rate=0.2, cancel_rate=0.3, seed=3) as emu:
+        args = ["run", str(source), "-o", str(target), "--field", "ceo=Name of the current CEO"]
+        args += ["--processor", "lite", "--no-progress", "--base-url", emu.url]
+
+        def created() -> int:
+            return int(httpx.get(f"{emu.url}/_emulator/stats").json()["runs_created"])
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PARALLEL_API_KEY", emu.api_key)
+            assert cli(args) in (0, 1)
+            first = pl.read_parquet(target)
+            count = dict(zip(*first["_status"].value_counts().to_dict(as_series=False).values(), strict=True))
+            assert count.get("failed") and count.get("cancelled")
+            before = created()
+            cli([*args, "--retry-failed"])  # failed rows only, as before
+            assert created() == before + count["failed"]
+            before = created()
+            again = pl.read_parquet(target)
+            cli([*args, "--retry-failed", "cancelled,failed"])
+            was = again["_status"].is_in(["cancelled", "failed"])
+            assert created() == before + int(was.sum())
+            assert pl.read_parquet(target).filter(~was).equals(again.filter(~was))
+            capsys.readouterr()
+            assert cli([*args, "--retry-failed", "canceled"]) == 2
+            err = capsys.readouterr().err
+            assert "'canceled' is not a status that can be sent again" in err and err.count("\n") == 1
+            assert created() == before + int(was.sum())  # refused: nothing sent

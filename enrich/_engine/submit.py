@@ -207,6 +207,7 @@ async def run_runs_mode(job: _Job) -> None:
     queue = collections.deque(job.todo)
     job.todo = []
     capped = False
+    bounced: dict[str, int] = {}  # key -> 429s that said not to retry (x-should-retry: false)
 
     async def wait(key: str, run_id: str) -> None:
         # a run recorded without a group (an older checkpoint): only its own result call finds it
@@ -240,6 +241,13 @@ async def run_runs_mode(job: _Job) -> None:
             try:
                 assert group_id is not None
                 await create_one(job, key, group_id, reconciler)
+            except RateLimitError as exc:
+                # A 429 that says not to send it again as it is (x-should-retry: false): nothing was
+                # created, and the limiter, told of it, paces the row's next try, as group mode does.
+                bounced[key] = bounced.get(key, 0) + 1
+                if exc.should_retry is not False or bounced[key] > job.client.retry.max_rate_limited:
+                    raise
+                queue.append(key)
             finally:
                 job.reserved -= 1
             collector = collectors[group_id]
