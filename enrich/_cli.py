@@ -257,6 +257,17 @@ def _run_planned(
             room = max(0.0, args.max_cost - the_plan.spent)
             print(f"max cost:           ${args.max_cost:,.2f} (room for ${room:,.2f} more)")
         return EXIT_OK
+    if args.emulator and the_plan is not None and the_plan.to_submit and (the_plan.spent or 0) > 0:
+        raise UsageError(
+            f"{checkpoint} was made by an earlier --emulator session, whose emulator (and task group) "
+            f"ended with it, so {the_plan.to_submit:,} new runs cannot join it; use a new checkpoint "
+            "(--checkpoint DIR, or delete it), or `enrich emulate` with --base-url for jobs you change"
+        )
+    if args.emulator and "previous_interaction_id" in (job["run_options"] or {}):
+        raise UsageError(
+            "a follow-up names interactions of the emulator that answered the first job, and each "
+            "--emulator run starts a new one: run `enrich emulate` and give both jobs --base-url"
+        )
     if args.emulator and the_plan is not None and the_plan.running:
         raise UsageError(
             f"{checkpoint} holds {the_plan.running:,} unfinished runs of an earlier --emulator session, "
@@ -663,7 +674,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--exclude-domains", metavar="LIST", help="never use these domains, comma-separated")
     run.add_argument("--after-date", metavar="YYYY-MM-DD", help="only use pages published after this date")
     run.add_argument(
-        "--location", metavar="CC", help='research as from this country (ISO code such as US, or "{country}")'
+        "--location",
+        metavar="CC",
+        help='research as from this country: an ISO code such as US, or a column of them ("{country_code}")',
     )
     run.add_argument(
         "--beta",

@@ -239,6 +239,8 @@ class RunOptions:
             before, _, rest = rest.partition(json.dumps(f"\x00{n}\x00"))
             pieces.append(pl.lit(before))
             where = f"run_options {_dotted(leaf.path)}"
+            if "_interaction_id" in _fields(leaf.template) and "_status" in df.columns:
+                _check_finished(df, where, leaf.template, first_row)
             values = _render_prompt(df, df.columns, leaf.template, first_row, what=where)
             for row, value in enumerate(values):
                 problem = leaf.check(value)
@@ -261,6 +263,20 @@ class RunOptions:
         options = json.loads(text)
         options.pop(BETA_KEY, None)
         return options
+
+
+def _check_finished(df: pl.DataFrame, where: str, template: str, first_row: int) -> None:
+    """A follow-up builds on an earlier run's research: a row whose earlier run did not complete (failed,
+    cancelled, ...) has an interaction but nothing to build on, and would be paid for all the same."""
+    unfinished = df.select(pl.arg_where(pl.col("_status").fill_null("pending") != "completed"))
+    if unfinished.height:
+        row = int(unfinished.item(0, 0))
+        status = df["_status"][row] or "pending"
+        raise UsageError(
+            f"{where} (from {template!r}): {unfinished.height:,} rows' earlier runs did not complete (first: "
+            f"row {first_row + row}, {status}), so there is no research to follow up on; keep the rows whose "
+            "_status is 'completed' (df.filter(pl.col('_status') == 'completed'), or filter the file first)"
+        )
 
 
 def _replace(value: Any, marks: Mapping[_Path, str], path: _Path = ()) -> Any:

@@ -343,3 +343,47 @@ def test_the_cli_sends_the_shortcuts_and_the_file_per_row(
         err = capsys.readouterr().err
         assert "advanced_settings.location" in err and err.count("\n") == 1
         assert httpx.get(f"{emu.url}/_emulator/stats").json()["runs_created"] == before
+
+
+def test_a_follow_up_refuses_rows_whose_earlier_run_did_not_complete() -> None:
+    """Those rows have an interaction id (failed and cancelled runs have one) but no research to build on,
+    and a follow-up on them would be paid for all the same: refused, with the count and the first row."""
+    rec = Recording(create_app(EmulatorConfig(latency=0.01)))
+    df = companies(4).with_columns(
+        pl.Series("_status", ["completed", "failed", "completed", "cancelled"]),
+        pl.Series("_interaction_id", [f"trun_{i}" for i in range(4)]),
+    )
+    with pytest.raises(UsageError, match=r"2 rows' earlier runs did not complete \(first: row 1, failed\)"):
+        run_job(rec, df, run_options={"previous_interaction_id": "{_interaction_id}"}, checkpoint=False)
+    assert rec.requests == []
+
+
+def test_the_cli_refuses_what_an_emulator_session_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each --emulator run has an emulator of its own: new runs cannot join an earlier session's task
+    group, and a follow-up cannot name its interactions. Both are refused before anything is recorded,
+    and the first command still works afterwards."""
+    from enrich._cli import main
+
+    src, out = tmp_path / "in.csv", tmp_path / "out.parquet"
+    companies(3).write_csv(src)
+    base = ["run", str(src), "-o", str(out), "--field", "ceo=CEO", "--processor", "lite", "--emulator"]
+    assert main([*base, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--no-progress", "--location", "US"]) == 2
+    err = capsys.readouterr().err
+    assert "earlier --emulator session" in err and "3 new runs" in err and err.count("\n") == 1
+    assert main([*base, "--no-progress"]) == 0  # nothing was recorded: the same command resumes
+    (tmp_path / "chain.json").write_text('{"previous_interaction_id": "{_interaction_id}"}')
+    follow = [
+        "run",
+        str(out),
+        "-o",
+        str(tmp_path / "f.parquet"),
+        "--field",
+        "since:integer=Year",
+        "--emulator",
+    ]
+    assert main([*follow, "--run-options", str(tmp_path / "chain.json"), "--no-progress"]) == 2
+    assert "enrich emulate" in capsys.readouterr().err
