@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import string
@@ -649,17 +650,20 @@ def keys_and_sizes(
 
 
 def _python_keys(
-    texts: Iterable[str | bytes], head: str, options: str | list[str] | None = None
+    texts: Sequence[str | bytes], head: str, options: str | list[str] | None = None
 ) -> list[str]:
     """The key of each input's canonical JSON text (and its options' text): the reference definition,
     with hashlib."""
     prefix = hashlib.sha256(head[:-1].encode() + b",")
+    if isinstance(options, list):
+        tails: Iterable[bytes] = (b"," + o.encode() + b"]" for o in options)
+    else:
+        tails = itertools.repeat(b"]" if options is None else b"," + options.encode() + b"]", len(texts))
     keys = []
-    tail = b"]" if options is None or isinstance(options, list) else b"," + options.encode() + b"]"
-    for n, text in enumerate(texts):
+    for text, tail in zip(texts, tails, strict=True):
         h = prefix.copy()
         h.update(text.encode() if isinstance(text, str) else text)
-        h.update(tail if not isinstance(options, list) else b"," + options[n].encode() + b"]")
+        h.update(tail)
         keys.append(h.hexdigest()[:32])
     return keys
 
@@ -691,7 +695,8 @@ def _polars_keys(
     hashlib too, and any difference means None (the caller falls back to `_python_keys`).
     """
     n = texts.len()
-    if len(head) + len(options if isinstance(options, str) else "") > _NATIVE_HEAD_MAX:
+    fixed = len(head) + len(options if isinstance(options, str) else "")  # characters in every message
+    if fixed > _NATIVE_HEAD_MAX:
         return None
     frame = pl.DataFrame({"t": texts})
     parts = [pl.lit(head[:-1] + ","), pl.col("t")]
@@ -703,8 +708,7 @@ def _polars_keys(
     parts.append(pl.lit("]"))
     # Each message repeats the task spec (up to 15,000 characters): made a slice of rows at a time, so
     # they are never all in memory (whole, a million messages of a 500-character spec were 730 MB).
-    per_row = len(head) + len(options if isinstance(options, str) else "") + 64
-    step = max(1_024, _MESSAGE_BYTES // per_row)
+    step = max(1_024, _MESSAGE_BYTES // (fixed + 64))
     try:
         import polars_hash as plh
 

@@ -300,9 +300,9 @@ class _Job:
         if self.todo:
             self.superseded.update(self.cp.run_ids(self.todo))
         # Only rows still to be sent need their input; at a million rows the others are ~350 MB.
-        self.inputs = self.plan.inputs_of(set(self.todo))
-        if self.plan.option_texts is not None:
-            self.options = self.plan.options_of(set(self.todo))
+        todo = set(self.todo)
+        self.inputs = self.plan.inputs_of(todo)
+        self.options = self.plan.options_of(todo)  # (templated options only: the others are the plan's)
         self.plan.inputs = self.plan.option_texts = None
         self.plan.consumed = True
 

@@ -73,22 +73,23 @@ class _Plan:
             return {}
         if self.inputs is not None:
             return {k: x for k, x in zip(self.keys, self.inputs, strict=True) if k in wanted}
-        at = [d for d, k in enumerate(self.keys) if k in wanted]
-        rows = at if self.input_rows is None else [self.input_rows[d] for d in at]
+        at, rows = self._rows_of(wanted)
         built = build_inputs(self.df[rows], columns=self.columns, prompt=self.prompt)
         return {self.keys[d]: x for d, x in zip(at, built, strict=True)}
 
     def options_of(self, wanted: set[str]) -> dict[str, dict[str, Any]]:
-        """key -> the run options sent with that row's run (see `enrich._run_options`), for `wanted`."""
-        options = self.run_options
-        if options is None or not wanted:
+        """key -> the run options rendered for that row's run (`option_texts`: templated options; the
+        same options for every row are `run_options.given`), for `wanted`."""
+        if self.run_options is None or self.option_texts is None or not wanted:
             return {}
-        if self.option_texts is None:
-            return {k: options.given for k in self.keys if k in wanted}
-        at = [d for d, k in enumerate(self.keys) if k in wanted]
-        rows = at if self.input_rows is None else [self.input_rows[d] for d in at]
+        at, rows = self._rows_of(wanted)
         texts = self.option_texts.gather(rows).to_list()
-        return {self.keys[d]: options.decode(t) for d, t in zip(at, texts, strict=True)}
+        return {self.keys[d]: self.run_options.decode(t) for d, t in zip(at, texts, strict=True)}
+
+    def _rows_of(self, wanted: set[str]) -> tuple[list[int], list[int]]:
+        """The distinct rows of the keys in `wanted` (their places among `keys`), and their rows of `df`."""
+        at = [d for d, k in enumerate(self.keys) if k in wanted]
+        return at, at if self.input_rows is None else [self.input_rows[d] for d in at]
 
     @property
     def added(self) -> list[str]:
