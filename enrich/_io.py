@@ -491,11 +491,17 @@ def check_checkpoint_dir(path: _PathLike) -> Path:
     return p
 
 
+_ROW_GROUP_BYTES = 16 << 20
+
+
 def _serialize(df: pl.DataFrame, fmt: str, f: IO[bytes]) -> None:
     if fmt == "csv":
         _flatten_for_csv(df).write_csv(f)
     elif fmt == "parquet":
-        df.write_parquet(f)
+        # Row groups of ~16 MB: polars encodes a whole row group before it writes it, and its default
+        # (262,144 rows) held +127 MB while a million-row result was written; this holds ~60.
+        per_row = max(1, df.estimated_size() // max(1, df.height))
+        df.write_parquet(f, row_group_size=max(1_024, min(262_144, _ROW_GROUP_BYTES // per_row)))
     elif fmt == "json":
         df.write_json(f)  # one array of row objects
     else:

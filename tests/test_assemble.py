@@ -274,3 +274,32 @@ def test_a_job_needs_no_numpy(tmp_path: Path) -> None:
         [sys.executable, "-c", _NO_NUMPY, str(tmp_path / "cp")], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 6])
+def test_interaction_ids_a_part_left_out_come_back_as_its_run_ids(tmp_path: Path, step: int) -> None:
+    """A part whose interaction ids are its run ids leaves the column out (one copy of the ids, not two);
+    merged with a part whose service gave ids of their own, every row gets its own run's."""
+    import pyarrow as pa
+
+    def part(name: str, rows: list[int], interactions: list[str | None] | None) -> assemble._Part:
+        frame = pl.DataFrame({"ceo": [f"ceo {r}" for r in rows], "_run_id": [f"run_{r}" for r in rows]})
+        if interactions is not None:
+            frame = frame.with_columns(pl.Series("_interaction_id", interactions, dtype=pl.String))
+        frame = frame.with_columns(pl.Series(assemble._ROW, rows, dtype=pl.Int64))
+        path = tmp_path / f"{name}-{step}.arrow"
+        table = frame.to_arrow()
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=2)
+        return assemble._Part(path, rows[::2], same=interactions is None)
+
+    schema = pl.Schema({"ceo": pl.String, "_run_id": pl.String, "_interaction_id": pl.String})
+    parts = [part("same", [0, 2, 4], None), part("own", [1, 3, 5], ["int_1", None, "int_5"])]
+    chunks = list(assemble.merge(parts, 6, step))
+    assert len(chunks) == -(-6 // step)
+    got = pl.concat(chunks)
+    assert got.schema == schema
+    assert got.to_dicts() == [
+        {"ceo": f"ceo {r}", "_run_id": f"run_{r}", "_interaction_id": i}
+        for r, i in enumerate(["run_0", "int_1", "run_2", None, "run_4", "int_5"])
+    ]

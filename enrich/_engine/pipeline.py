@@ -393,6 +393,10 @@ async def _enrich_prepared(
             await _run_areas(run, areas)
             if spool is not None:  # every shard's rows were read: freed while the parts are merged
                 spool.remove_soon()
+            # The merge needs none of the per-row lists (keys, positions): ~130 MB at a million rows,
+            # freed before the result is built instead of after.
+            areas.clear()
+            plan.keys, plan.index, plan.input_rows = [], [], None
         finally:
             ticker.cancel()
             end = time.monotonic()
