@@ -9,7 +9,7 @@ are typed formats and keep their types.
 
 Writes are atomic: the table goes to a temporary file beside the target, is fsynced, then renamed
 over it, so a reader (or a crash) never sees half a file. Stdout (`-`) is staged in a temporary file, then
-copied and flushed. `write_chunks` streams a result written in parts (`enrich._engine.assemble`).
+copied and flushed. `write_frames` streams a result merged from parts (`enrich._engine.assemble`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ import stat
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
 import polars as pl
+import pyarrow as pa
 
 from enrich._exceptions import UsageError
 
@@ -44,7 +46,7 @@ __all__ = [
     "read_table",
     "read_tables",
     "scan_tables",
-    "write_chunks",
+    "write_frames",
     "write_table",
 ]
 
@@ -517,46 +519,71 @@ def write_table(df: pl.DataFrame, path: _PathLike, format: str | None = None) ->
     _write(lambda fmt, f: _serialize(df, fmt, f), path, format)
 
 
-def write_chunks(
-    chunks: Sequence[_PathLike],
+def write_frames(
+    frames: Iterable[pl.DataFrame | pa.Table],
     schema: pl.Schema,
     path: _PathLike,
     format: str | None = None,
     *,
     row_group_rows: int | None = None,
 ) -> None:
-    """Write the rows of the Arrow IPC files `chunks`, in order, as one table of `schema`, the way
-    `write_table` writes a frame (same formats, atomic, .gz, `-`), streamed by polars so that no more
-    than a few batches are in memory. CSV chunks must be flat already (`flatten_for_csv`). JSON (one
+    """Write `frames` (polars frames or Arrow tables), in order, as one table of `schema`, the way
+    `write_table` writes a frame (same formats, atomic, .gz, `-`), one at a time as they come, so that
+    no more than about two are in memory (a result merged in parts: `enrich._engine.assemble`). A
+    Parquet file gets a row group per frame (of at most `row_group_rows`), encoded on a thread of its
+    own while the next frame is made. CSV frames must be flat already (`flatten_for_csv`). JSON (one
     array) is the exception: it is built whole; use JSON lines for tables larger than memory."""
-    if chunks:
-        lazy = pl.scan_ipc([os.fspath(c) for c in chunks]).cast(dict(schema))
-    else:
-        lazy = pl.LazyFrame(schema=schema)
 
-    beside = None if os.fspath(path) == _STDIO else str(Path(path).parent)
+    def conform(frame: pl.DataFrame | pa.Table) -> pl.DataFrame:
+        if isinstance(frame, pa.Table):
+            frame = pl.from_arrow(frame, rechunk=False)  # type: ignore[assignment]
+        assert isinstance(frame, pl.DataFrame)
+        changed = {c: d for c, d in schema.items() if frame.schema[c] != d}
+        return frame.cast(changed) if changed else frame
 
     def serialize(fmt: str, f: IO[bytes]) -> None:
-        if fmt == "json":
-            lazy.collect().write_json(f)
+        if fmt == "parquet":
+            _write_parquet_frames(frames, schema, f, row_group_rows)
             return
-        # polars streams into a file it names: a temporary one beside, copied into `f` in blocks.
-        fd, staged = tempfile.mkstemp(prefix=".enrich-", suffix=".staged", dir=beside)
-        os.close(fd)
-        try:
-            if fmt == "parquet":
-                lazy.sink_parquet(staged, row_group_size=row_group_rows)
-            elif fmt == "csv":
-                lazy.sink_csv(staged)
+        if fmt == "json":
+            parts = [conform(frame) for frame in frames]
+            (pl.concat(parts) if parts else pl.DataFrame(schema=schema)).write_json(f)
+            return
+        wrote = False
+        for frame in frames:
+            if fmt == "csv":
+                conform(frame).write_csv(f, include_header=not wrote)
             else:
-                lazy.sink_ndjson(staged)
-            with open(staged, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 20)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(staged)
+                conform(frame).write_ndjson(f)
+            wrote = True
+        if fmt == "csv" and not wrote:
+            pl.DataFrame(schema=schema).write_csv(f)
 
     _write(serialize, path, format)
+
+
+def _write_parquet_frames(
+    frames: Iterable[pl.DataFrame | pa.Table], schema: pl.Schema, f: IO[bytes], row_group_rows: int | None
+) -> None:
+    """The frames as a Parquet file (zstd, as polars writes one), a frame encoded and written by a
+    thread of the writer's own while the caller makes the next: pyarrow encodes without the GIL, and
+    the merge that makes the frames is the other half of the work (a 10M-row result wrote its chunks
+    to disk and polars read them back into its own writer: three passes over the result for one)."""
+    import pyarrow.parquet as pq
+
+    arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+    with pq.ParquetWriter(f, arrow_schema, compression="zstd") as writer, ThreadPoolExecutor(1) as pool:
+        pending = None
+        for frame in frames:
+            table = frame if isinstance(frame, pa.Table) else frame.to_arrow()
+            if table.schema != arrow_schema:  # (a column of nulls only, say: the same values)
+                table = table.cast(arrow_schema)
+            if pending is not None:
+                pending.result()  # one frame written at a time, in order; at most two held
+            pending = pool.submit(writer.write_table, table, row_group_size=row_group_rows)
+            del table
+        if pending is not None:
+            pending.result()
 
 
 def flatten_for_csv(df: pl.DataFrame) -> pl.DataFrame:

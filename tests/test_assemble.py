@@ -84,8 +84,8 @@ def small_parts(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         seen["batches"] = sum(len(p.firsts) for p in parts)
         return parts, statuses, schema
 
-    def counting_merge(*args: Any) -> Any:
-        for chunk in merge(*args):
+    def counting_merge(*args: Any, **kw: Any) -> Any:
+        for chunk in merge(*args, **kw):
             seen["chunks"] += 1
             yield chunk
 
@@ -170,7 +170,7 @@ def test_a_failed_write_keeps_even_a_temporary_checkpoint(
     def full(*a: object, **kw: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "write_chunks", full)
+    monkeypatch.setattr(pipeline, "write_frames", full)
     app = create_app(EmulatorConfig(latency=0.02))
     stats = JobStats()
     with pytest.raises(OutputError, match="No space left on device; every answer is kept in ") as caught:

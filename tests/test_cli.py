@@ -346,18 +346,18 @@ def test_an_output_that_fails_to_write_keeps_every_answer(
 
     out = table.with_name("out.parquet")
     args = ["run", str(table), "-o", str(out), *FIELDS, "--processor", "lite", "--no-progress"]
-    real = pipeline.write_chunks
+    real = pipeline.write_frames
 
     def full(*a: object, **kw: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline, "write_chunks", full)
+    monkeypatch.setattr(pipeline, "write_frames", full)
     assert main(args) == 3
     err = capsys.readouterr().err
     assert f"error: cannot write {out}: No space left on device; every answer is kept in" in err
     assert "run the same call again (nothing is paid twice)" in err
     assert not out.exists() and not list(table.parent.glob(".enrich-parts-*"))
-    monkeypatch.setattr(pipeline, "write_chunks", real)
+    monkeypatch.setattr(pipeline, "write_frames", real)
     assert main(args) == 0
     assert emu.stats()["runs_created"] == 12
     assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * 12

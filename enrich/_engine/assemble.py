@@ -13,10 +13,10 @@ shard (`shards`), while its checkpoint is open:
 Then for the whole job:
 
 3. `merge`: the parts of every shard are merged by position (a k-way merge that reads one batch of a
-   part at a time, so about one batch per part is held), a chunk at a time. For a file the chunks are
-   written to disk and polars streams them into the output (`enrich._io.write_chunks`: Parquet, CSV or
-   JSON lines, written to a temporary file and renamed); for a frame they become its columns as they
-   come (`merged_frame`).
+   part at a time, so about one batch per part is held), a chunk at a time. For a file each chunk is
+   written as it comes (`enrich._io.write_frames`: a Parquet row group encoded on a thread while the
+   next chunk is merged, or CSV or JSON lines; to a temporary file, renamed); for a frame the chunks
+   become its columns as they come (`merged_frame`).
 
 Rows reuse answers out of order (a repeated input), so a part can be needed again long after its first
 rows: the merge keeps its place in every part, never the part itself.
@@ -142,15 +142,15 @@ def spill_answers(spill: Spill, cp: Any, ids: pl.DataFrame, *, basis: bool) -> N
 
 
 def spill_typed(spill: Spill, typed: TypedAnswers, ids: pl.DataFrame) -> pl.DataFrame:
-    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`;
-    returns the run ids found."""
+    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`, each
+    with the distinct row `d` that gets it; returns the rows found (d)."""
     found = []
     if ids.height:
         for frame in typed.read():
             frame = frame.join(ids, on="run_id", how="inner")
-            found.append(frame.select("run_id"))
+            found.append(frame.select("d"))
             spill.add_typed(frame)
-    return pl.concat(found) if found else pl.DataFrame(schema={"run_id": pl.String})
+    return pl.concat(found) if found else pl.DataFrame(schema={"d": pl.Int64})
 
 
 @dataclass
@@ -216,6 +216,7 @@ def write_parts(
             answers if answers is not None else _no_answers(),
             basis=basis,
             typed=spill.part(j, "typed"),
+            first=lo,
         )
         del answers
         if typed is not None:
@@ -260,8 +261,10 @@ def chunk_rows(parts: list[_Part]) -> int:
     return max(MIN_CHUNK_ROWS, CHUNK_BYTES // size)
 
 
-def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pl.DataFrame]:
-    """The rows of `parts` (each sorted by position) in position order, as frames of `step` rows."""
+def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> Iterator[Any]:
+    """The rows of `parts` (each sorted by position) in position order, as frames of `step` rows; with
+    `arrow`, as the Arrow tables they are made as (a Parquet writer takes them as they are: a polars
+    frame in between was 3 s of a 10M-row merge spent converting strings there and back)."""
     if not parts:
         return
     _allow_open_files(len(parts))
@@ -312,6 +315,10 @@ def merge(parts: list[_Part], rows: int, step: int) -> Iterator[pl.DataFrame]:
                 )
                 table = table.sort_by(_ROW).drop_columns([_ROW])
             del pieces
+            if arrow:
+                yield table
+                del table
+                continue
             frame = pl.from_arrow(table, rechunk=False)
             del table
             assert isinstance(frame, pl.DataFrame)
@@ -343,21 +350,6 @@ def _allow_open_files(n: int) -> None:
         resource.setrlimit(
             resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard)
         )
-
-
-def merged(parts: list[_Part], rows: int, directory: Path) -> tuple[list[Path], int]:
-    """Step 3, for a file: the parts (of every shard) merged into chunk files in row order, the parts
-    removed once merged. Returns the chunks and the rows per chunk (a Parquet row group each)."""
-    step = chunk_rows(parts)
-    chunks = []
-    for n, frame in enumerate(merge(parts, rows, step)):
-        path = directory / f"chunk-{n:06d}.arrow"
-        frame.write_ipc(path)
-        del frame
-        chunks.append(path)
-    # (merged: their space is given back while the output is written; the workspace's removal waits)
-    remove_soon([part.path for part in parts])
-    return chunks, step
 
 
 def merged_frame(parts: list[_Part], rows: int, schema: pl.Schema) -> pl.DataFrame:

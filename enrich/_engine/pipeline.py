@@ -41,7 +41,7 @@ from enrich._exceptions import (
 from enrich._inputs import (
     from_polars,
 )
-from enrich._io import check_output_path, flatten_for_csv, format_of, write_chunks, write_table
+from enrich._io import check_output_path, flatten_for_csv, format_of, write_frames, write_table
 from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
 from enrich._progress import Progress, ProgressSink, TqdmSink
@@ -442,8 +442,9 @@ async def _enrich_prepared(
     result: Any = None
     try:
         if write_to is not None:
-            chunks, step = assemble.merged(run.parts, rows, workspace)
-            write_chunks(chunks, run.schema, write_to, write_format, row_group_rows=step)
+            step = assemble.chunk_rows(run.parts)
+            merged = assemble.merge(run.parts, rows, step, arrow=True)
+            write_frames(merged, run.schema, write_to, write_format, row_group_rows=step)
         elif spool is not None:  # the parts hold the input's columns too
             result = assemble.merged_frame(run.parts, rows, run.schema)
         else:
@@ -823,7 +824,7 @@ def _joined(
             found = None
             stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
         if not run.basis:
-            missing = ids if found is None else ids.join(found, on="run_id", how="anti")
+            missing = ids if found is None else ids.join(found, on="d", how="anti")
             if cp is None and missing.height:
                 raise _Unsettled
             if missing.height or cp is not None:
