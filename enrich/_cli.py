@@ -549,6 +549,7 @@ def _emulate(args: argparse.Namespace) -> int:
         "late_commit_rate": args.late_commit_rate,
         "late_commit_answer": args.late_commit_answer,
         "stream_close_seconds": args.stream_close,
+        "own_interaction_ids": args.own_interaction_ids,
         "seed": args.seed,
         "basis_bytes": args.basis_bytes,
     }
@@ -828,6 +829,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="end every SSE stream after SECONDS, runs active or not (a proxy's timeout)",
+    )
+    emu.add_argument(
+        "--own-interaction-ids",
+        action="store_true",
+        help="give every run an interaction_id of its own (int_...), not its run_id; "
+        "previous_interaction_id then accepts only those",
     )
     emu.add_argument(
         "--seed",

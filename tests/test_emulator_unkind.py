@@ -390,12 +390,14 @@ def test_cli_emulate_maps_its_flags_to_the_config(served: list[EmulatorConfig]) 
     assert (
         default.seed is None and default.late_commit_seconds == 0.0 and default.stream_close_seconds is None
     )
+    assert default.own_interaction_ids is False
     argv = [
         "emulate",
         *("--late-commit", "2.5", "--late-commit-rate", "0.3", "--late-commit-answer", "after"),
         *("--stream-close", "30", "--rate-limit", "100", "--rate-burst", "10"),
         *("--run-rate-limit", "2000", "--run-burst", "500", "--rate-window", "30"),
         *("--no-retry-after", "--seed", "7", "--credit", "5", "--faults", "drop,slow"),
+        "--own-interaction-ids",
     ]
     assert main(argv) == 0
     config = served.pop()
@@ -412,7 +414,7 @@ def test_cli_emulate_maps_its_flags_to_the_config(served: list[EmulatorConfig]) 
         500,
     )
     assert config.retry_after_header is False and config.seed == 7 and config.credit == 5.0
-    assert config.faults == frozenset({"drop", "slow"})
+    assert config.faults == frozenset({"drop", "slow"}) and config.own_interaction_ids is True
     assert main(["emulate", "--seed", "none"]) == 0 and served.pop().seed is None
 
 

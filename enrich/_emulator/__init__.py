@@ -16,7 +16,8 @@ end `cancelled` after a spell of `cancelling` (`cancel_rate`) or stop at `action
 (`should_retry_header`), creates committed seconds after a 504 or a hung-up client
 (`late_commit_seconds`), SSE streams closed on the service's own timer (`stream_close_seconds`), a
 quota the client was not told, as a token bucket with a small burst (`rate_burst`, `run_burst`), 429s
-without Retry-After (`retry_after_header`), and, by default, ids that differ across restarts (`seed`).
+without Retry-After (`retry_after_header`), interaction ids that are not the run ids
+(`own_interaction_ids`), and, by default, ids that differ across restarts (`seed`).
 
 Three ways to run it:
 
@@ -77,14 +78,17 @@ reading, so a client that passes here also passes there:
 - The service's own checks answer 422 as an ErrorResponse whose message names the problem, on group
   endpoints too: `mcp_servers` without `parallel-beta: mcp-server-2025-07-17`, `webhook` without
   `webhook-2025-08-12` (the header is comma-separated, any value allowed, on any endpoint), and a
-  `previous_interaction_id` that is not a run id this emulator handed out (an interaction of any
-  status may be followed up). Events need no `events-sse-2025-07-24`, and the per-element basis comes
-  with or without `field-basis-2025-11-25`, as in SDK 1.3.7. Nothing of a refused request is created.
+  `previous_interaction_id` that is not an interaction id this emulator handed out (an interaction of
+  any status may be followed up; with `own_interaction_ids`, a run id is not one). Events need no
+  `events-sse-2025-07-24`, and the per-element basis comes with or without `field-basis-2025-11-25`,
+  as in SDK 1.3.7. Nothing of a refused request is created.
 - A source policy shapes citations only: with `include_domains` every citation is on one of its
   entries, with only `exclude_domains` none is on an excluded one. `after_date`, `location`,
   `data_sources`, MCP servers, `memory_scope_key` and `enable_events` change nothing in the answer;
   no webhook is ever called and no MCP tool either (outputs carry no `mcp_tool_calls`).
-- `interaction_id` equals `run_id`, as the docs' examples show.
+- `interaction_id` equals `run_id`, as the docs' examples show, unless `own_interaction_ids` gives
+  every run an interaction id of its own (`int_<32 hex>`, seeded like the run ids): the service does
+  not promise the two are equal, so a client can be tested for never putting one in place of the other.
 
 The package, one module per concept:
 

@@ -502,7 +502,7 @@ class EmulatorApp:
             return None, None
         refusals.extend(_beta_problems(obj, betas, loc))
         previous = obj.get("previous_interaction_id")
-        if previous is not None and previous not in self.state.runs:
+        if previous is not None and self.state.interaction(previous) is None:
             refusals.add(
                 (*loc, "previous_interaction_id"),
                 f"previous_interaction_id {previous!r} is not an interaction id this API handed out",

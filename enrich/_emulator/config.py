@@ -81,10 +81,17 @@ class EmulatorConfig:
     - `stream_close_seconds`: every SSE stream (run events, group runs, group events) ends after this
       many seconds, whatever is still active, with a clean end of the body, as a proxy's idle or
       lifetime timeout does. None (the default): only the documented lifetimes (570 s, 1 h).
-    - `seed`: None (the default) draws run, group and ref ids from a fresh random source, so ids
-      differ across restarts as the service's do; every other draw (durations, failures, faults,
-      late commits) is then seeded as if `seed=0`. An int seeds everything, ids included, so two
-      emulators with one seed hand out the same ids. Outputs never depend on the seed.
+    - `own_interaction_ids`: when True, every run gets an `interaction_id` of its own,
+      `int_<32 hex>`, instead of its `run_id`: the service's examples show the two equal, but it does
+      not promise it, and a client that puts a run id where an interaction id belongs fails here.
+      `previous_interaction_id` then accepts only those ids: a run id is refused (422) like any id
+      the emulator never handed out as an interaction. They come from an id source of their own
+      (seeded like the run ids, see `seed`), so a seed hands out the same run, group and ref ids with
+      the option on or off. Default False: `interaction_id` is `run_id`, as in the docs' examples.
+    - `seed`: None (the default) draws run, group, ref and interaction ids from a fresh random
+      source, so ids differ across restarts as the service's do; every other draw (durations,
+      failures, faults, late commits) is then seeded as if `seed=0`. An int seeds everything, ids
+      included, so two emulators with one seed hand out the same ids. Outputs never depend on the seed.
     - `keepalive_seconds`: interval of `: keepalive` comments on the long group events stream.
     - `basis_bytes`: the size of answers. None (the default): a compact basis per field (one to three
       citations with one-line excerpts, a one-line reasoning), a few hundred bytes. An int in
@@ -121,6 +128,7 @@ class EmulatorConfig:
     late_commit_rate: float = 1.0
     late_commit_answer: str = "gateway"
     stream_close_seconds: float | None = None
+    own_interaction_ids: bool = False
     seed: int | None = None
     keepalive_seconds: float = 15.0
     basis_bytes: int | None = None

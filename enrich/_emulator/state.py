@@ -69,6 +69,7 @@ class _Run:
         "events",
         "group",
         "index",
+        "interaction_id",
         "metadata",
         "outcome",
         "processor",
@@ -164,6 +165,10 @@ class EmulatorState:
         self._seq = 0
         self._rng = random.Random(f"{_draw_seed(config)}:runs")
         self._ids = _id_source(config, "ids")
+        # Interaction ids of their own (`own_interaction_ids`) come from a source of their own, so they
+        # shift no other id of a seed; the map exists only then (a run's interaction is the run itself).
+        self._interaction_ids = _id_source(config, "interactions") if config.own_interaction_ids else None
+        self.interactions: dict[str, _Run] | None = {} if config.own_interaction_ids else None
         self._specs: dict[str, _Spec] = {}
         self._wall_offset = time.time() - time.monotonic()
 
@@ -186,6 +191,13 @@ class EmulatorState:
 
     def new_ref(self) -> str:
         return str(uuid.UUID(int=self._ids.getrandbits(128), version=4))
+
+    def interaction(self, interaction_id: str) -> _Run | None:
+        """The run whose `interaction_id` this is (a follow-up's `previous_interaction_id`), or None when
+        this emulator never handed it out: with `own_interaction_ids` a run id is not one."""
+        if self.interactions is None:
+            return self.runs.get(interaction_id)
+        return self.interactions.get(interaction_id)
 
     # -- specs
 
@@ -237,6 +249,10 @@ class EmulatorState:
             self._seq += 1
             run.seq = self._seq
             run.run_id = "trun_" + self.new_hex()
+            if self._interaction_ids is None:
+                run.interaction_id = run.run_id
+            else:
+                run.interaction_id = f"int_{self._interaction_ids.getrandbits(128):032x}"
             run.body = item.body
             run.metadata = item.metadata
             run.spec = item.spec
@@ -278,6 +294,8 @@ class EmulatorState:
             else:
                 run.index = -1
             self.runs[run.run_id] = run
+            if self.interactions is not None:
+                self.interactions[run.interaction_id] = run
             self.status_counts[_QUEUED] += 1
             heapq.heappush(self._heap, (run.start, run.seq, run))
             n = self.distinct.get(item.dedup, 0) + 1
@@ -370,7 +388,7 @@ class EmulatorState:
         warnings = run.spec.warnings + _processor_warnings(run.spec, run.processor) + (run.warnings or [])
         return {
             "run_id": run.run_id,
-            "interaction_id": run.run_id,
+            "interaction_id": run.interaction_id,
             "status": _STATUSES[state],
             "is_active": state < _COMPLETED,
             "processor": run.processor,
