@@ -216,17 +216,14 @@ def _distinct(
         maintain_order="left",
     )
     if typed is not None and typed.height:
-        # Placed by row, which `spill_typed` found by run id: a join on the run ids again was 6 s of a
-        # 10M-row resume's CPU.
-        placed = (
-            typed.select((pl.col("d") - first).cast(pl.UInt32).alias("_i"), *columns, "_problem")
-            # (one per run: a compaction that died before removing its sources leaves two copies)
-            .unique("_i", keep="last", maintain_order=True)
-            .with_columns(pl.lit(True).alias("_typed"))
+        # Placed by row (which `spill_typed` found by run id), the last copy of a run winning (a
+        # compaction that died before removing its sources leaves two): a scatter, where a join on the
+        # run ids again, then a unique, were 8 s of a 10M-row resume's CPU.
+        where = pl.repeat(None, looked.height, dtype=pl.UInt32, eager=True).scatter(
+            (typed["d"] - first).cast(pl.UInt32), pl.int_range(typed.height, dtype=pl.UInt32, eager=True)
         )
-        looked = (
-            looked.with_row_index("_i").join(placed, on="_i", how="left", maintain_order="left").drop("_i")
-        )
+        placed = typed.select(*columns, "_problem", pl.lit(True).alias("_typed"))[where]
+        looked = pl.concat([looked, placed], how="horizontal")
     else:
         empty = pl.DataFrame(
             schema={**plan.spec.polars_schema(), "_problem": pl.String, "_typed": pl.Boolean}
