@@ -10,7 +10,17 @@ from importlib import metadata as _metadata
 
 from enrich._client import TaskClient
 from enrich._emulator import Emulator, EmulatorConfig, create_app
-from enrich._engine import JobPlan, JobStats, aenrich, aenrich_shard, cache_dir, enrich, plan
+from enrich._engine import (
+    JobPlan,
+    JobStats,
+    Pilot,
+    PilotReport,
+    aenrich,
+    aenrich_shard,
+    cache_dir,
+    enrich,
+    plan,
+)
 from enrich._exceptions import (
     APIError,
     APIStatusError,
@@ -87,6 +97,8 @@ __all__ = [
     "OutputError",
     "PaymentRequiredError",
     "PermissionDeniedError",
+    "Pilot",
+    "PilotReport",
     "Progress",
     "RateLimitError",
     "RateLimiter",

@@ -21,13 +21,15 @@ directory, a checkpoint is:
     outcomes-000000004.parquet     runs finished: row_key, run_id, interaction_id (the service's, for a
                                    follow-up run; null in segments of an older enrich), status
                                    (completed, failed, cancelled, action_required), output, basis, error,
-                                   finished_at
+                                   finished_at, seconds (the run's time by the service's clock; null in
+                                   segments of an older enrich)
     resolutions-000000005.parquet  in-doubt intent batches that reconciliation settled: batch_id
     duplicates-000000006.parquet   runs found for a row that already had one (a create committed after the
                                    job gave it up): row_key, run_id, group_id, found_at; paid, never joined
     pacing.json                    what the limiter learned of the service's quota (replaced atomically)
     warnings.json                  the service's warnings on the runs: message -> runs (replaced atomically)
     last_call.json                 the last call that opened it: rows, distinct inputs, when (replaced)
+    pilot.json                     the report of the job's pilot (`enrich(pilot=N)`), once it ran (replaced)
     settled.parquet                a cache: the state when nothing was running or in doubt (its light
                                    columns, `state(outputs=False)`), tagged with
                                    the segments it was read from, used only while they are exactly the
@@ -129,6 +131,7 @@ _SETTLED_VERSION: Final = "3"  # 3: interaction_id among the columns (a file of 
 PACING: Final = "pacing.json"
 SERVICE_WARNINGS: Final = "warnings.json"
 LAST_CALL: Final = "last_call.json"
+PILOT: Final = "pilot.json"
 
 _ORDER = "_order"
 _BUFFERED_ORDER = 1 << 62  # outcomes not yet flushed sort after everything on disk
@@ -165,6 +168,7 @@ _SCHEMAS: Final[dict[str, pl.Schema]] = {
             "basis": pl.String(),
             "error": pl.String(),
             "finished_at": _TS,
+            "seconds": pl.Float64(),
             _ORDER: pl.Int64(),
         }
     ),
@@ -181,7 +185,7 @@ _SCHEMAS: Final[dict[str, pl.Schema]] = {
 # Columns added after segments without them were written: such a segment reads them as null.
 _ADDED: Final[dict[str, frozenset[str]]] = {
     "intents": frozenset({"sent_at"}),
-    "outcomes": frozenset({"interaction_id"}),
+    "outcomes": frozenset({"interaction_id", "seconds"}),
 }
 # The identity of a record: compaction keeps the latest row per key.
 _KEYS: Final[dict[str, list[str]]] = {
@@ -271,6 +275,9 @@ class Outcome:
     error: str | None = None
     finished_at: datetime | None = None
     interaction_id: str | None = None
+    #: How long the run took by the service's clock (its `modified_at` - `created_at` when it ended);
+    #: None when the service gave no times (and in outcomes an older enrich recorded).
+    seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -822,6 +829,18 @@ class Checkpoint:
         return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 
     @property
+    def pilot(self) -> dict[str, Any] | None:
+        """The report of the job's pilot (`record_pilot`), or None: no pilot ran to its end."""
+        return _read_json(self._store, PILOT)
+
+    def record_pilot(self, report: Mapping[str, Any]) -> None:
+        """Keep the pilot's report (JSON-able), replacing one kept before; durable on return. From then on
+        the job goes on past its pilot."""
+        with self._lock:
+            self._check_writable()
+            self._write_json(PILOT, dict(report))
+
+    @property
     def last_call(self) -> dict[str, Any] | None:
         """What `record_last_call` kept of the last call (rows, distinct inputs, ...), or None."""
         return _read_json(self._store, LAST_CALL)
@@ -1017,6 +1036,25 @@ class Checkpoint:
         with self._lock:
             records = self._outcome_records()
             return records.filter(pl.col("run_id").is_last_distinct()).select("run_id", "interaction_id")
+
+    def latencies(self) -> pl.DataFrame:
+        """run_id, status, seconds of every run with an outcome (its latest record; buffered ones
+        included), read from the outcome segments: `seconds` is how long the run took by the service's
+        clock, null where it gave no times or an older enrich recorded the outcome."""
+        columns = ["run_id", "status", "seconds", _ORDER]
+        with self._lock:
+            frames = []
+            for segment in list(self._segments["outcomes"]):
+                try:
+                    frames.append(_read_table(self._store, segment.name, columns, "outcomes"))
+                except (OSError, pa.ArrowException, ValueError) as exc:
+                    self._warn(f"run times in {segment.name} could not be read ({_reason(exc)})")
+            if self._buffer:
+                frames.append(self._buffered_frame().select(columns))
+        if not frames:
+            return _empty("outcomes").select(columns[:-1])
+        records = pl.concat(frames).sort(_ORDER)
+        return records.filter(pl.col("run_id").is_last_distinct()).select(columns[:-1])
 
     def in_doubt(self) -> list[Intent]:
         """Intent batches some of whose rows may or may not have a run, oldest first.
@@ -1509,6 +1547,19 @@ def _conform(frame: pl.DataFrame | pl.Series, columns: list[str], kind: str) -> 
     )
 
 
+def read_pilot(path: str | os.PathLike[str] | CheckpointStore) -> dict[str, Any] | None:
+    """The pilot's report kept in the checkpoint at `path` (`Checkpoint.record_pilot`), read without
+    opening it; None when there is none (or no checkpoint)."""
+    store = as_store(path)
+    try:
+        if not store.exists():
+            return None
+    except OSError:
+        return None
+    data = _read_json(store, PILOT)
+    return data if isinstance(data, dict) else None
+
+
 def _read_groups(store: CheckpointStore, name: str, columns: list[str], kind: str) -> Iterator[pl.DataFrame]:
     """`_read_table`, a row group at a time: a merged outcome segment holds the answers of thousands of
     runs (16,000 rows with citations: 340 MB of text), read whole only to be filtered and typed."""
@@ -1694,7 +1745,10 @@ def _receipts_frame(receipts: Iterable[Receipt] | pl.DataFrame) -> pl.DataFrame:
 
 def _outcomes_frame(outcomes: Iterable[Outcome] | pl.DataFrame) -> pl.DataFrame:
     frame = _records_frame(
-        outcomes, Outcome, "outcomes", optional=("interaction_id", "output", "basis", "error", "finished_at")
+        outcomes,
+        Outcome,
+        "outcomes",
+        optional=("interaction_id", "output", "basis", "error", "finished_at", "seconds"),
     )
     _check_row_keys(frame["row_key"])
     _check_ids(frame, "run_id")

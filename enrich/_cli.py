@@ -279,9 +279,18 @@ def _run_planned(
             "--emulator: the answers are SYNTHETIC, made up by a local emulator of the Task API; "
             "nothing is billed"
         )
+    elif args.pilot is not None:  # the pilot's own cost is confirmed; the rest, once it is measured
+        price = the_plan.price_per_run if the_plan is not None else None
+        pilot_cost = args.pilot * price if price is not None else None
+        if pilot_cost is not None and pilot_cost > CONFIRM_ABOVE and not args.yes:
+            _confirm(pilot_cost)
     elif the_plan is not None and the_plan.cost and the_plan.cost > CONFIRM_ABOVE and not args.yes:
         cap = args.max_cost if args.max_cost is not None else the_plan.cost
         _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
+    if args.pilot is not None:
+        went_on = _pilot(args, df, output, checkpoint, job, prepared)
+        if went_on is not None:
+            return went_on
     stats = JobStats()
     interrupted = done_ok = False
     stopped: CheckpointError | None = None
@@ -302,6 +311,7 @@ def _run_planned(
                 write_to=output_path,
                 write_format=args.output_format,
                 _prepared=prepared,  # keyed once, for the plan: not again
+                pilot=args.pilot,  # (its report is kept: the job goes on)
                 **job,
             )
             done_ok = True
@@ -357,6 +367,94 @@ def _run_planned(
     return EXIT_OK
 
 
+def _pilot(
+    args: argparse.Namespace,
+    df: Any,
+    output: Any,
+    checkpoint: Path | None,
+    job: dict[str, Any],
+    prepared: Any,
+) -> int | None:
+    """`--pilot N`: run the pilot (or read the report an earlier command kept), print its report, and ask
+    whether to go on with the rest of the job. Returns the exit code when the command stops here; None
+    when the job goes on."""
+    from enrich._checkpoint import read_pilot
+    from enrich._engine import JobStats, enrich
+    from enrich._engine.pilot import Pilot, PilotReport
+
+    kept = read_pilot(checkpoint) if checkpoint is not None else None
+    report = PilotReport.from_dict(kept) if kept is not None else None
+    if report is None:
+        stats = JobStats()
+        with _service(args) as (api_key, base_url):
+            try:
+                ran = enrich(
+                    df,
+                    output,
+                    basis=args.basis,
+                    timeout=args.timeout,
+                    max_cost=args.max_cost,
+                    api_key=api_key,
+                    base_url=base_url,
+                    progress=not args.no_progress,
+                    stats=stats,
+                    commit_horizon=args.commit_horizon,
+                    pilot=args.pilot,
+                    _prepared=prepared,
+                    **job,
+                )
+            except KeyboardInterrupt:
+                _say(f"interrupted: the pilot's runs are kept in {checkpoint}; run the same command again")
+                return EXIT_INCOMPLETE
+        for warning in stats.warnings:
+            _say(f"warning: {warning}")
+        if not isinstance(ran, Pilot):
+            return None  # nothing to pilot (every input refused): the job reports it
+        report = ran.report
+        print("\n".join(report.lines()), file=sys.stderr, flush=True)
+        if report.statuses.get("pending"):
+            why = f"--max-cost ${args.max_cost:,.2f} was reached" if stats.capped else "it stopped early"
+            _say(
+                f"the pilot did not finish ({report.statuses['pending']:,} runs pending: {why}): run the "
+                "same command again to finish it (nothing is paid twice)"
+            )
+            return EXIT_INCOMPLETE
+    else:
+        print("\n".join(["(kept from an earlier command)", *report.lines()]), file=sys.stderr, flush=True)
+    if not report.rest_runs:
+        return None  # nothing left to pay for: the job writes the output
+    if args.yes:
+        return None
+    cost = f", about ${report.rest_cost:,.2f}" if report.rest_cost is not None else ""
+    if args.max_cost is not None and report.rest_cost is not None and report.rest_cost > args.max_cost:
+        cost += f" (--max-cost stops it at ${args.max_cost:,.2f})"
+    if not sys.stdin.isatty():
+        if args.emulator:  # its emulator ends with this command: the job cannot go on in another
+            raise UsageError(
+                f"the pilot is done; the rest is {report.rest_runs:,} runs: an --emulator session cannot go "
+                "on in a later command, so pass --yes to go on in this one"
+            )
+        raise UsageError(
+            f"the pilot is done; the rest is {report.rest_runs:,} runs{cost}: run the same command with "
+            "--yes to go on without a terminal (the pilot's runs are not paid again)"
+        )
+    try:
+        print(
+            f"enrich: go on with the other {report.rest_runs:,} runs{cost}? [y/N] ", end="", file=sys.stderr
+        )
+        sys.stderr.flush()
+        answer = _read_answer().strip().lower()
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        answer = ""
+    if answer not in ("y", "yes"):
+        _say(
+            f"stopped after the pilot: its runs are kept in {checkpoint}; run the same command again to go on"
+        )
+        return EXIT_OK
+    return None
+
+
 def _summary(rows: int, by: dict[str, int], stats: Any, emulator: bool = False) -> str:
     """The job's one-line account: rows by status (`by`: `_status` -> rows; cancelled and action
     required only when there are any), runs created or found now, requests, 429s, spend."""
@@ -403,6 +501,8 @@ def _status(args: argparse.Namespace) -> int:
     import polars as pl
 
     from enrich._checkpoint import Checkpoint, Counts
+    from enrich._engine.pilot import PilotReport, histogram_lines, job_latencies, percentile
+    from enrich._engine.pilot import _seconds as _secs
     from enrich._engine.shards import area_states
     from enrich._processors import PROCESSORS
 
@@ -481,6 +581,14 @@ def _status(args: argparse.Namespace) -> int:
         "rows": (cp.last_call or {}).get("rows"),  # of the last call's input; None before this version
         "warnings": warnings,
     }
+    seconds = job_latencies(path)["seconds"].drop_nulls().to_list()
+    pilot = PilotReport.from_dict(cp.pilot or {})
+    report["run_seconds"] = {
+        "runs": len(seconds),
+        **{f"p{q}": percentile(seconds, q / 100) for q in (50, 90, 99)},
+        "max": max(seconds, default=None),
+    }
+    report["pilot"] = pilot.to_dict() if pilot is not None else None
     if args.json:
         print(json.dumps(report, indent=2))
         return EXIT_OK
@@ -522,6 +630,15 @@ def _status(args: argparse.Namespace) -> int:
         for m, n in sorted(cp.service_warnings.items(), key=lambda kv: -kv[1])
     ]
     lines += [f"warning:     {w}" for w in warnings]
+    if seconds:
+        times = report["run_seconds"]
+        lines.append(
+            f"run times:   p50 {_secs(times['p50'])}, p90 {_secs(times['p90'])}, max {_secs(times['max'])} "
+            f"({len(seconds):,} runs, by the service's clock)"
+        )
+        lines += histogram_lines(seconds)
+    if pilot is not None:
+        lines += ["", *pilot.lines()]
     print("\n".join(lines))
     return EXIT_OK
 
@@ -725,7 +842,16 @@ def _parser() -> argparse.ArgumentParser:
         "--max-cost", type=float, metavar="DOLLARS", help="never spend more than this, across resumes"
     )
     run.add_argument(
-        "--yes", action="store_true", help=f"confirm jobs over ${CONFIRM_ABOVE:.0f} without asking"
+        "--pilot",
+        type=int,
+        metavar="N",
+        help="run N distinct inputs first (a seeded sample), report what they measured and the rest's "
+        "cost and time, then ask to go on (--yes goes on without asking)",
+    )
+    run.add_argument(
+        "--yes",
+        action="store_true",
+        help=f"confirm jobs over ${CONFIRM_ABOVE:.0f} (and going on after a --pilot) without asking",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of errors")

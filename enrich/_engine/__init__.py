@@ -20,7 +20,8 @@ One module per stage, each taking the previous one's output:
    original order, with `_status`, `_error`, `_run_id`, `_interaction_id` (and `_basis`).
 
 `pipeline.aenrich()` runs the stages (the implementation of the public API); `sync.enrich()` is its one
-sync bridge; `dry_run.plan()` works out what a job would do without sending anything (`--dry-run`).
+sync bridge; `dry_run.plan()` works out what a job would do without sending anything (`--dry-run`);
+`pilot` runs a seeded sample of the job first and measures it (`pilot=N`, `--pilot N`).
 
 What survives a crash at each step is the checkpoint's business (`enrich._checkpoint`): the group id is
 durable before any run is added to it, the intent of an add before it is sent, its receipts before the
@@ -30,8 +31,20 @@ receipts go with the next write).
 
 from enrich._engine.dry_run import JobPlan, plan
 from enrich._engine.job import JobStats
+from enrich._engine.pilot import Pilot, PilotReport
 from enrich._engine.pipeline import aenrich, aenrich_shard
 from enrich._engine.prepare import KEY_FIELD, cache_dir
 from enrich._engine.sync import enrich
 
-__all__ = ["KEY_FIELD", "JobPlan", "JobStats", "aenrich", "aenrich_shard", "cache_dir", "enrich", "plan"]
+__all__ = [
+    "KEY_FIELD",
+    "JobPlan",
+    "JobStats",
+    "Pilot",
+    "PilotReport",
+    "aenrich",
+    "aenrich_shard",
+    "cache_dir",
+    "enrich",
+    "plan",
+]

@@ -137,6 +137,8 @@ class JobStats:
     #: Rows of the result per `_status` ("completed", "failed", "cancelled", "action_required",
     #: "pending"), counted by the join.
     statuses: dict[str, int] = field(default_factory=dict)
+    #: The job's pilot (`pilot=`): what it measured, run in this call or kept from an earlier one.
+    pilot: Any = None
 
     @property
     def runs_now(self) -> int:
@@ -524,6 +526,7 @@ class _Job:
                 error=None,
                 finished_at=now,
                 interaction_id=run.interaction_id,
+                seconds=run_seconds(run),
             )
         else:
             status, error = _unanswered(run)
@@ -536,6 +539,7 @@ class _Job:
                 error=error,
                 finished_at=now,
                 interaction_id=run.interaction_id,
+                seconds=run_seconds(run),
             )
         if not self._outcomes:
             self._outcomes_since = time.monotonic()
@@ -597,6 +601,22 @@ class _Job:
         """The create of `keys` is answered (or failed): their runs, if any, are no longer on the wire."""
         for k in keys:
             self.inflight.pop(k, None)
+
+
+def run_seconds(run: TaskRun) -> float | None:
+    """How long a finished run took by the service's clock (`modified_at` - `created_at`, RFC 3339);
+    None when either is missing or unreadable, never a guess."""
+    if not run.created_at or not run.modified_at:
+        return None
+    try:
+        start = datetime.fromisoformat(run.created_at.replace("Z", "+00:00"))
+        end = datetime.fromisoformat(run.modified_at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if start.tzinfo is None or end.tzinfo is None:
+        return None
+    seconds = (end - start).total_seconds()
+    return seconds if seconds >= 0 else None
 
 
 def _unanswered(run: TaskRun) -> tuple[Any, str]:

@@ -23,13 +23,15 @@ from typing import Any
 import httpx
 import polars as pl
 
-from enrich._checkpoint import Checkpoint, Settled, read_settled
+from enrich._checkpoint import Checkpoint, Settled, read_pilot, read_settled
 from enrich._client import TaskClient, service_of
 from enrich._engine import assemble, shards
+from enrich._engine import pilot as pilot_sample
 from enrich._engine.job import JobStats, _Fatal, _Job, retry_statuses
 from enrich._engine.join import _finished_meta, _finished_meta_of, _join, _meta
-from enrich._engine.prepare import _checkpoint_path, _Plan
-from enrich._engine.spool import Spool, _prepare_any
+from enrich._engine.pilot import Pilot, PilotReport
+from enrich._engine.prepare import _checkpoint_path, _distinct_plan, _Plan
+from enrich._engine.spool import _KEY, _OPTIONS, _SIZE, Spool, _prepare_any
 from enrich._engine.submit import run_group_mode, run_runs_mode
 from enrich._engine.typed import TypedAnswers
 from enrich._exceptions import (
@@ -139,6 +141,7 @@ async def aenrich(
     commit_horizon: float | None = None,
     write_to: str | os.PathLike[str] | None = None,
     write_format: str | None = None,
+    pilot: int | None = None,
     _prepared: _Plan | Spool | None = None,
     _shard_rows: int = shards.SHARD_ROWS,
     _limiter: RateLimiter | None = None,
@@ -151,6 +154,8 @@ async def aenrich(
     """
     started = time.monotonic()
     stats = stats if stats is not None else JobStats()
+    if pilot is not None:  # (before a large table is read and set aside)
+        _check_pilot(pilot, checkpoint)
     # `enrich run` prepared this job already for its plan (`_plan_and_prepared`, the same frame and
     # arguments): its keys are reused, once.
     reuse = _prepared is not None and _original(_prepared) is data and not _prepared.consumed
@@ -175,7 +180,45 @@ async def aenrich(
             options=check_run_options(run_options, beta, processor),
         )
     spool = prepared if isinstance(prepared, Spool) else None
+    common: dict[str, Any] = {
+        "columns": columns,
+        "processor": processor,
+        "basis": basis,
+        "retry_failed": retry_failed,
+        "api_key": api_key,
+        "base_url": base_url,
+        "service": service,
+        "rate_limit": rate_limit,
+        "run_rate": run_rate,
+        "rate_window": rate_window,
+        "timeout": timeout,
+        "progress": progress,
+        "concurrency": concurrency,
+        "max_cost": max_cost,
+        "transport": transport,
+        "request_timeout": request_timeout,
+        "commit_horizon": commit_horizon,
+        "shard_rows": _shard_rows,
+        "limiter": _limiter,
+    }
+    keep = False  # the spool outlives this call: a pilot's caller goes on with the same preparation
     try:
+        if pilot is not None:
+            arguments = {
+                "columns": columns,
+                "prompt": prompt,
+                "input_schema": input_schema,
+                "metadata": metadata,
+                "processor": processor,
+                "mode": mode,
+                "options": check_run_options(run_options, beta, processor),
+            }
+            ran = await _pilot_first(
+                prepared, output, pilot, checkpoint, arguments, common, stats=stats, started=started
+            )
+            if ran is not None:
+                keep = reuse
+                return ran
         return await _enrich_prepared(
             prepared,
             columns=columns,
@@ -204,8 +247,120 @@ async def aenrich(
             started=started,
         )
     finally:
-        if spool is not None:
+        if spool is not None and not keep:
             spool.remove()
+
+
+async def _pilot_first(
+    prepared: _Plan | Spool,
+    output: Any,
+    n: int,
+    checkpoint: Any,
+    arguments: dict[str, Any],
+    common: dict[str, Any],
+    *,
+    stats: JobStats,
+    started: float,
+) -> Pilot | None:
+    """`pilot=n`: the job's pilot run, measured, kept in its checkpoint and returned; None when the
+    checkpoint keeps a pilot's report already (or there is nothing to pilot): the job goes on."""
+    spool = prepared if isinstance(prepared, Spool) else None
+    plan = spool.template if spool is not None else prepared
+    assert isinstance(plan, _Plan)
+    svc = _service_name(common["service"], common["transport"], common["base_url"])
+    path, _ = _job_checkpoint(prepared, checkpoint, svc)
+    kept = read_pilot(path)
+    if kept is not None:
+        stats.pilot = PilotReport.from_dict(kept)
+        return None
+    if spool is not None:
+        spool.count()
+        keys, rows = pilot_sample.spool_sample(spool, n)
+        if not keys:
+            return None
+        sub: _Plan = _distinct_plan(
+            spool.job,
+            pilot_sample.spool_rows_frame(rows),
+            "polars",
+            None,
+            rows[_KEY],
+            rows[_SIZE],
+            None,
+            options=rows[_OPTIONS] if _OPTIONS in rows.columns else None,
+        )
+        layout_rows, sendable = max(spool.distinct, spool.rows), spool.distinct - len(spool.refused)
+        at = None  # (a LazyFrame's rows come back as polars)
+    else:
+        keys, frame, at = pilot_sample.frame_sample(plan, n)
+        if not keys:
+            return None
+        from enrich._engine import prepare  # (looked up when called: tests stand in for it)
+
+        made = prepare._prepare(frame, output, **arguments)
+        assert isinstance(made, _Plan)
+        sub = made
+        layout_rows, sendable = len(plan.keys), len(plan.keys) - len(plan.local_errors)
+    t0 = time.monotonic()
+    frame = await _enrich_prepared(
+        sub,
+        checkpoint=path,
+        stats=stats,
+        started=started,
+        write_to=None,
+        write_format=None,
+        layout_rows=layout_rows,
+        **common,
+    )
+    report = pilot_sample.build_report(
+        frame,
+        plan,
+        path,
+        stats,
+        wall=time.monotonic() - t0,
+        sendable=sendable,
+        rate_limit=common["rate_limit"],
+        run_rate=common["run_rate"],
+        rate_window=common["rate_window"],
+    )
+    if not report.statuses.get("pending"):  # every pilot run ended: the next call goes on
+        root = Checkpoint.open(path, plan.fingerprint, service=svc)
+        try:
+            root.record_pilot(report.to_dict())
+        finally:
+            root.close()
+    stats.pilot = report
+    original = pilot_sample.original_rows(plan.original, at) if at is not None else None
+    return Pilot(from_polars(frame, plan.kind, original, added=plan.added), report)
+
+
+def _check_pilot(n: object, checkpoint: object) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"pilot must be a whole number of distinct inputs, 1 or more, got {n!r}")
+    if checkpoint is False:
+        raise UsageError(
+            "pilot= keeps its report and runs in the job's checkpoint: give a checkpoint (or None for the "
+            "default one), not checkpoint=False"
+        )
+
+
+def _service_name(service: str | None, transport: Any, base_url: str | None) -> str:
+    """The service a checkpoint records: `service`, else the base URL's (a custom transport says so)."""
+    if service is not None:
+        return service
+    if transport is not None:  # an in-process app (the emulator, in tests) is not the base URL's service
+        return f"a custom transport at {service_of(base_url)}"
+    return service_of(base_url)
+
+
+def _job_checkpoint(
+    prepared: _Plan | Spool, checkpoint: Any, svc: str
+) -> tuple[Path | CheckpointStore, bool]:
+    """The job's checkpoint (`_checkpoint_path`: the default one is named from the job's distinct keys)."""
+    if isinstance(prepared, Spool):
+        return _checkpoint_path(
+            checkpoint, prepared.template.fingerprint, svc, prepared.sorted_keys(), ordered=True
+        )
+    return _checkpoint_path(checkpoint, prepared.fingerprint, svc, prepared.keys)
 
 
 def _original(prepared: _Plan | Spool) -> Any:
@@ -239,7 +394,10 @@ async def _enrich_prepared(
     shard_rows: int,
     limiter: RateLimiter | None,
     started: float,
+    layout_rows: int | None = None,
 ) -> Any:
+    """The job of `prepared`. `layout_rows`: the rows the job's shards are laid out for (a pilot's
+    sample is laid out as its whole job is)."""
     spool = prepared if isinstance(prepared, Spool) else None
     plan = spool.template if spool is not None else prepared
     assert isinstance(plan, _Plan)
@@ -282,12 +440,7 @@ async def _enrich_prepared(
         sink = None
     else:
         sink = progress
-    if service is not None:
-        svc = service
-    elif transport is not None:  # an in-process app (the emulator, in tests) is not the base URL's service
-        svc = f"a custom transport at {service_of(base_url)}"
-    else:
-        svc = service_of(base_url)
+    svc = _service_name(service, transport, base_url)
     if service is not None and (not isinstance(service, str) or not service.strip()):
         raise UsageError("service must be a non-empty name, or None for the base URL")
     stats.warnings.extend(plan.notes)
@@ -300,11 +453,7 @@ async def _enrich_prepared(
             write_table(empty, write_to, write_format)
             return None
         return from_polars(empty, plan.kind, plan.original, added=plan.added)
-    if spool is not None:
-        keys = spool.sorted_keys()
-        path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, keys, ordered=True)
-    else:
-        path, temporary = _checkpoint_path(checkpoint, plan.fingerprint, svc, plan.keys)
+    path, temporary = _job_checkpoint(prepared, checkpoint, svc)
     temp_note = None
     if temporary:
         temp_note = (
@@ -371,7 +520,8 @@ async def _enrich_prepared(
         run.client, run.limiter = client, limiter
         # A spooled shard's frame holds its rows, repeats included: a table of few distinct inputs
         # and many rows is split by its rows.
-        count = shards.layout(root, max(distinct, rows) if spool else distinct, rows_per_shard=shard_rows)
+        laid = layout_rows if layout_rows is not None else max(distinct, rows) if spool else distinct
+        count = shards.layout(root, laid, rows_per_shard=shard_rows)
         areas: list[shards.Area | Callable[[], shards.Area]]
         if spool is not None:
             areas = list(spool.areas(count))
@@ -764,6 +914,8 @@ async def aenrich_shard(
         raise UsageError("a shard needs its own checkpoint: give its directory or store (checkpoint=...)")
     if limiter is not None and not isinstance(limiter, RateLimiter):
         raise UsageError(f"limiter must be an enrich.RateLimiter, got {type(limiter).__name__}")
+    if options.get("pilot") is not None:
+        raise UsageError("a shard runs its rows as they are: run the pilot with enrich(pilot=) on the job")
     for private in ("_prepared", "_shard_rows", "_limiter"):
         options.pop(private, None)
     return await aenrich(data, output, checkpoint=checkpoint, _limiter=limiter, _shard_rows=2**62, **options)

@@ -104,12 +104,21 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             `stats.statuses` counts the rows per status.
         write_format: the format of `write_to` when its extension names none ("parquet", "csv",
             "jsonl", "json"), or for `-` (default csv).
+        pilot: run this many distinct inputs first (the same seeded sample every time: the smallest
+            row keys, which are SHA-256 digests of the content) and return a `Pilot`: the sample's
+            rows enriched (`.frame`) and a `PilotReport` (`.report`: statuses, the service's warnings,
+            fields that came back empty or mistyped, run times p50/p90/max by the service's clock,
+            the cost, and the rest of the job's runs, cost and time under the quota). The report is
+            kept in the checkpoint (so checkpoint=False is refused): the next call with the same
+            arguments goes on with the whole job, and the pilot's rows are never paid again. A pilot
+            that did not finish (timeout) is finished by the next call first.
 
     Raises `UsageError` for bad input (before anything is sent), `AuthenticationError` (401),
     `PaymentRequiredError` (402: resume later), `PermissionDeniedError`/`ValidationError` (the API refused
     the task), `CheckpointMismatchError` (the checkpoint belongs to another job). Nothing recorded is lost.
 
-    Returns the result frame (None with `write_to`).
+    Returns the result frame (None with `write_to`); with `pilot=`, a `Pilot` when the pilot ran in
+    this call.
 
     Works in scripts and inside a running event loop (Jupyter) alike; in async code prefer `aenrich`.
 
