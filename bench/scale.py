@@ -139,8 +139,9 @@ def client_job(
     t2 = time.perf_counter()
     cpu2 = time.process_time()
     rss_enrich = peak_rss_mb()
-    completed = out.filter(pl.col("_status") == "completed").height
-    pending = out.filter(pl.col("_status") == "pending").height
+    # (counted on the column: a filter copies every column of the result, +200 MB at the peak at 1M rows)
+    completed = int((out["_status"] == "completed").sum())
+    pending = int((out["_status"] == "pending").sum())
     t3 = time.perf_counter()
     if output_path is not None:
         write_table(out, output_path)
