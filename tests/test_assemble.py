@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,27 @@ def test_interaction_ids_a_part_left_out_come_back_as_its_run_ids(tmp_path: Path
         {"ceo": f"ceo {r}", "_run_id": f"run_{r}", "_interaction_id": i}
         for r, i in enumerate(["run_0", "int_1", "run_2", None, "run_4", "int_5"])
     ]
+
+
+def test_an_output_field_named_d_keeps_each_rows_answer(tmp_path: Path) -> None:
+    """The answers typed by a join are kept and read back by the next one, each placed on its row by a
+    row number carried beside them: a field named like that column once took its place (687 rows of
+    1,200 got another row's answer, or the join failed)."""
+    fields = {"d": ("integer", "Some number"), "name": "A name"}
+    df = pl.DataFrame({"company": [f"Company {i}" for i in range(300)]})
+    app = create_app(EmulatorConfig(latency=0.0, seed=1))
+
+    def call() -> pl.DataFrame:
+        return asyncio.run(
+            aenrich(
+                df, fields, api_key="k", base_url="http://emulator", transport=httpx.ASGITransport(app=app),
+                progress=False, processor="lite", checkpoint=tmp_path / "cp",
+            )
+        )  # fmt: skip
+
+    first = call()
+    again = call()  # joined from the answers the first call typed
+    assert again.equals(first) and app.stats()["runs_created"] == 300
+    for typed in (tmp_path / "cp").rglob("typed"):
+        shutil.rmtree(typed)
+    assert call().equals(first)  # typed again from the answers as recorded

@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from enrich._engine.join import _distinct, _no_answers, _typed_basis
+from enrich._engine.join import ROW_OF, _distinct, _no_answers, _typed_basis
 from enrich._engine.prepare import _Plan
 from enrich._engine.typed import TypedAnswers
 
@@ -61,8 +61,8 @@ _RUN, _INTERACTION = "_run_id", "_interaction_id"
 class Spill:
     """The answers of a job set aside on disk by part (distinct rows `j * per_part` to
     `(j + 1) * per_part`), as the checkpoint is read; the join then holds one part at a time. Two kinds:
-    "answers" (run_id, output text, typed basis, d) and "typed" (answers typed by an earlier join,
-    `typed.TypedAnswers`: run_id, the output columns, `_problem`, d)."""
+    "answers" (run_id, output text, typed basis, `ROW_OF`) and "typed" (answers typed by an earlier join,
+    `typed.TypedAnswers`: run_id, the output columns, `_problem`, `ROW_OF`)."""
 
     directory: Path
     #: The distinct rows (of a shard).
@@ -77,12 +77,12 @@ class Spill:
     def add(self, part: pl.DataFrame) -> pl.DataFrame:
         """`Checkpoint.answers`'s `each`: type the basis of a segment's answers, set them aside by part,
         and return nothing to hold."""
-        part = _typed_basis(part)  # `d` carried by the checkpoint (`spill_answers`)
+        part = _typed_basis(part)  # `ROW_OF` carried by the checkpoint (`spill_answers`)
         self._keep("answers", part)
         return part.clear()
 
     def add_typed(self, frame: pl.DataFrame) -> None:
-        """Set aside answers typed before (with `d`), by part."""
+        """Set aside answers typed before (with `ROW_OF`), by part."""
         self._keep("typed", frame)
 
     def _keep(self, kind: str, part: pl.DataFrame) -> None:
@@ -91,7 +91,7 @@ class Spill:
         if not self.per_part:  # sized by the first answers set aside (typed ones, without the basis)
             size = max(1, part.estimated_size() // part.height)
             self.per_part = max(MIN_PART_ROWS, PART_BYTES // size)
-        split = part.with_columns((pl.col("d") // self.per_part).alias("_part"))
+        split = part.with_columns((pl.col(ROW_OF) // self.per_part).alias("_part"))
         for (j,), frame in split.partition_by("_part", as_dict=True, include_key=False).items():
             self._buffer.setdefault((kind, int(j)), []).append(frame)  # type: ignore[arg-type]
         self._buffered += part.estimated_size()
@@ -126,31 +126,31 @@ class Spill:
 
 
 def answered(meta: pl.DataFrame) -> pl.DataFrame:
-    """The run each completed distinct row of `meta` gets its answer from: run_id, d (its place)."""
+    """The run each completed distinct row of `meta` gets its answer from: run_id, `ROW_OF` (its place)."""
     return (
         meta.select(pl.col("answered").alias("run_id"))
-        .with_row_index("d")
+        .with_row_index(ROW_OF)
         .drop_nulls("run_id")
-        .select("run_id", pl.col("d").cast(pl.Int64))
+        .select("run_id", pl.col(ROW_OF).cast(pl.Int64))
     )
 
 
 def spill_answers(spill: Spill, cp: Any, ids: pl.DataFrame, *, basis: bool) -> None:
-    """Read the answers of the runs `ids` (run_id, d) from the checkpoint `cp` into `spill`."""
+    """Read the answers of the runs `ids` (run_id, `ROW_OF`) from the checkpoint `cp` into `spill`."""
     if ids.height:
         cp.answers(ids, basis=basis, each=spill.add)
 
 
 def spill_typed(spill: Spill, typed: TypedAnswers, ids: pl.DataFrame) -> pl.DataFrame:
-    """Set aside the answers of the runs `ids` (run_id, d) typed by earlier joins, kept in `typed`, each
-    with the distinct row `d` that gets it; returns the rows found (d)."""
+    """Set aside the answers of the runs `ids` (run_id, `ROW_OF`) typed by earlier joins, kept in
+    `typed`, each with the distinct row that gets it; returns the rows found (`ROW_OF`)."""
     found = []
     if ids.height:
         for frame in typed.read():
             frame = frame.join(ids, on="run_id", how="inner")
-            found.append(frame.select("d"))
+            found.append(frame.select(ROW_OF))
             spill.add_typed(frame)
-    return pl.concat(found) if found else pl.DataFrame(schema={"d": pl.Int64})
+    return pl.concat(found) if found else pl.DataFrame(schema={ROW_OF: pl.Int64})
 
 
 @dataclass

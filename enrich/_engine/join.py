@@ -18,6 +18,11 @@ from enrich._engine.job import OUTCOMES, _Job
 from enrich._engine.prepare import _Plan
 from enrich._models import FieldBasis
 
+#: The distinct row an answer belongs to, carried beside the answers set aside (`assemble.Spill`): a
+#: name no output field can have (they cannot start with "_"; a field named `d` once took the place of
+#: the row number in a join).
+ROW_OF = "__enrich_d"
+
 # The join decodes and types this many answers at a time.
 _JOIN_CHUNK = 100_000
 _DECODE_BYTES = 4 << 20  # JSON text of the basis decoded at a time
@@ -220,7 +225,7 @@ def _distinct(
         # compaction that died before removing its sources leaves two): a scatter, where a join on the
         # run ids again, then a unique, were 8 s of a 10M-row resume's CPU.
         where = pl.repeat(None, looked.height, dtype=pl.UInt32, eager=True).scatter(
-            (typed["d"] - first).cast(pl.UInt32), pl.int_range(typed.height, dtype=pl.UInt32, eager=True)
+            (typed[ROW_OF] - first).cast(pl.UInt32), pl.int_range(typed.height, dtype=pl.UInt32, eager=True)
         )
         placed = typed.select(*columns, "_problem", pl.lit(True).alias("_typed"))[where]
         looked = pl.concat([looked, placed], how="horizontal")

@@ -976,7 +976,7 @@ def _joined(
             found = None
             stats.warnings.append(f"the answers typed before could not be read ({exc}); they are typed again")
         if not run.basis:
-            missing = ids if found is None else ids.join(found, on="d", how="anti")
+            missing = ids if found is None else ids.join(found, on=assemble.ROW_OF, how="anti")
             if cp is None and missing.height:
                 raise _Unsettled
             if missing.height or cp is not None:
