@@ -723,6 +723,11 @@ def _check_field_name(name: object, *, top: bool) -> None:
             f"field {name!r}: names starting with '_' are reserved for enrich's own columns "
             f"({', '.join(RESERVED_COLUMNS)}); rename the field"
         )
+    if name == "run_id":  # (the answers a join keeps are keyed by it: the two would clash)
+        raise UsageError(
+            "field 'run_id': the name is taken by enrich's own records of each answer (each row's run id "
+            "is in _run_id); rename the field"
+        )
     if name in BASIS_FIELD_NAMES:
         raise UsageError(
             f"field {name!r}: every run already returns citations, reasoning and confidence in its basis "

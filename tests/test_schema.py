@@ -305,6 +305,11 @@ def test_text_output() -> None:
             "_error, _run_id, _interaction_id, _basis); rename the field",
         ),
         ({"_mine": "x"}, "names starting with '_' are reserved"),
+        ({"run_id": "x"}, "field 'run_id': the name is taken by enrich's own records of each answer"),
+        (
+            {"type": "object", "properties": {"run_id": {"type": "string"}}},
+            "field 'run_id': the name is taken",
+        ),
         ({"": "x"}, "a field name is empty; give every field a name"),
         ({" ceo": "x"}, "field ' ceo' has leading or trailing spaces; remove them"),
         ({3: "x"}, "field names must be strings, got 3"),
