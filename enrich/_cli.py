@@ -195,6 +195,10 @@ def _run(args: argparse.Namespace) -> int:
     # Everything that can be refused is refused here, before a request: the output and the checkpoint
     # must be writable (a job paid for and then not written is the worst way to learn it).
     output_path = check_output_path(args.output, input_path=args.input, format=args.output_format)
+    if args.pilot is not None:
+        from enrich._engine.pipeline import _check_pilot
+
+        _check_pilot(args.pilot, None)
     output = _output_arg(args)
     if args.checkpoint:
         checkpoint: Path | None = check_checkpoint_dir(args.checkpoint)
@@ -287,14 +291,15 @@ def _run_planned(
     elif the_plan is not None and the_plan.cost and the_plan.cost > CONFIRM_ABOVE and not args.yes:
         cap = args.max_cost if args.max_cost is not None else the_plan.cost
         _confirm(min(the_plan.cost, max(0.0, cap - (the_plan.spent or 0.0))))
-    if args.pilot is not None:
-        went_on = _pilot(args, df, output, checkpoint, job, prepared)
-        if went_on is not None:
-            return went_on
     stats = JobStats()
     interrupted = done_ok = False
     stopped: CheckpointError | None = None
+    # (one service for the pilot and the job: an --emulator's ends with the block)
     with _service(args) as (api_key, base_url):
+        if args.pilot is not None:
+            went_on = _pilot(args, df, output, checkpoint, job, prepared, the_plan, api_key, base_url)
+            if went_on is not None:
+                return went_on
         try:
             enrich(
                 df,
@@ -374,43 +379,42 @@ def _pilot(
     checkpoint: Path | None,
     job: dict[str, Any],
     prepared: Any,
+    the_plan: Any,
+    api_key: str | None,
+    base_url: str | None,
 ) -> int | None:
-    """`--pilot N`: run the pilot (or read the report an earlier command kept), print its report, and ask
-    whether to go on with the rest of the job. Returns the exit code when the command stops here; None
-    when the job goes on."""
-    from enrich._checkpoint import read_pilot
+    """`--pilot N`: run the pilot (or find the report an earlier command kept for this very sample),
+    print its report, and ask whether to go on with the rest of the job, whose runs and cost are this
+    command's (never a kept report's: the input may have grown since). Returns the exit code when the
+    command stops here; None when the job goes on."""
     from enrich._engine import JobStats, enrich
     from enrich._engine.pilot import Pilot, PilotReport
 
-    kept = read_pilot(checkpoint) if checkpoint is not None else None
-    report = PilotReport.from_dict(kept) if kept is not None else None
-    if report is None:
-        stats = JobStats()
-        with _service(args) as (api_key, base_url):
-            try:
-                ran = enrich(
-                    df,
-                    output,
-                    basis=args.basis,
-                    timeout=args.timeout,
-                    max_cost=args.max_cost,
-                    api_key=api_key,
-                    base_url=base_url,
-                    progress=not args.no_progress,
-                    stats=stats,
-                    commit_horizon=args.commit_horizon,
-                    pilot=args.pilot,
-                    _prepared=prepared,
-                    **job,
-                )
-            except KeyboardInterrupt:
-                _say(f"interrupted: the pilot's runs are kept in {checkpoint}; run the same command again")
-                return EXIT_INCOMPLETE
-        for warning in stats.warnings:
-            _say(f"warning: {warning}")
-        if not isinstance(ran, Pilot):
-            return None  # nothing to pilot (every input refused): the job reports it
-        report = ran.report
+    stats = JobStats()
+    try:
+        found = enrich(
+            df,
+            output,
+            basis=args.basis,
+            timeout=args.timeout,
+            max_cost=args.max_cost,
+            api_key=api_key,
+            base_url=base_url,
+            progress=not args.no_progress,
+            stats=stats,
+            commit_horizon=args.commit_horizon,
+            pilot=args.pilot,
+            _pilot_only=True,  # the pilot, or its kept report: never the job
+            _prepared=prepared,
+            **job,
+        )
+    except KeyboardInterrupt:
+        _say(f"interrupted: the pilot's runs are kept in {checkpoint}; run the same command again")
+        return EXIT_INCOMPLETE
+    for warning in stats.warnings:
+        _say(f"warning: {warning}")
+    if isinstance(found, Pilot):
+        report, created = found.report, stats.runs_now
         print("\n".join(report.lines()), file=sys.stderr, flush=True)
         if report.statuses.get("pending"):
             why = f"--max-cost ${args.max_cost:,.2f} was reached" if stats.capped else "it stopped early"
@@ -419,29 +423,33 @@ def _pilot(
                 "same command again to finish it (nothing is paid twice)"
             )
             return EXIT_INCOMPLETE
-    else:
+    elif isinstance(found, PilotReport):
+        report, created = found, 0
         print("\n".join(["(kept from an earlier command)", *report.lines()]), file=sys.stderr, flush=True)
-    if not report.rest_runs:
-        return None  # nothing left to pay for: the job writes the output
+    else:
+        return None  # nothing to pilot (every input refused): the job reports it
     if args.yes:
         return None
-    cost = f", about ${report.rest_cost:,.2f}" if report.rest_cost is not None else ""
-    if args.max_cost is not None and report.rest_cost is not None and report.rest_cost > args.max_cost:
+    # What the rest costs now: this command's plan (made before the pilot ran, if it ran now).
+    rest = max(0, the_plan.to_submit - created) if the_plan is not None else report.rest_runs
+    if not rest:
+        return None  # nothing left to pay for: the job writes the output
+    price = the_plan.price_per_run if the_plan is not None else report.price_per_run
+    cost = f", about ${rest * price:,.2f}" if price is not None else ""
+    if args.max_cost is not None and price is not None and rest * price > args.max_cost:
         cost += f" (--max-cost stops it at ${args.max_cost:,.2f})"
     if not sys.stdin.isatty():
         if args.emulator:  # its emulator ends with this command: the job cannot go on in another
             raise UsageError(
-                f"the pilot is done; the rest is {report.rest_runs:,} runs: an --emulator session cannot go "
-                "on in a later command, so pass --yes to go on in this one"
+                f"the pilot is done; the rest is {rest:,} runs: an --emulator session cannot go on in a "
+                "later command, so pass --yes to go on in this one"
             )
         raise UsageError(
-            f"the pilot is done; the rest is {report.rest_runs:,} runs{cost}: run the same command with "
-            "--yes to go on without a terminal (the pilot's runs are not paid again)"
+            f"the pilot is done; the rest is {rest:,} runs{cost}: run the same command with --yes to go "
+            "on without a terminal (the pilot's runs are not paid again)"
         )
     try:
-        print(
-            f"enrich: go on with the other {report.rest_runs:,} runs{cost}? [y/N] ", end="", file=sys.stderr
-        )
+        print(f"enrich: go on with the other {rest:,} runs{cost}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         answer = _read_answer().strip().lower()
     except KeyboardInterrupt:

@@ -328,3 +328,37 @@ def test_an_output_field_named_d_keeps_each_rows_answer(tmp_path: Path) -> None:
     for typed in (tmp_path / "cp").rglob("typed"):
         shutil.rmtree(typed)
     assert call().equals(first)  # typed again from the answers as recorded
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_failed_write_leaves_no_part_file_open(
+    tmp_path: Path, small_parts: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while the merge writes: the error says to free space, so the parts (removed) must
+    not stay open behind it (a notebook keeps the last error, and with it a suspended merge)."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from enrich import OutputError
+
+    app = create_app(EmulatorConfig(latency=0.01, seed=1))
+    df = table(300, 120)
+    run(app, df, checkpoint=tmp_path / "cp", _shard_rows=64)
+    real, written = pq.ParquetWriter.write_table, []
+
+    def full(self: Any, frame: Any, row_group_size: Any = None) -> None:
+        written.append(frame.num_rows)
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, frame, row_group_size=row_group_size)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    with pytest.raises(OutputError, match="No space left on device") as kept:
+        run(app, df, checkpoint=tmp_path / "cp", _shard_rows=64, write_to=tmp_path / "out.parquet")
+    import gc
+
+    gc.collect()
+    fds = Path("/proc/self/fd")
+    opened = [str(p.readlink()) for p in fds.iterdir() if p.is_symlink() and p.exists()]
+    assert kept.value is not None and not [p for p in opened if ".enrich-parts-" in p], opened

@@ -747,3 +747,99 @@ def test_the_projection_and_the_histogram() -> None:
     assert len(lines) == 4 and sum(int(line.split()[-1]) for line in lines) == 5
     assert histogram_lines([0.5, 0.5]) == [f"  {'0.50 s':>9} {'#' * 30} 2"]
     assert histogram_lines([]) == []
+
+
+# -- what a review of the feature found ------------------------------------------------------------------
+
+
+def test_a_reworded_prompt_gets_a_pilot_of_its_own(tmp_path: Path) -> None:
+    """A kept report stands for its sample only: a reworded prompt changes every key, so the next call
+    with pilot= runs a new pilot, never the whole job unpiloted (it paid for 505 runs)."""
+    df = companies(40)
+    app = create_app(EmulatorConfig(latency=0.01))
+    first = run_job(app, df, checkpoint=tmp_path / "cp", pilot=5, prompt="Company: {company}")
+    assert isinstance(first, Pilot) and app.stats()["runs_created"] == 5
+    again = run_job(app, df, checkpoint=tmp_path / "cp", pilot=5, prompt="The company {company}")
+    assert isinstance(again, Pilot) and app.stats()["runs_created"] == 10
+    assert again.report.sample_digest != first.report.sample_digest
+    whole = run_job(app, df, checkpoint=tmp_path / "cp", pilot=5, prompt="The company {company}")
+    assert isinstance(whole, pl.DataFrame) and app.stats()["runs_created"] == 45
+
+
+def test_a_kept_report_that_cannot_be_read_runs_the_pilot_again_not_the_job(
+    tmp_path: Path, emu: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_terminal(monkeypatch)
+    src, _ = cli_table(tmp_path)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--field", "ceo=CEO", "--processor", "lite", "--no-progress"]
+    assert main([*args, "--pilot", "4"]) == 2
+    kept = tmp_path / "out.parquet.enrich" / PILOT
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "version": 99}))
+    capsys.readouterr()
+    assert main([*args, "--pilot", "4"]) == 2  # the pilot again (nothing new to pay), then the question
+    err = capsys.readouterr().err
+    assert "pilot: 4 distinct inputs" in err and "--yes" in err
+    assert emu.stats()["runs_created"] == 4 and not out.exists()
+
+
+def test_the_question_after_a_pilot_counts_what_this_command_would_pay(
+    tmp_path: Path, emu: Emulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input grew since the pilot: the question names the rest as it is now, not as the kept
+    report saw it."""
+    no_terminal(monkeypatch)
+    src = tmp_path / "in.csv"
+    companies(12).write_csv(src)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--field", "ceo=CEO", "--processor", "lite", "--no-progress"]
+    assert main([*args, "--pilot", "4"]) == 2
+    companies(60).write_csv(src)
+    capsys.readouterr()
+    assert main([*args, "--pilot", "4"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("enrich: error:")]
+    created = emu.stats()["runs_created"]
+    assert len(error) == 1 and f"the rest is {60 - created:,} runs" in error[0], (error, created)
+
+
+def test_an_emulator_pilot_goes_on_in_the_same_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_terminal(monkeypatch)
+    src, df = cli_table(tmp_path)
+    out = tmp_path / "out.parquet"
+    args = ["run", str(src), "-o", str(out), "--field", "ceo=CEO", "--processor", "lite", "--no-progress"]
+    assert main([*args, "--emulator", "--pilot", "3", "--yes"]) == 0, capsys.readouterr().err
+    assert pl.read_parquet(out)["_status"].to_list() == ["completed"] * df.height
+
+
+def test_a_follow_up_can_be_piloted(tmp_path: Path) -> None:
+    """Run options may name an earlier enrichment's columns: the pilot's sample keeps them."""
+    app = create_app(EmulatorConfig(latency=0.01))
+    first = run_job(app, companies(20), checkpoint=tmp_path / "first")
+    follow = {"cfo": "Name of the CFO"}
+    options = {"previous_interaction_id": "{_interaction_id}"}
+    pilot = run_job(app, first, follow, checkpoint=tmp_path / "second", pilot=3, run_options=options)
+    assert isinstance(pilot, Pilot) and pilot.report.statuses == {"completed": 3}
+    whole = run_job(app, first, follow, checkpoint=tmp_path / "second", pilot=3, run_options=options)
+    assert whole["_status"].to_list() == ["completed"] * 20 and app.stats()["runs_created"] == 40
+
+
+def test_a_pilot_refuses_an_output_it_could_not_write_before_paying(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.01))
+    with pytest.raises(UsageError, match="does not exist"):
+        run_job(
+            app, companies(10), checkpoint=tmp_path / "cp", pilot=3, write_to=tmp_path / "no" / "o.parquet"
+        )
+    with pytest.raises(UsageError, match="give write_to too"):
+        run_job(app, companies(10), checkpoint=tmp_path / "cp", pilot=3, write_format="csv")
+    assert app.stats()["runs_created"] == 0
+
+
+def test_status_after_a_pilot_tells_the_whole_tables_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = create_app(EmulatorConfig(latency=0.01))
+    run_job(app, companies(50), checkpoint=tmp_path / "cp", pilot=5)
+    assert main(["status", str(tmp_path / "cp")]) == 0
+    assert "rows:        50 in the last call's input, 50 distinct" in capsys.readouterr().out

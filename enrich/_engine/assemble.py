@@ -158,6 +158,7 @@ class _Part:
     path: Path
     firsts: list[int]  # the position of the first row of each record batch
     reader: Any = None
+    source: Any = None  # the open file `reader` reads
     next_batch: int = 0
     pending: pa.RecordBatch | None = None  # the rest of the batch read last
     positions: Any = None  # the positions of the whole batch read last (its int64 buffer, as a view)
@@ -269,7 +270,8 @@ def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> I
         return
     _allow_open_files(len(parts))
     for part in parts:
-        part.reader = pa.ipc.open_file(pa.OSFile(str(part.path), "rb"))
+        part.source = pa.OSFile(str(part.path), "rb")
+        part.reader = pa.ipc.open_file(part.source)
     try:
         for end in range(step, rows + step, step):
             pieces: list[pa.RecordBatch] = []
@@ -324,10 +326,13 @@ def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> I
             assert isinstance(frame, pl.DataFrame)
             yield frame
             del frame
-    finally:
+    finally:  # (also when the caller stops early: a failed write must not keep the files open)
         for part in parts:
             part.pending = part.positions = None
             part.reader = None
+            if part.source is not None:
+                part.source.close()
+                part.source = None
 
 
 def _with_interaction(batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -16,6 +16,7 @@ every time (a pilot stopped halfway and started again sends only what it had not
 from __future__ import annotations
 
 import collections
+import hashlib
 import html
 import math
 import re
@@ -70,6 +71,9 @@ class PilotReport:
     window: float
     version: int = VERSION
     notes: list[str] = field(default_factory=list)
+    #: A digest of the sample's row keys (`sample_digest`): a kept report is the job's only while the
+    #: job's sample is the same (a reworded prompt, other columns or other rows make another one).
+    sample_digest: str = ""
 
     @property
     def runs(self) -> int:
@@ -265,14 +269,25 @@ def frame_sample(plan: _Plan, n: int) -> tuple[list[str], pl.DataFrame, pl.Serie
 
 
 def original_rows(original: Any, at: pl.Series) -> Any:
-    """The caller's own rows at positions `at` (pandas: with their index labels and dtypes; Arrow: its
-    columns as they were), for `from_polars` to give the pilot's frame back as the job's would be."""
+    """The caller's own rows at positions `at`, every column (an earlier enrichment's too, which run
+    options may name), as the caller's type: pandas with their index labels and dtypes, Arrow as they
+    were."""
     positions = at.to_list()
     if hasattr(original, "iloc"):  # pandas
         return original.iloc[positions]
-    if hasattr(original, "take"):  # a pyarrow Table
-        return original.take(positions)
-    return None
+    if isinstance(original, pl.LazyFrame):
+        original = original.collect()
+    if isinstance(original, pl.DataFrame):
+        return original[at]
+    return original.take(positions)  # a pyarrow Table
+
+
+def sample_digest(keys: Iterable[str]) -> str:
+    """A digest of a sample's row keys (their order does not matter)."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        digest.update(key.encode())
+    return digest.hexdigest()[:32]
 
 
 # -- the report ----------------------------------------------------------------------------------------
@@ -428,6 +443,7 @@ def build_report(
     rate_limit: float,
     run_rate: float,
     rate_window: float,
+    sample_digest: str = "",
 ) -> PilotReport:
     """The report of a pilot whose result (its rows) is `frame`, of the job `plan` (its whole table,
     `sendable` distinct inputs the API would accept), checkpointed at `path`, with `stats` of the call."""
@@ -481,4 +497,5 @@ def build_report(
         requests_per_window=rate_limit,
         window=rate_window,
         notes=notes,
+        sample_digest=sample_digest,
     )

@@ -40,9 +40,7 @@ from enrich._exceptions import (
     ServiceMismatchError,
     UsageError,
 )
-from enrich._inputs import (
-    from_polars,
-)
+from enrich._inputs import from_polars, to_polars
 from enrich._io import check_output_path, flatten_for_csv, format_of, write_frames, write_table
 from enrich._limiter import RateLimiter
 from enrich._processors import PROCESSORS
@@ -142,6 +140,7 @@ async def aenrich(
     write_to: str | os.PathLike[str] | None = None,
     write_format: str | None = None,
     pilot: int | None = None,
+    _pilot_only: bool = False,
     _prepared: _Plan | Spool | None = None,
     _shard_rows: int = shards.SHARD_ROWS,
     _limiter: RateLimiter | None = None,
@@ -154,8 +153,12 @@ async def aenrich(
     """
     started = time.monotonic()
     stats = stats if stats is not None else JobStats()
-    if pilot is not None:  # (before a large table is read and set aside)
+    if pilot is not None:  # (before a large table is read and set aside, or a pilot paid for)
         _check_pilot(pilot, checkpoint)
+        if write_to is not None:
+            check_output_path(write_to, format=write_format)
+        elif write_format is not None:
+            raise UsageError("write_format names the format of write_to: give write_to too")
     # `enrich run` prepared this job already for its plan (`_plan_and_prepared`, the same frame and
     # arguments): its keys are reused, once.
     reuse = _prepared is not None and _original(_prepared) is data and not _prepared.consumed
@@ -216,9 +219,9 @@ async def aenrich(
             ran = await _pilot_first(
                 prepared, output, pilot, checkpoint, arguments, common, stats=stats, started=started
             )
-            if ran is not None:
+            if ran is not None or _pilot_only:
                 keep = reuse
-                return ran
+                return ran if ran is not None else stats.pilot
         return await _enrich_prepared(
             prepared,
             columns=columns,
@@ -269,15 +272,21 @@ async def _pilot_first(
     assert isinstance(plan, _Plan)
     svc = _service_name(common["service"], common["transport"], common["base_url"])
     path, _ = _job_checkpoint(prepared, checkpoint, svc)
-    kept = read_pilot(path)
-    if kept is not None:
-        stats.pilot = PilotReport.from_dict(kept)
-        return None
     if spool is not None:
         spool.count()
         keys, rows = pilot_sample.spool_sample(spool, n)
-        if not keys:
-            return None
+    else:
+        keys, _, at = pilot_sample.frame_sample(plan, n)
+    if not keys:
+        return None
+    digest = pilot_sample.sample_digest(keys)
+    # A kept report stands for this job only while its sample is the same (a reworded prompt changes
+    # every key); one this version cannot read is none: the pilot runs again, its runs not paid twice.
+    kept = PilotReport.from_dict(read_pilot(path) or {})
+    if kept is not None and kept.sample_digest == digest:
+        stats.pilot = kept
+        return None
+    if spool is not None:
         sub: _Plan = _distinct_plan(
             spool.job,
             pilot_sample.spool_rows_frame(rows),
@@ -289,17 +298,18 @@ async def _pilot_first(
             options=rows[_OPTIONS] if _OPTIONS in rows.columns else None,
         )
         layout_rows, sendable = max(spool.distinct, spool.rows), spool.distinct - len(spool.refused)
-        at = None  # (a LazyFrame's rows come back as polars)
+        rows_total, original = spool.rows, None  # (a LazyFrame's rows come back as polars)
     else:
-        keys, frame, at = pilot_sample.frame_sample(plan, n)
-        if not keys:
-            return None
         from enrich._engine import prepare  # (looked up when called: tests stand in for it)
 
-        made = prepare._prepare(frame, output, **arguments)
+        # Prepared again from the caller's own rows: every column, an earlier enrichment's too, which
+        # run options may name (`{_interaction_id}`); the sample's keys come out the same.
+        original = pilot_sample.original_rows(plan.original, at)
+        made = prepare._prepare(to_polars(original)[0], output, **arguments)
         assert isinstance(made, _Plan)
         sub = made
         layout_rows, sendable = len(plan.keys), len(plan.keys) - len(plan.local_errors)
+        rows_total = plan.df.height
     t0 = time.monotonic()
     frame = await _enrich_prepared(
         sub,
@@ -321,15 +331,23 @@ async def _pilot_first(
         rate_limit=common["rate_limit"],
         run_rate=common["run_rate"],
         rate_window=common["rate_window"],
+        sample_digest=digest,
     )
-    if not report.statuses.get("pending"):  # every pilot run ended: the next call goes on
-        root = Checkpoint.open(path, plan.fingerprint, service=svc)
-        try:
+    root = Checkpoint.open(path, plan.fingerprint, service=svc)
+    try:  # (the last call is the job's, not its sample's: `enrich status` tells its rows)
+        root.record_last_call(
+            {
+                "rows": rows_total,
+                "distinct": len(plan.keys) if spool is None else spool.distinct,
+                "pilot": len(keys),
+                "at": datetime.now(UTC).isoformat(),
+            }
+        )
+        if not report.statuses.get("pending"):  # every pilot run ended: the next call goes on
             root.record_pilot(report.to_dict())
-        finally:
-            root.close()
+    finally:
+        root.close()
     stats.pilot = report
-    original = pilot_sample.original_rows(plan.original, at) if at is not None else None
     return Pilot(from_polars(frame, plan.kind, original, added=plan.added), report)
 
 
@@ -593,8 +611,8 @@ async def _enrich_prepared(
     try:
         if write_to is not None:
             step = assemble.chunk_rows(run.parts)
-            merged = assemble.merge(run.parts, rows, step, arrow=True)
-            write_frames(merged, run.schema, write_to, write_format, row_group_rows=step)
+            with contextlib.closing(assemble.merge(run.parts, rows, step, arrow=True)) as merged:
+                write_frames(merged, run.schema, write_to, write_format, row_group_rows=step)
         elif spool is not None:  # the parts hold the input's columns too
             result = assemble.merged_frame(run.parts, rows, run.schema)
         else:
