@@ -296,29 +296,25 @@ def _run_planned(
     stopped: CheckpointError | None = None
     # (one service for the pilot and the job: an --emulator's ends with the block)
     with _service(args) as (api_key, base_url):
+        call = {
+            "basis": args.basis,
+            "timeout": args.timeout,
+            "max_cost": args.max_cost,
+            "api_key": api_key,
+            "base_url": base_url,
+            "progress": not args.no_progress,
+            "commit_horizon": args.commit_horizon,
+            "_prepared": prepared,  # keyed once, for the plan: not again
+            "pilot": args.pilot,  # (the job's goes on once its report is kept)
+            **job,
+        }
         if args.pilot is not None:
-            went_on = _pilot(args, df, output, checkpoint, job, prepared, the_plan, api_key, base_url)
+            went_on = _pilot(args, df, output, checkpoint, the_plan, call)
             if went_on is not None:
                 return went_on
         try:
-            enrich(
-                df,
-                output,
-                basis=args.basis,
-                timeout=args.timeout,
-                max_cost=args.max_cost,
-                api_key=api_key,
-                base_url=base_url,
-                progress=not args.no_progress,
-                stats=stats,
-                commit_horizon=args.commit_horizon,
-                # Joined a part at a time and streamed into the file: never the whole result in memory.
-                write_to=output_path,
-                write_format=args.output_format,
-                _prepared=prepared,  # keyed once, for the plan: not again
-                pilot=args.pilot,  # (its report is kept: the job goes on)
-                **job,
-            )
+            # Joined a part at a time and streamed into the file: never the whole result in memory.
+            enrich(df, output, stats=stats, write_to=output_path, write_format=args.output_format, **call)
             done_ok = True
         except KeyboardInterrupt:
             interrupted = True
@@ -377,11 +373,8 @@ def _pilot(
     df: Any,
     output: Any,
     checkpoint: Path | None,
-    job: dict[str, Any],
-    prepared: Any,
     the_plan: Any,
-    api_key: str | None,
-    base_url: str | None,
+    call: dict[str, Any],
 ) -> int | None:
     """`--pilot N`: run the pilot (or find the report an earlier command kept for this very sample),
     print its report, and ask whether to go on with the rest of the job, whose runs and cost are this
@@ -392,22 +385,8 @@ def _pilot(
 
     stats = JobStats()
     try:
-        found = enrich(
-            df,
-            output,
-            basis=args.basis,
-            timeout=args.timeout,
-            max_cost=args.max_cost,
-            api_key=api_key,
-            base_url=base_url,
-            progress=not args.no_progress,
-            stats=stats,
-            commit_horizon=args.commit_horizon,
-            pilot=args.pilot,
-            _pilot_only=True,  # the pilot, or its kept report: never the job
-            _prepared=prepared,
-            **job,
-        )
+        # (the pilot, or its kept report: never the job)
+        found = enrich(df, output, stats=stats, _pilot_only=True, **call)
     except KeyboardInterrupt:
         _say(f"interrupted: the pilot's runs are kept in {checkpoint}; run the same command again")
         return EXIT_INCOMPLETE
