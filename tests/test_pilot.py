@@ -66,10 +66,8 @@ def run_job(app: Any, data: Any, output: Any = CEO, **kw: Any) -> Any:
     )
 
 
-def sample_of(df: pl.DataFrame, output: Any, n: int, processor: str = "lite") -> list[str]:
-    """The pilot's sample worked out independently: the `n` smallest distinct row keys among the inputs
-    that are not refused locally."""
-    plan = _prepare(
+def plan_of(df: pl.DataFrame, output: Any, processor: str = "lite") -> Any:
+    return _prepare(
         df,
         output,
         columns=None,
@@ -79,20 +77,17 @@ def sample_of(df: pl.DataFrame, output: Any, n: int, processor: str = "lite") ->
         processor=processor,
         mode="group",
     )
+
+
+def sample_of(df: pl.DataFrame, output: Any, n: int, processor: str = "lite") -> list[str]:
+    """The pilot's sample worked out independently: the `n` smallest distinct row keys among the inputs
+    that are not refused locally."""
+    plan = plan_of(df, output, processor)
     return sorted(set(plan.keys) - set(plan.local_errors))[:n]
 
 
 def keys_by_company(df: pl.DataFrame, output: Any, processor: str = "lite") -> dict[str, str]:
-    plan = _prepare(
-        df,
-        output,
-        columns=None,
-        prompt=None,
-        input_schema=None,
-        metadata=None,
-        processor=processor,
-        mode="group",
-    )
+    plan = plan_of(df, output, processor)
     first = df.unique("company", keep="first", maintain_order=True)["company"].to_list()
     return dict(zip(plan.keys, first, strict=True))
 

@@ -162,6 +162,16 @@ async def aenrich(
     # `enrich run` prepared this job already for its plan (`_plan_and_prepared`, the same frame and
     # arguments): its keys are reused, once.
     reuse = _prepared is not None and _original(_prepared) is data and not _prepared.consumed
+    # How the rows are prepared: for the job (unless `enrich run` did), and again for a pilot's sample.
+    arguments: dict[str, Any] = {
+        "columns": columns,
+        "prompt": prompt,
+        "input_schema": input_schema,
+        "metadata": metadata,
+        "processor": processor,
+        "mode": mode,
+        "options": check_run_options(run_options, beta, processor),
+    }
     prepared: _Plan | Spool
     if reuse:
         assert _prepared is not None
@@ -170,19 +180,9 @@ async def aenrich(
         near = write_to if write_to is not None and os.fspath(write_to) != "-" else None
         if near is None and isinstance(checkpoint, (str, os.PathLike)):
             near = checkpoint
-        prepared = _prepare_any(
-            data,
-            output,
-            columns=columns,
-            prompt=prompt,
-            input_schema=input_schema,
-            metadata=metadata,
-            processor=processor,
-            mode=mode,
-            near=Path(near) if near is not None else None,
-            options=check_run_options(run_options, beta, processor),
-        )
+        prepared = _prepare_any(data, output, near=Path(near) if near is not None else None, **arguments)
     spool = prepared if isinstance(prepared, Spool) else None
+    # What the job's call and a pilot's share (`_enrich_prepared`'s arguments but where it writes).
     common: dict[str, Any] = {
         "columns": columns,
         "processor": processor,
@@ -207,15 +207,6 @@ async def aenrich(
     keep = False  # the spool outlives this call: a pilot's caller goes on with the same preparation
     try:
         if pilot is not None:
-            arguments = {
-                "columns": columns,
-                "prompt": prompt,
-                "input_schema": input_schema,
-                "metadata": metadata,
-                "processor": processor,
-                "mode": mode,
-                "options": check_run_options(run_options, beta, processor),
-            }
             ran = await _pilot_first(
                 prepared, output, pilot, checkpoint, arguments, common, stats=stats, started=started
             )
@@ -224,30 +215,12 @@ async def aenrich(
                 return ran if ran is not None else stats.pilot
         return await _enrich_prepared(
             prepared,
-            columns=columns,
-            processor=processor,
             checkpoint=checkpoint,
-            basis=basis,
-            retry_failed=retry_failed,
-            api_key=api_key,
-            base_url=base_url,
-            service=service,
-            rate_limit=rate_limit,
-            run_rate=run_rate,
-            rate_window=rate_window,
-            timeout=timeout,
-            progress=progress,
-            concurrency=concurrency,
-            max_cost=max_cost,
-            transport=transport,
             stats=stats,
-            request_timeout=request_timeout,
-            commit_horizon=commit_horizon,
+            started=started,
             write_to=write_to,
             write_format=write_format,
-            shard_rows=_shard_rows,
-            limiter=_limiter,
-            started=started,
+            **common,
         )
     finally:
         if spool is not None and not keep:
