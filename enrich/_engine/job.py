@@ -269,7 +269,7 @@ class _Job:
         state = self.cp.state(outputs=False)  # the answers are read by the join, not held here
         self.cp.drop_cache()  # its cached light state (~130 MB at 1M rows) is not needed again
         if state.height:  # (a filter copies the frame: at a million rows, 300 MB more at the peak)
-            wanted = state["row_key"].is_in(pl.Series(self.plan.keys, dtype=pl.String).implode())
+            wanted = state["row_key"].is_in(self.plan.key_series().implode())
             if not wanted.all():
                 state = state.filter(wanted)
         # Column-wise, into dicts built in bulk: a Python step per row is most of a 1M-row resume's time.

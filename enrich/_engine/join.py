@@ -79,7 +79,7 @@ def _meta(plan: _Plan, job: _Job | None) -> pl.DataFrame:
     as its outcome recorded it: null until it ends), and `answered` (the run whose answer the row gets:
     completed rows only). Built column-wise: a Python step per row was 2.4 s
     of a million-row resume."""
-    keys = pl.DataFrame({"key": pl.Series(plan.keys, dtype=pl.String)})
+    keys = pl.DataFrame({"key": plan.key_series()})
     done = job.done if job is not None else {}
     run_of = job.run_of if job is not None else {}
     outcomes = list(done.values())
@@ -174,7 +174,7 @@ def _finished_meta_of(
         }
     )
     meta = (
-        pl.DataFrame({"key": pl.Series(plan.keys, dtype=pl.String)})
+        pl.DataFrame({"key": plan.key_series()})
         .join(state, on="key", how="left", maintain_order="left")
         .join(local, on="key", how="left", maintain_order="left")
     )

@@ -260,7 +260,7 @@ def spool_rows_frame(rows: pl.DataFrame) -> pl.DataFrame:
 
 def frame_sample(plan: _Plan, n: int) -> tuple[list[str], pl.DataFrame, pl.Series]:
     """The pilot's keys of a table in memory, its rows of `plan.df` (in order), and their positions."""
-    keys = pl.Series(plan.keys, dtype=pl.String)
+    keys = plan.key_series()
     chosen = sample_keys(keys, plan.local_errors, n)
     picked = keys.is_in(pl.Series(chosen, dtype=pl.String).implode())
     index = pl.Series(plan.index, dtype=pl.UInt32) if not isinstance(plan.index, range) else None

@@ -53,7 +53,7 @@ class _Plan:
     processor: str
     mode: str
     metadata: dict[str, Any]
-    keys: list[str]  # distinct keys, first-seen order
+    key_data: list[str] | pl.Series  # distinct keys, first-seen order (read them as `keys`, `key_series`)
     index: Sequence[int]  # row -> distinct key index (a range when no row repeats another)
     inputs: list[Any] | None  # distinct inputs; None: built when asked (`inputs_of`)
     input_rows: list[int] | None  # the first row of each distinct key (None: row i is key i)
@@ -66,6 +66,25 @@ class _Plan:
     consumed: bool = False  # a job ran from it (it gives its inputs away): never reused
     run_options: RunOptions | None = None  # sent with every run (rendered per row when templated)
     option_texts: pl.Series | None = None  # per row of `df`: its rendered options (templated ones)
+    _key_list: list[str] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def keys(self) -> list[str]:
+        """The distinct keys as a list (made once from `key_data` when that is a Series: a settled shard's
+        join never asks, so its 40,000 keys never become Python strings)."""
+        if self._key_list is None:
+            data = self.key_data
+            self._key_list = data.to_list() if isinstance(data, pl.Series) else data
+        return self._key_list
+
+    @keys.setter
+    def keys(self, value: list[str]) -> None:
+        self.key_data, self._key_list = value, value
+
+    def key_series(self) -> pl.Series:
+        """The distinct keys as a polars Series (no copy when they came as one)."""
+        data = self.key_data
+        return data if isinstance(data, pl.Series) else pl.Series(data, dtype=pl.String)
 
     def inputs_of(self, wanted: set[str]) -> dict[str, Any]:
         """key -> input of the distinct rows in `wanted` (built now when the keys came from polars)."""
@@ -310,13 +329,14 @@ def _distinct_plan(
     deduplicated, and the rows the API would refuse found. Keys given as a Series (a spooled shard's)
     are deduplicated in polars: no Python object per row; `distinct`: they are known to be."""
     rows: list[int] | None = None  # the first row of each distinct key (None: row i is key i)
+    keys: list[str] | pl.Series
     if distinct:
-        keys = all_keys.to_list() if isinstance(all_keys, pl.Series) else list(all_keys)
+        keys = all_keys.alias("key") if isinstance(all_keys, pl.Series) else list(all_keys)
         index: Sequence[int] = range(len(keys))
     elif isinstance(all_keys, pl.Series):
         keyed = pl.DataFrame({"k": all_keys}).with_row_index("row")
         firsts = keyed.unique("k", keep="first", maintain_order=True)
-        keys = firsts["k"].to_list()
+        keys = firsts["k"].alias("key")
         index = range(len(keys))
         if len(keys) != len(all_keys):
             index = keyed.join(
@@ -360,7 +380,7 @@ def _distinct_plan(
         processor=job.processor,
         mode=job.mode,
         metadata=job.metadata,
-        keys=keys,
+        key_data=keys,
         index=index,
         inputs=distinct_inputs,
         input_rows=rows,

@@ -96,7 +96,7 @@ def split(plan: _Plan, count: int) -> list[Area]:
     index = pl.Series("d", plan.index, dtype=pl.Int64)
     if count == 1:
         return [Area(0, None, plan, index, None)]
-    keys = pl.Series("key", plan.keys, dtype=pl.String)
+    keys = plan.key_series().alias("key")
     # Each distinct row's shard and its place among the shard's distinct rows (in the job's order).
     distinct = pl.DataFrame({"shard": shard_of(keys, count)}).with_columns(
         pl.int_range(pl.len(), dtype=pl.Int64).over("shard").alias("local")
@@ -113,7 +113,7 @@ def split(plan: _Plan, count: int) -> list[Area]:
         at = frame["d"].cast(pl.Int64).to_list()
         sub = dataclasses.replace(
             plan,
-            keys=[plan.keys[d] for d in at],
+            key_data=[plan.keys[d] for d in at],
             index=[],  # (its rows are the area's)
             inputs=[plan.inputs[d] for d in at] if plan.inputs is not None else None,
             input_rows=at if plan.input_rows is None else [plan.input_rows[d] for d in at],
