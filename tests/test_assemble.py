@@ -362,3 +362,23 @@ def test_a_failed_write_leaves_no_part_file_open(
     fds = Path("/proc/self/fd")
     opened = [str(p.readlink()) for p in fds.iterdir() if p.is_symlink() and p.exists()]
     assert kept.value is not None and not [p for p in opened if ".enrich-parts-" in p], opened
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        [5, 3, 4, 7, 6],  # a range, each place once: scattered
+        [10, 2, 7],  # gaps: sorted
+        [4, 1, 1, 3],  # as many rows as places, one place twice and one empty: sorted, both kept
+        [3, 1, 1, 2],
+        [],
+    ],
+)
+def test_a_merged_chunk_is_put_in_position_order(positions: list[int]) -> None:
+    import pyarrow as pa
+
+    table = pa.table(
+        {assemble._ROW: pa.array(positions, pa.int64()), "v": [f"row {i}" for i in range(len(positions))]}
+    )
+    got = assemble._in_order(table)
+    assert got.equals(table.sort_by([(assemble._ROW, "ascending"), ("v", "ascending")]))

@@ -307,7 +307,7 @@ def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> I
             # (sorted by pyarrow: polars sorts twice as fast, but its allocator then keeps ~80 MB more
             # at a million rows, at the peak of the job)
             if all(pieces_same):  # the column is the run ids themselves, after the sort
-                table = pa.Table.from_batches(pieces).sort_by(_ROW).drop_columns([_ROW])
+                table = _in_order(pa.Table.from_batches(pieces)).drop_columns([_ROW])
                 table = table.add_column(
                     table.schema.get_field_index(_RUN) + 1, _INTERACTION, table.column(_RUN)
                 )
@@ -315,7 +315,7 @@ def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> I
                 table = pa.Table.from_batches(
                     [_with_interaction(p) if same else p for p, same in zip(pieces, pieces_same, strict=True)]
                 )
-                table = table.sort_by(_ROW).drop_columns([_ROW])
+                table = _in_order(table).drop_columns([_ROW])
             del pieces
             if arrow:
                 yield table
@@ -333,6 +333,23 @@ def merge(parts: list[_Part], rows: int, step: int, *, arrow: bool = False) -> I
             if part.source is not None:
                 part.source.close()
                 part.source = None
+
+
+def _in_order(table: pa.Table) -> pa.Table:
+    """`table` sorted by position. A chunk's positions are usually a range with each place once (every
+    row of the job is in one part): then each row's place is known, and is scattered there, half the
+    time of a sort. Any other positions are sorted."""
+    positions = pl.from_arrow(table.column(_ROW))
+    assert isinstance(positions, pl.Series)
+    n = positions.len()
+    lo = positions.min()
+    if n and positions.max() - lo + 1 == n:  # type: ignore[operator]
+        order = pl.repeat(None, n, dtype=pl.UInt32, eager=True).scatter(
+            (positions - lo).cast(pl.UInt32), pl.int_range(n, dtype=pl.UInt32, eager=True)
+        )
+        if not order.null_count():  # n places filled by n rows: each place once
+            return table.take(order.to_arrow())
+    return table.sort_by(_ROW)
 
 
 def _with_interaction(batch: pa.RecordBatch) -> pa.RecordBatch:
