@@ -494,3 +494,38 @@ def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path: Path) -> None:
     quoted = tmp_path / "quoted.csv"
     quoted.write_text('"a,b",a\n1,2\n')  # a comma inside a quoted name is one column
     assert read_table(quoted).columns == ["a,b", "a"]
+
+
+def test_a_parquet_written_in_frames_encodes_unique_text_plainly_and_keeps_every_value(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from enrich._io import write_frames
+
+    n = 3_000
+    frame = pl.DataFrame(
+        {
+            "name": [f"company {i}" for i in range(n)],  # unique: no dictionary
+            "country": ["Canada", "Chile", None] * (n // 3),  # repeats: a dictionary
+            "basis": [{"why": "x", "urls": ["u"]}] * n,  # nested: its leaves keep the default
+            "n": list(range(n)),
+        }
+    )
+    out = tmp_path / "out.parquet"
+    write_frames([frame.slice(0, 1_000), frame.slice(1_000).to_arrow()], frame.schema, out)
+    assert pl.read_parquet(out).equals(frame)
+    meta = pq.ParquetFile(out).metadata
+    encodings = {
+        meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).encodings
+        for i in range(meta.num_columns)
+    }
+    assert "RLE_DICTIONARY" not in encodings["name"]
+    assert "RLE_DICTIONARY" in encodings["country"]
+    assert "RLE_DICTIONARY" in encodings["basis.why"]
+    assert "RLE_DICTIONARY" in encodings["n"]
+    write_frames([], frame.schema, out)  # no frame: an empty table of the schema
+    assert pl.read_parquet(out).schema == frame.schema and pa.types.is_integer(
+        pq.read_schema(out).field("n").type
+    )
