@@ -67,9 +67,15 @@ class SSEDecoder:
         events: list[ServerSentEvent] = []
         start = 0
         n = len(buf)
+        # The next \r and \n at or after `start`, each found again only once passed: searched afresh
+        # for every line, the \r that a stream never sends was a scan of the whole rest of the chunk
+        # per line (a third of a 1,000-answer read's time).
+        cr = lf = -2
         while start < n:
-            cr = buf.find("\r", start)
-            lf = buf.find("\n", start)
+            if cr != -1 and cr < start:
+                cr = buf.find("\r", start)
+            if lf != -1 and lf < start:
+                lf = buf.find("\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr == -1 or (lf != -1 and lf < cr):

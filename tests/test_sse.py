@@ -52,3 +52,19 @@ def test_id_and_retry_fields() -> None:
 
 def test_event_without_data_is_not_dispatched() -> None:
     assert decode([b"event: ping\n\nid: 3\n\n"]) == []
+
+
+@given(
+    st.lists(
+        st.tuples(st.text(alphabet="ab{}: é", max_size=12), st.sampled_from(["\n", "\r", "\r\n"])),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(min_value=1, max_value=40),
+)
+def test_line_endings_mixed_at_random_in_one_chunk_or_many(events: list[tuple[str, str]], size: int) -> None:
+    # each event: one data line and a blank line, both ended by the same (random) line end
+    stream = "".join(f"data: {text}{end}{end}" for text, end in events).encode()
+    expected = [ServerSentEvent(data=text) for text, _ in events]
+    assert decode([stream]) == expected
+    assert decode([stream[i : i + size] for i in range(0, len(stream), size)]) == expected
