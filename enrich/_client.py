@@ -271,8 +271,12 @@ class TaskClient:
         retry_429: bool = True,
         on_send: Callable[[], Awaitable[object]] | None = None,
         on_refused: Callable[[], object] | None = None,
+        granted: Any = None,
     ) -> Any:
         """Send one request, retrying what is safe to retry; returns the decoded JSON body.
+
+        `granted`: the rate limiter's grant for the first attempt, acquired by the caller (who sized the
+        request by it); it is the caller's no more. Attempts after a 429 or a lost answer acquire again.
 
         With `retry_429=False` a 429 is reported to the limiter, then raised at once (nothing was done).
         `on_send` is awaited each time the request is about to go out, after the rate limiter let it
@@ -285,7 +289,10 @@ class TaskClient:
         failures = 0
         rate_limited = 0
         while True:
-            grant = await self.limiter.acquire(runs) if self.limiter is not None else None
+            if granted is not None:
+                grant, granted = granted, None
+            else:
+                grant = await self.limiter.acquire(runs) if self.limiter is not None else None
             if on_send is not None:
                 try:
                     await on_send()
@@ -462,6 +469,7 @@ class TaskClient:
         retry_rate_limited: bool = True,
         on_send: Callable[[], Awaitable[object]] | None = None,
         on_refused: Callable[[], object] | None = None,
+        granted: Any = None,
     ) -> AddRunsResponse:
         """Add up to 1,000 runs to a group in one request; `run_ids` come back in input order.
 
@@ -471,7 +479,8 @@ class TaskClient:
         instead of retried: nothing was created, and the caller may send the inputs again in smaller calls
         (a quota that counts runs may never fit this many in one call). `on_send` is awaited each time
         the request is about to go out (see `_request`): a caller records there that it was sent, and
-        `on_refused` is called on each 429.
+        `on_refused` is called on each 429. `granted`: the limiter's grant for these runs, acquired by
+        the caller (`RateLimiter.acquire(at_least=...)` sizes a call to what fits now).
         """
         if not inputs:
             raise UsageError("add_runs needs at least one input")
@@ -490,6 +499,7 @@ class TaskClient:
             retry_429=retry_rate_limited,
             on_send=on_send,
             on_refused=on_refused,
+            granted=granted,
         )
         return AddRunsResponse.from_json(data)
 

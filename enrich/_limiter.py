@@ -216,8 +216,8 @@ class RateLimiter:
         self._log: deque[Grant] = deque()
         self._runs_used = 0
         # Waiters in arrival order: (future, runs). A cancelled waiter stays until it reaches the head.
-        self._creators: deque[tuple[asyncio.Future[Grant], int]] = deque()
-        self._readers: deque[tuple[asyncio.Future[Grant], int]] = deque()
+        self._creators: deque[tuple[asyncio.Future[Grant], int, int]] = deque()  # (future, runs, least)
+        self._readers: deque[tuple[asyncio.Future[Grant], int, int]] = deque()
         self._n_waiting = 0
         self._timer: Cancellable | None = None
         self._timer_when = 0.0
@@ -263,8 +263,13 @@ class RateLimiter:
 
     # -- the public surface ---------------------------------------------------------------------------
 
-    async def acquire(self, runs: int = 0) -> Grant:
+    async def acquire(self, runs: int = 0, *, at_least: int | None = None) -> Grant:
         """Wait until one request and `runs` runs fit both budgets, then spend them.
+
+        With `at_least` (1 to `runs`), a create may get fewer runs than it asked for: as many as fit
+        the moment it is served, once `at_least` fit (the grant's second item says how many). A caller
+        with many rows to send fills what is left of a window this way, where a full call would wait
+        for the next window (another sender took the rest).
 
         `runs` is the number of runs the request creates (0 for a GET, 1 for a create-run, the number of
         inputs for an add-runs call). Returns at once when nobody of its kind is waiting and both fit;
@@ -276,6 +281,7 @@ class RateLimiter:
         """
         if not 0 <= runs <= self._runs_budget:
             raise self._refusal(runs)
+        least = runs if at_least is None or not runs else max(1, min(int(at_least), runs))
         if self._loop is None:
             self._bind()
         now = self._now()
@@ -283,9 +289,9 @@ class RateLimiter:
         trial_due = self._event is not None and (runs or not self._event[1])
         if not queue and now >= self._pause_of(runs) and not trial_due:
             self._evict(now)
-            if self._fits_at(runs, now) <= now:
-                return self._grant(runs, now)
-        return await self._wait(runs)
+            if self._fits_at(least, now) <= now:
+                return self._grant(self._fitting(runs, least), now)
+        return await self._wait(runs, least)
 
     def settle(self, grant: Grant) -> None:
         """The request of `grant` got no answer, or is answered: count its runs in the window from now.
@@ -449,6 +455,11 @@ class RateLimiter:
         return self._requests_budget
 
     @property
+    def period(self) -> float:
+        """The window of the nominal budgets, in seconds."""
+        return self._period
+
+    @property
     def max_runs(self) -> int:
         """The most runs one request should ask for now: what the service was seen to accept at once."""
         return max(1, int(min(self._size, self._window_runs, self._gap, self._runs_budget)))
@@ -567,6 +578,15 @@ class RateLimiter:
             if entry[0] < grant[0]:
                 return None
         return None
+
+    def _fitting(self, runs: int, least: int) -> int:
+        """The most runs, from `least` (which fit now) up to `runs`, that fit the windows now."""
+        if least >= runs:
+            return runs
+        free = self._runs_budget - self._runs_used
+        if self._window is not None:
+            free = min(free, self._window_runs - self._recent_runs)
+        return int(max(least, min(runs, free)))
 
     def _fits_at(self, runs: int, now: float) -> float:
         """The first instant at which one request and `runs` runs fit, given what the logs hold now."""
@@ -750,12 +770,12 @@ class RateLimiter:
 
     # -- internals: queues --------------------------------------------------------------------------
 
-    async def _wait(self, runs: int) -> Grant:
+    async def _wait(self, runs: int, least: int) -> Grant:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError(f"{self!r} is bound to a different event loop")
         future: asyncio.Future[Grant] = loop.create_future()
-        waiter = (future, runs)
+        waiter = (future, runs, least)
         queue = self._creators if runs else self._readers
         queue.append(waiter)
         self._n_waiting += 1
@@ -781,13 +801,13 @@ class RateLimiter:
         queues = ((self._readers, self._reads_paused_until), (self._creators, self._paused_until))
         for queue, paused in queues:
             while queue:
-                future, runs = queue[0]
+                future, runs, least = queue[0]
                 if future.done():  # cancelled
                     queue.popleft()
                     continue
-                at = self._fits_at(runs, now)
+                at = self._fits_at(least, now)
                 if at > now and now >= paused and self._probe(now):
-                    at = self._fits_at(runs, now)  # waiting for budget with no 429 in a long while
+                    at = self._fits_at(least, now)  # waiting for budget with no 429 in a long while
                 at = max(paused, at)
                 if at > now:
                     wake = min(wake, at)
@@ -800,7 +820,7 @@ class RateLimiter:
                         break  # a trial is out: the others wait for its answer
                     self._trial = None
                 queue.popleft()
-                grant = self._grant(runs, now)
+                grant = self._grant(self._fitting(runs, least), now)
                 if trial:
                     self._trial = grant
                 future.set_result(grant)

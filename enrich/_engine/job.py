@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -202,6 +203,9 @@ class _Job:
         # An add-runs call spends its size from the runs budget, so it can be no larger than the budget (nor
         # than what the limiter learned the service accepts at once: `limiter.max_runs`).
         self.batch_size = max(1, min(MAX_RUNS_PER_ADD, int(limiter.runs_budget)))
+        # Whether a call can take what a window has left (`acquire(at_least=)`): a limiter of the
+        # caller's own (a subclass written for an older enrich) may not take it.
+        self.fill = "at_least" in inspect.signature(limiter.acquire).parameters
         # Late commits. A create whose answer was lost may still be committed by the service for up to
         # `horizon` seconds after it was sent: until then its rows are held (neither created nor to send),
         # and a run of theirs that shows up is adopted. Held batches: batch_id -> (group_id, keys,

@@ -12,6 +12,7 @@ import functools
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from enrich._checkpoint import Checkpoint, Receipt
 from enrich._engine.collect import _GroupCollector, collectors_for
@@ -58,6 +59,10 @@ async def run_group_mode(job: _Job) -> None:
             c.new_runs.set()
 
 
+#: A call is made smaller to fill what is left of a window if that is at least 1/this of a full call.
+_FILL_SHARE = 20
+
+
 async def submit_group(job: _Job, group_id: str, collector: _GroupCollector) -> None:
     """Add the rows to do to the group, a call at a time, until none are left or held.
 
@@ -78,6 +83,13 @@ async def submit_group(job: _Job, group_id: str, collector: _GroupCollector) -> 
         # The size the service was seen to accept at once: a quota that counts runs may never fit
         # the full batch in one call (the limiter learns it from 429s).
         size = job.affordable(min(job.batch_size, job.limiter.max_runs, len(job.todo)))
+        granted = None
+        if size > 1 and job.fill:
+            # The call takes what the window holds when its turn comes, from 1/_FILL_SHARE of a full
+            # call up: the rest of a window another sender (a shard, a process on the same key) left is
+            # used now, where a full call would wait for the next window.
+            granted = await job.limiter.acquire(size, at_least=max(1, size // _FILL_SHARE))
+            size = granted[1]
         if not size:
             job.report(f"max cost ${job.max_cost:,.2f} reached: {len(job.todo):,} rows not submitted")
             capped = True
@@ -92,13 +104,17 @@ async def submit_group(job: _Job, group_id: str, collector: _GroupCollector) -> 
                 if len(batch) == size:
                     break
         if not batch:
+            if granted is not None:
+                job.limiter.refund(granted)
             del job.todo[:taken]
             continue
-        if await add_batch(job, group_id, batch, collector):
+        if await add_batch(job, group_id, batch, collector, granted=granted):
             del job.todo[:taken]
 
 
-async def add_batch(job: _Job, group_id: str, batch: list[str], collector: _GroupCollector) -> bool:
+async def add_batch(
+    job: _Job, group_id: str, batch: list[str], collector: _GroupCollector, *, granted: Any = None
+) -> bool:
     """Add `batch` to the group; False when it was refused with a 429 (nothing created: send it
     again, in a smaller call if the limiter learned the service takes no more at once).
 
@@ -121,6 +137,8 @@ async def add_batch(job: _Job, group_id: str, batch: list[str], collector: _Grou
     def on_refused() -> None:
         wire[0] = False
 
+    # (the limiter's grant for this call, when the caller sized the call by it)
+    extra = {"granted": granted} if granted is not None else {}
     try:
         answer = await job.client.add_runs(
             group_id,
@@ -129,6 +147,7 @@ async def add_batch(job: _Job, group_id: str, batch: list[str], collector: _Grou
             retry_rate_limited=len(batch) == 1,  # a larger call is split by the caller instead
             on_send=on_send,
             on_refused=on_refused,
+            **extra,
         )
     except asyncio.CancelledError:  # stopped while waiting to go again after a 429: none created
         if sent_at and not wire[0]:
