@@ -113,6 +113,7 @@ class EmulatorApp:
         self._rate_limited_at: list[float] = []  # seconds after the first request, the first 100,000
         self._request_windows: dict[str, _Window | _Bucket] = {}
         self._run_windows: dict[str, _Window | _Bucket] = {}
+        self._per_key: dict[str, dict[str, Any]] = {}  # by a hash of the key: what each key spent
         self._waiters: set[asyncio.Future[str]] = set()
         self._closing = False
         self._late_pending: set[asyncio.Task[_Response]] = set()
@@ -128,7 +129,10 @@ class EmulatorApp:
     def stats(self) -> dict[str, Any]:
         """Counters for tests: requests, 429s, faults, late commits, early stream closes, runs, credit.
 
-        Also duplicates and runs by status (`EmulatorState.stats`).
+        Also duplicates and runs by status (`EmulatorState.stats`), and `per_key`: for each API key
+        (named by the first 12 hex digits of its SHA-256), its requests, 429s, runs created, when it
+        created its first and last runs, and each call that created runs (the first 100,000), as
+        (time, runs), all on the emulator's clock in seconds: how well each key's quota was used.
         """
         out = {
             "requests": dict(sorted(self._requests.items())),
@@ -140,6 +144,7 @@ class EmulatorApp:
             "late_commits": self._late_commits,
             "late_commits_pending": len(self._late_pending),
             "streams_closed_early": self._streams_closed_early,
+            "per_key": {k: {**v, "creates": list(v["creates"])} for k, v in sorted(self._per_key.items())},
         }
         out.update(self.state.stats())
         return out
@@ -325,6 +330,8 @@ class EmulatorApp:
         if not req.key or (cfg.api_key is not None and req.key != cfg.api_key):
             raise self._error(401, _MSG_UNAUTHORIZED)
         self.state.advance()
+        tally = self._tally(req.key)
+        tally["requests"] += 1
         window = None
         if cfg.rate_limit is not None and (cfg.count_gets or req.method != "GET"):
             window = self._request_windows.get(req.key)
@@ -335,6 +342,7 @@ class EmulatorApp:
             now = self.state.now()
             wait = window.wait_time(now, 1)
             if wait:
+                tally["rate_limited"] += 1
                 raise self._rate_limit_error(wait)
             window.add(now, 1)
         handler: Callable[[_Request, _Route], Awaitable[_Response | _Stream]] = getattr(
@@ -364,6 +372,21 @@ class EmulatorApp:
         ref = str(uuid.UUID(int=self._refs.getrandbits(128), version=4))
         body = {"type": "error", "error": {"ref_id": ref, "message": message, "detail": detail}}
         return _HTTPError(self._json(status, body, headers))
+
+    def _tally(self, key: str) -> dict[str, Any]:
+        """What the key spent (`stats()["per_key"]`, named by a hash: a key is never shown)."""
+        name = hashlib.sha256(key.encode()).hexdigest()[:12]
+        tally = self._per_key.get(name)
+        if tally is None:
+            tally = self._per_key[name] = {
+                "requests": 0,
+                "rate_limited": 0,
+                "runs": 0,
+                "first_runs_at": None,
+                "last_runs_at": None,
+                "creates": [],
+            }
+        return tally
 
     def _rate_limit_error(self, wait: float) -> _HTTPError:
         self._rate_limited += 1
@@ -552,11 +575,19 @@ class EmulatorApp:
                 )
             wait = window.wait_time(now, len(items))
             if wait:
+                self._tally(req.key)["rate_limited"] += 1
                 raise self._rate_limit_error(wait)
         if not self.state.can_afford(items):
             raise self._error(402, _MSG_PAYMENT)
         if window is not None:
             window.add(now, len(items))
+        tally = self._tally(req.key)
+        tally["runs"] += len(items)
+        if tally["first_runs_at"] is None:
+            tally["first_runs_at"] = now
+        tally["last_runs_at"] = now
+        if len(tally["creates"]) < 100_000:
+            tally["creates"].append((now, len(items)))
 
     async def _commit(
         self, req: _Request, items: list[_Prepared], commit: Callable[[bool], _Response]
