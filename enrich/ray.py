@@ -1,0 +1,384 @@
+"""A job on a Ray cluster: `enrich_dataset(ds, output, ...)`, for tables one process cannot hold or keys
+one process cannot use up (`pip install 'enrich[ray]'`).
+
+The same job as `enrich()`, spread over Ray Data:
+
+1. Each row is keyed as `enrich()` keys it (a hash of the input it sends), in `map_batches`, and given its
+   shard: the top bits of its key, for a shard count fixed in the checkpoint's root manifest when the job
+   is first run (the layout `enrich()` uses for a large job, so either can resume the other's checkpoint).
+2. The rows are grouped by shard (`groupby(...).map_groups(...)`), and each shard runs the one-machine
+   shard entry point (`aenrich_shard`) in an actor of a pool: its own checkpoint area and task group,
+   deduplicated, resumed from what its area recorded. A worker that dies mid-shard is replaced by Ray and
+   its shard run again: its in-doubt creates are reconciled through its group, as after a crash on one
+   machine, so no input is paid for twice.
+3. Every shard sends under one broker per API key (`enrich._engine.broker`): the key's adaptive rate
+   limiter lives in one actor, asked once per add-runs call or read, so the cluster keeps to each key's
+   quota and a 429 anywhere pauses every shard on that key. Shard `s` sends under key `s % len(keys)`.
+
+`api_keys` names environment variables read on the workers: a key's value is never pickled, logged or
+written. The checkpoint must be a directory every worker can reach (one machine, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from enrich._checkpoint import Checkpoint
+from enrich._engine import shards
+from enrich._engine.broker import Broker, BrokerLimiter
+from enrich._engine.pipeline import _service_name, aenrich_shard
+from enrich._engine.prepare import _checked_job
+from enrich._exceptions import UsageError
+from enrich._run_options import check_run_options
+
+__all__ = ["enrich_dataset"]
+
+#: The column that carries each row's shard between the two stages (dropped from the result).
+SHARD_COLUMN = "__enrich_shard"
+#: Shards run at once per key: one sends while the others collect their answers, so that a key always
+#: has a shard ready to send (4 used 87-97% of a key's quota in bench/ray_keys.py, 6 used 99.7-100%).
+PER_KEY = 6
+#: The share of the cluster's CPUs the workers reserve by default: they mostly wait on the network, and
+#: Ray Data's own stages (reading, keying, the shuffle that groups the shards) need the rest (reserving
+#: 1.2 of 2 CPUs left the shuffle none: the job hung).
+CPU_SHARE = 0.25
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The arguments of `aenrich` a shard is run with (the rest are this module's, or fixed).
+_PASSED = (
+    "columns",
+    "prompt",
+    "input_schema",
+    "metadata",
+    "run_options",
+    "beta",
+    "processor",
+    "mode",
+    "basis",
+    "retry_failed",
+    "base_url",
+    "service",
+    "timeout",
+    "concurrency",
+    "request_timeout",
+    "commit_horizon",
+)
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UsageError("enrich.ray needs Ray Data: pip install 'enrich[ray]'") from None
+    return ray
+
+
+def enrich_dataset(
+    ds: Any,
+    output: Any,
+    *,
+    checkpoint: str | os.PathLike[str],
+    api_keys: Sequence[str] = ("PARALLEL_API_KEY",),
+    processor: str = "core",
+    shards_count: int | None = None,
+    columns: Sequence[str] | str | None = None,
+    prompt: str | None = None,
+    input_schema: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    run_options: Mapping[str, Any] | None = None,
+    beta: str | Sequence[str] | None = None,
+    mode: str = "group",
+    basis: bool = False,
+    retry_failed: bool | str | Sequence[str] = False,
+    base_url: str | None = None,
+    service: str | None = None,
+    rate_limit: int = 2000,
+    run_rate: int = 2000,
+    rate_window: float = 60.0,
+    timeout: float | None = None,
+    concurrency: int = 100,
+    request_timeout: float = 60.0,
+    commit_horizon: float | None = None,
+    workers: int | None = None,
+    num_cpus: float | None = None,
+) -> Any:
+    """Enrich the rows of the Ray Dataset `ds`; returns a Ray Dataset (lazy, as Ray's are) with `ds`'s
+    columns and the columns `enrich()` adds (`_status`, `_error`, `_run_id`, `_interaction_id`, the
+    typed outputs). Its rows come grouped by shard, not in `ds`'s order: sort on a column to order them.
+
+    The arguments are `enrich()`'s where they apply, and:
+
+    - `checkpoint`: the job's checkpoint directory (required), reachable from every worker. Running the
+      same call again resumes it: nothing is paid twice, and a finished job sends nothing.
+    - `api_keys`: names of environment variables that hold API keys, read on the workers. Each key gets
+      its own budget (`rate_limit` requests and `run_rate` runs per `rate_window` s), kept by a broker
+      actor per key for the whole cluster.
+    - `shards_count`: the number of shards, a power of two up to 256; default: one per 32,768 rows. It is
+      fixed by the job's first run, and a different one is refused.
+    - `workers`: shards run at once (actors of the pool); default: 6 per key. Throughput follows the
+      keys, not the cluster's size.
+    - `num_cpus`: CPUs reserved per worker; default: a quarter of the cluster's CPUs shared by the
+      workers, at most 0.1 each. They mostly wait on the network, and the stages that read, key and
+      group the rows need the rest (workers that reserve too much leave the shuffle none: it hangs).
+
+    Example::
+
+        ds = ray.data.read_parquet("s3://bucket/companies/")
+        out = enrich_dataset(ds, {"ceo": "Name of the CEO"}, checkpoint="/shared/ceo.enrich",
+                             api_keys=["PARALLEL_KEY_1", "PARALLEL_KEY_2"], processor="base")
+        out.write_parquet("s3://bucket/enriched/")
+    """
+    ray = _ray()
+    if not isinstance(ds, ray.data.Dataset):
+        raise UsageError(f"enrich_dataset takes a ray.data.Dataset, got {type(ds).__name__}")
+    keys = _check_keys(api_keys)
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
+        raise UsageError(
+            "enrich_dataset needs a checkpoint directory every worker can reach (checkpoint=...)"
+        )
+    root_path = Path(checkpoint)
+    if "://" in os.fspath(checkpoint):
+        raise UsageError(
+            f"checkpoint {os.fspath(checkpoint)!r}: an object store is not supported here yet; give a "
+            "directory every worker can reach"
+        )
+    if shards_count is not None and (
+        isinstance(shards_count, bool)
+        or not isinstance(shards_count, int)
+        or not 1 <= shards_count <= shards.MAX_SHARDS
+        or shards_count & (shards_count - 1)
+    ):
+        raise UsageError(
+            f"shards_count must be a power of two from 1 to {shards.MAX_SHARDS}, got {shards_count!r}"
+        )
+    for name, value in (("workers", workers),):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name} must be a whole number, 1 or more, got {value!r}")
+    if num_cpus is not None and not (
+        isinstance(num_cpus, (int, float)) and not isinstance(num_cpus, bool) and 0 < num_cpus <= 64
+    ):
+        raise UsageError(f"num_cpus must be a positive number of CPUs per worker, got {num_cpus!r}")
+    for name, value in (("rate_limit", rate_limit), ("run_rate", run_rate), ("rate_window", rate_window)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{name} must be a positive number, got {value!r}")
+    options = check_run_options(run_options, beta, processor)
+    schema = _polars_schema(ds)
+    if SHARD_COLUMN in schema:
+        raise UsageError(
+            f"the dataset has a column named {SHARD_COLUMN!r}, which enrich_dataset uses: rename it"
+        )
+    job = _checked_job(  # every bad argument is refused here, before a row is read or anything sent
+        schema,
+        output,
+        columns=columns,
+        prompt=prompt,
+        input_schema=input_schema,
+        metadata=metadata,
+        processor=processor,
+        mode=mode,
+        options=options,
+    )
+    svc = _service_name(service, None, base_url)
+    root = Checkpoint.open(root_path, job.fingerprint, service=svc)
+    try:
+        count = _layout(root, ds, shards_count)
+    finally:
+        root.close()
+    brokers = [_broker(ray, name, rate_limit, run_rate, rate_window) for name in keys]
+    passed = {
+        "columns": columns,
+        "prompt": prompt,
+        "input_schema": input_schema,
+        "metadata": metadata,
+        "run_options": run_options,
+        "beta": beta,
+        "processor": processor,
+        "mode": mode,
+        "basis": basis,
+        "retry_failed": retry_failed,
+        "base_url": base_url,
+        "service": service,
+        "timeout": timeout,
+        "concurrency": concurrency,
+        "request_timeout": request_timeout,
+        "commit_horizon": commit_horizon,
+    }
+    keyed = ds.map_batches(  # (CPU work: Ray's default of a CPU per task)
+        _key_batch,
+        fn_kwargs={"output": output, "count": count, "options": passed},
+        batch_format="pyarrow",
+    )
+    size = min(workers if workers is not None else len(keys) * PER_KEY, count)
+    if num_cpus is None:
+        cpus = float(ray.cluster_resources().get("CPU", 2.0))
+        num_cpus = round(max(0.01, min(0.1, CPU_SHARE * cpus / size)), 3)
+    return keyed.groupby(SHARD_COLUMN, num_partitions=count).map_groups(
+        _ShardWorker,
+        fn_constructor_kwargs={
+            "output": output,
+            "root": os.fspath(root_path.absolute()),
+            "count": count,
+            "keys": keys,
+            "brokers": brokers,
+            "budgets": (rate_limit, run_rate, rate_window),
+            "options": passed,
+        },
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_cpus=num_cpus,
+        # A worker that dies mid-shard is replaced and its shard run again (resumed from its area).
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+
+
+def _check_keys(api_keys: Any) -> list[str]:
+    if isinstance(api_keys, str):
+        api_keys = [api_keys]
+    if not isinstance(api_keys, Sequence) or not api_keys:
+        raise UsageError("api_keys must name one or more environment variables that hold API keys")
+    names = list(api_keys)
+    for name in names:
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise UsageError(
+                f"api_keys names environment variables (read on the workers), not keys: {name!r} is not "
+                "a variable name"
+            )
+    if len(set(names)) != len(names):
+        raise UsageError("api_keys names the same variable twice: each key gets one budget")
+    return names
+
+
+def _polars_schema(ds: Any) -> pl.Schema:
+    schema = ds.schema()
+    if schema is None:
+        raise UsageError("the dataset has no schema (no rows?): nothing to enrich")
+    arrow = getattr(schema, "base_schema", schema)
+    if not isinstance(arrow, pa.Schema):
+        raise UsageError("the dataset's schema is not an Arrow schema: read it with ray.data's readers")
+    frame = pl.from_arrow(arrow.empty_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame.schema
+
+
+def _layout(root: Checkpoint, ds: Any, wanted: int | None) -> int:
+    """The job's shard count: recorded in the root's manifest, or chosen and recorded now."""
+    if root.shards > 1 or not root.recorded_nothing:
+        if wanted is not None and wanted != root.shards:
+            raise UsageError(
+                f"this job's checkpoint is laid out in {root.shards} shard(s); run it with "
+                f"shards_count={root.shards} (or leave it out), or give another checkpoint"
+            )
+        return root.shards
+    count = wanted if wanted is not None else shards.shard_count(ds.count())
+    if count > 1:
+        root.record_shards(count)
+    return count
+
+
+def _broker(ray: Any, name: str, rate_limit: float, run_rate: float, window: float) -> Any:
+    """The broker actor of the API key in variable `name`: one per key in the cluster, made on first use
+    (detached: it outlives this driver, so that every job on the cluster shares the key's budget), and
+    set to this call's budgets."""
+    actor = ray.remote(num_cpus=0, max_restarts=-1)(Broker)
+    handle = actor.options(
+        name=f"enrich-broker-{name}", namespace="enrich", get_if_exists=True, lifetime="detached"
+    ).remote(rate_limit, run_rate, window)
+    ray.get(handle.configure.remote(rate_limit, run_rate, window))
+    return handle
+
+
+def _key_batch(batch: pa.Table, *, output: Any, count: int, options: dict[str, Any]) -> pa.Table:
+    """map_batches: each row's shard, from its key (as `enrich()` keys it)."""
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    job = _checked_job(
+        frame.schema,
+        output,
+        columns=options["columns"],
+        prompt=options["prompt"],
+        input_schema=options["input_schema"],
+        metadata=options["metadata"],
+        processor=options["processor"],
+        mode=options["mode"],
+        options=check_run_options(options["run_options"], options["beta"], options["processor"]),
+    )
+    keys, _, _ = job.keyed(frame, options=job.option_texts(frame))
+    series = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
+    shard = shards.shard_of(series, count).cast(pl.Int32)
+    return batch.append_column(SHARD_COLUMN, shard.to_arrow())
+
+
+class _ShardWorker:
+    """map_groups: one shard's rows enriched by `aenrich_shard`, in its own checkpoint area, under the
+    broker of its key."""
+
+    def __init__(
+        self,
+        output: Any,
+        root: str,
+        count: int,
+        keys: list[str],
+        brokers: list[Any],
+        budgets: tuple[float, float, float],
+        options: dict[str, Any],
+    ) -> None:
+        self.output, self.root, self.count = output, root, count
+        self.keys, self.brokers, self.budgets, self.options = keys, brokers, budgets, options
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        if not group.num_rows:
+            return group.drop_columns([SHARD_COLUMN])
+        shard = group.column(SHARD_COLUMN)[0].as_py()
+        rows = group.drop_columns([SHARD_COLUMN])
+        name = self.keys[shard % len(self.keys)]
+        api_key = os.environ.get(name)
+        if not api_key:
+            raise UsageError(f"the environment variable {name} (api_keys) is not set on this worker")
+        area = self.root if self.count == 1 else os.path.join(self.root, shards.area_name(shard))
+        frame = pl.from_arrow(rows)
+        assert isinstance(frame, pl.DataFrame)
+        out = asyncio.run(self._run(frame, area, api_key, self.brokers[shard % len(self.brokers)]))
+        table = out.to_arrow()
+        # The input's columns come back in their own Arrow types (polars would widen string to
+        # large_string, say): exactly as given.
+        for i, field in enumerate(rows.schema):
+            if table.schema.field(field.name).type != field.type:
+                table = table.set_column(i, field, table.column(field.name).cast(field.type))
+        return table
+
+    async def _run(self, frame: pl.DataFrame, area: str, api_key: str, broker: Any) -> pl.DataFrame:
+        requests, runs, window = self.budgets
+        limiter = BrokerLimiter(
+            _RayLink(broker), requests_per_minute=requests, runs_per_minute=runs, period=window
+        )
+        return await aenrich_shard(
+            frame,
+            self.output,
+            checkpoint=area,
+            limiter=limiter,
+            api_key=api_key,
+            progress=False,
+            **{k: v for k, v in self.options.items() if k in _PASSED},
+        )
+
+
+class _RayLink:
+    """A `broker.Link` to a broker actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await getattr(self.handle, method).remote(*args)
+
+    def send(self, method: str, *args: Any) -> None:
+        getattr(self.handle, method).remote(*args)

@@ -1,0 +1,180 @@
+"""A job on a local Ray cluster (2 CPUs) against the emulator over HTTP (`enrich.ray.enrich_dataset`):
+a shard worker killed mid-shard, one budget per API key, the layout fixed by the first run.
+
+Ray is the `ray` extra (installed in CI); without it these tests are skipped."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from enrich import Emulator, UsageError  # noqa: E402
+from enrich.ray import enrich_dataset  # noqa: E402
+
+# Ray warns of its own deprecations (from its modules): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray", "ignore::FutureWarning:ray")
+
+KEYS = {"ENRICH_TEST_KEY_A": "ray-key-a", "ENRICH_TEST_KEY_B": "ray-key-b"}
+FIELDS = {"summary": "One-line summary of the company"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Any:
+    # The workers read their keys from the environment they were started with.
+    os.environ.update(KEYS)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        configure_logging=False,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def companies(rows: int, distinct: int) -> pl.DataFrame:
+    return pl.DataFrame({"company": [f"Company {i % distinct:05d}" for i in range(rows)], "row": range(rows)})
+
+
+def key_id(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:12]
+
+
+def collect(ds: Any) -> pl.DataFrame:
+    frame = pl.from_arrow(pa.concat_tables(ray.get(ds.to_arrow_refs())))
+    assert isinstance(frame, pl.DataFrame)
+    return frame.sort("row")
+
+
+def shard_workers() -> list[int]:
+    """The pids of the processes running `_ShardWorker` actors."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"_ShardWorker" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_shard_worker_killed_mid_shard_costs_no_run_twice(cluster: Any, tmp_path: Path) -> None:
+    rows, distinct = 8_000, 6_000
+    df = companies(rows, distinct)
+    killed: list[int] = []
+    with Emulator(latency=1.0, api_key=None, run_rate_limit=1_500, rate_limit=200, rate_window=2.0) as emu:
+
+        def kill_one_mid_job() -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and emu.stats()["runs_created"] < 2_000:
+                time.sleep(0.05)
+            workers = shard_workers()
+            if workers and emu.stats()["runs_created"] < distinct:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(workers[0])
+
+        killer = threading.Thread(target=kill_one_mid_job, daemon=True)
+        killer.start()
+        args: dict[str, Any] = {
+            "checkpoint": tmp_path / "job.enrich",
+            "api_keys": ["ENRICH_TEST_KEY_A"],
+            "columns": ["company"],  # (not `row`: 6,000 distinct inputs in 8,000 rows)
+            "processor": "lite-fast",
+            "base_url": emu.url,
+            "rate_limit": 200,
+            "run_rate": 1_500,
+            "rate_window": 2.0,
+        }
+        out = collect(enrich_dataset(ray.data.from_arrow(df.to_arrow()), FIELDS, shards_count=8, **args))
+        killer.join()
+        stats = emu.stats()
+        assert killed, "no shard worker was running once 2,000 runs were created"
+        assert out.height == rows and out["row"].to_list() == list(range(rows))
+        assert out["_status"].value_counts().to_dicts() == [{"_status": "completed", "count": rows}]
+        # Exactly one run per distinct input, in spite of the worker killed mid-shard.
+        assert stats["runs_created"] == distinct and stats["max_runs_per_distinct"] == 1
+        # Every row has its own answer: the emulator's text answers start with the input they answer.
+        assert (out["summary"].str.starts_with(out["company"] + ":")).all()
+        assert out["company"].to_list() == df["company"].to_list()  # inputs exactly as given
+        # The same call again: resumed from the checkpoint, nothing created, the same answers.
+        again = collect(enrich_dataset(ray.data.from_arrow(df.to_arrow()), FIELDS, **args))
+        assert emu.stats()["runs_created"] == distinct
+        assert again.select("row", "company", "summary", "_run_id").equals(
+            out.select("row", "company", "summary", "_run_id")
+        )
+        # A different shard count for the same checkpoint is refused before anything runs.
+        with pytest.raises(UsageError, match="laid out in 8 shard"):
+            enrich_dataset(ray.data.from_arrow(df.to_arrow()), FIELDS, shards_count=4, **args)
+
+
+def test_two_keys_each_use_their_own_quota(cluster: Any, tmp_path: Path) -> None:
+    rows, quota, window = 6_000, 500, 2.0
+    df = companies(rows, rows)
+    with Emulator(latency=0.5, api_key=None, run_rate_limit=quota, rate_window=window) as emu:
+        out = collect(
+            enrich_dataset(
+                ray.data.from_arrow(df.to_arrow()),
+                FIELDS,
+                checkpoint=tmp_path / "two.enrich",
+                api_keys=list(KEYS),
+                columns=["company"],
+                processor="lite-fast",
+                base_url=emu.url,
+                run_rate=quota,
+                rate_window=window,
+                shards_count=8,
+            )
+        )
+        stats = emu.stats()
+    assert (out["_status"] == "completed").all() and stats["runs_created"] == rows
+    per_key = stats["per_key"]
+    assert set(per_key) == {key_id(v) for v in KEYS.values()}
+    for spent in per_key.values():
+        assert spent["runs"] >= rows / 4, per_key  # both keys were used, about evenly
+        assert steady_share(spent["creates"], quota, window) >= 0.9, spent
+        assert spent["rate_limited"] <= 0.01 * spent["requests"], spent
+
+
+def steady_share(creates: list[tuple[float, int]], quota: int, window: float) -> float:
+    """The share of a key's runs quota used in steady state: the windows (from its first create) after
+    the first (a full budget may go at once) and before the one holding its last create (the tail)."""
+    t0 = creates[0][0]
+    per_window: dict[int, int] = {}
+    for t, n in creates:
+        per_window[int((t - t0) // window)] = per_window.get(int((t - t0) // window), 0) + n
+    steady = range(1, max(per_window))
+    assert len(steady) >= 3, per_window  # (a job long enough to have a steady state)
+    return sum(per_window.get(i, 0) for i in steady) / len(steady) / quota
+
+
+def test_bad_arguments_are_refused_before_anything_is_read(cluster: Any, tmp_path: Path) -> None:
+    ds = ray.data.from_arrow(companies(10, 10).to_arrow())
+    with pytest.raises(UsageError, match="not keys"):
+        enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", api_keys=["sk-live-123"])
+    with pytest.raises(UsageError, match="power of two"):
+        enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", shards_count=3)
+    with pytest.raises(UsageError, match="object store"):
+        enrich_dataset(ds, FIELDS, checkpoint="s3://bucket/job")
+    with pytest.raises(UsageError, match="unknown processor"):
+        enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", processor="nope")
+    with pytest.raises(UsageError, match=r"ray\.data\.Dataset"):
+        enrich_dataset(companies(3, 3), FIELDS, checkpoint=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
