@@ -13,8 +13,9 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -324,6 +325,14 @@ async def _pilot_first(
     return Pilot(from_polars(frame, plan.kind, original, added=plan.added), report)
 
 
+def _then_remove(chunks: Iterator[Any], workspace: Path, removing: list[threading.Thread]) -> Iterator[Any]:
+    """`chunks` (the merge's, which closes its files once done), then the workspace removed on a thread
+    of its own (`assemble.remove_soon`, added to `removing`) while the writer encodes the last chunk and
+    makes the file durable: a second or two of a 10M-row job's unlinking, no longer after it."""
+    yield from chunks
+    removing.append(assemble.remove_soon([workspace]))
+
+
 def _check_pilot(n: object, checkpoint: object) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UsageError(f"pilot must be a whole number of distinct inputs, 1 or more, got {n!r}")
@@ -581,11 +590,13 @@ async def _enrich_prepared(
     t_join = time.monotonic()
     stats.statuses = dict(run.statuses)
     result: Any = None
+    removing: list[threading.Thread] = []
     try:
         if write_to is not None:
             step = assemble.chunk_rows(run.parts)
             with contextlib.closing(assemble.merge(run.parts, rows, step, arrow=True)) as merged:
-                write_frames(merged, run.schema, write_to, write_format, row_group_rows=step)
+                chunks = _then_remove(merged, workspace, removing)
+                write_frames(chunks, run.schema, write_to, write_format, row_group_rows=step)
         elif spool is not None:  # the parts hold the input's columns too
             result = assemble.merged_frame(run.parts, rows, run.schema)
         else:
@@ -597,6 +608,8 @@ async def _enrich_prepared(
     except OSError as exc:  # a full disk, a permission: the answers are safe in the checkpoint
         raise _output_error(exc, write_to or workspace, stats) from exc
     finally:
+        for thread in removing:
+            thread.join()
         assemble.remove(workspace)
     stats.stages["join"] = time.monotonic() - t_join + run.reading
     # Only once the result is out: a join that fails (a full disk) must find the answers again.
