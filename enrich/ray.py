@@ -125,6 +125,8 @@ def enrich_dataset(
       fixed by the job's first run, and a different one is refused.
     - `workers`: shards run at once (actors of the pool); default: 6 per key. Throughput follows the
       keys, not the cluster's size.
+    - `timeout`: seconds per shard (each shard's call stops after that long; its unfinished rows come
+      back `pending`, and the next call collects them).
     - `num_cpus`: CPUs reserved per worker; default: a quarter of the cluster's CPUs shared by the
       workers, at most 0.1 each. They mostly wait on the network, and the stages that read, key and
       group the rows need the rest (workers that reserve too much leave the shuffle none: it hangs).
