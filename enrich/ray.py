@@ -215,7 +215,7 @@ def enrich_dataset(
     }
     keyed = ds.map_batches(  # (CPU work: Ray's default of a CPU per task)
         _key_batch,
-        fn_kwargs={"output": output, "count": count, "options": passed},
+        fn_kwargs={"job": job, "count": count},
         batch_format="pyarrow",
     )
     size = min(workers if workers is not None else len(keys) * PER_KEY, count)
@@ -298,21 +298,11 @@ def _broker(ray: Any, name: str, rate_limit: float, run_rate: float, window: flo
     return handle
 
 
-def _key_batch(batch: pa.Table, *, output: Any, count: int, options: dict[str, Any]) -> pa.Table:
-    """map_batches: each row's shard, from its key (as `enrich()` keys it)."""
+def _key_batch(batch: pa.Table, *, job: Any, count: int) -> pa.Table:
+    """map_batches: each row's shard, from its key (`job`: the job `enrich_dataset` checked, keying as
+    `enrich()` keys)."""
     frame = pl.from_arrow(batch)
     assert isinstance(frame, pl.DataFrame)
-    job = _checked_job(
-        frame.schema,
-        output,
-        columns=options["columns"],
-        prompt=options["prompt"],
-        input_schema=options["input_schema"],
-        metadata=options["metadata"],
-        processor=options["processor"],
-        mode=options["mode"],
-        options=check_run_options(options["run_options"], options["beta"], options["processor"]),
-    )
     keys, _, _ = job.keyed(frame, options=job.option_texts(frame))
     series = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
     shard = shards.shard_of(series, count).cast(pl.Int32)
