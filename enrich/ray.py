@@ -51,25 +51,6 @@ PER_KEY = 6
 #: 1.2 of 2 CPUs left the shuffle none: the job hung).
 CPU_SHARE = 0.25
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# The arguments of `aenrich` a shard is run with (the rest are this module's, or fixed).
-_PASSED = (
-    "columns",
-    "prompt",
-    "input_schema",
-    "metadata",
-    "run_options",
-    "beta",
-    "processor",
-    "mode",
-    "basis",
-    "retry_failed",
-    "base_url",
-    "service",
-    "timeout",
-    "concurrency",
-    "request_timeout",
-    "commit_horizon",
-)
 
 
 def _ray() -> Any:
@@ -161,9 +142,8 @@ def enrich_dataset(
         raise UsageError(
             f"shards_count must be a power of two from 1 to {shards.MAX_SHARDS}, got {shards_count!r}"
         )
-    for name, value in (("workers", workers),):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name} must be a whole number, 1 or more, got {value!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UsageError(f"workers must be a whole number, 1 or more, got {workers!r}")
     if num_cpus is not None and not (
         isinstance(num_cpus, (int, float)) and not isinstance(num_cpus, bool) and 0 < num_cpus <= 64
     ):
@@ -195,7 +175,7 @@ def enrich_dataset(
     finally:
         root.close()
     brokers = [_broker(ray, name, rate_limit, run_rate, rate_window) for name in keys]
-    passed = {
+    passed = {  # the arguments of `aenrich` each shard is run with
         "columns": columns,
         "prompt": prompt,
         "input_schema": input_schema,
@@ -359,7 +339,7 @@ class _ShardWorker:
             limiter=limiter,
             api_key=api_key,
             progress=False,
-            **{k: v for k, v in self.options.items() if k in _PASSED},
+            **self.options,
         )
 
 
