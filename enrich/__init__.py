@@ -60,6 +60,7 @@ from enrich._processors import PROCESSORS
 from enrich._progress import Progress
 from enrich._retry import RetryPolicy
 from enrich._store import CheckpointStore, LocalStore, MemoryStore
+from enrich._store_object import ObjectStore
 
 # The library's log ("enrich") reaches the handlers an application configures, never stderr by itself.
 _logging.getLogger("enrich").addHandler(_logging.NullHandler())
@@ -93,6 +94,7 @@ __all__ = [
     "LocalStore",
     "MemoryStore",
     "NotFoundError",
+    "ObjectStore",
     "OutcomeUnknownError",
     "OutputError",
     "PaymentRequiredError",

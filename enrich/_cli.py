@@ -200,8 +200,13 @@ def _run(args: argparse.Namespace) -> int:
 
         _check_pilot(args.pilot, None)
     output = _output_arg(args)
-    if args.checkpoint:
-        checkpoint: Path | None = check_checkpoint_dir(args.checkpoint)
+    checkpoint: Any
+    if args.checkpoint and "://" in args.checkpoint:
+        from enrich._store import as_store
+
+        checkpoint = as_store(args.checkpoint)  # object storage (s3://bucket/prefix), or refused
+    elif args.checkpoint:
+        checkpoint = check_checkpoint_dir(args.checkpoint)
     elif str(output_path) == "-":
         checkpoint = None  # stdout has no "beside": the default checkpoint under the user cache directory
     else:
@@ -485,14 +490,16 @@ def _next_step(args: argparse.Namespace, stats: Any, checkpoint: Path, pending: 
 
 
 def _status(args: argparse.Namespace) -> int:
-    import polars as pl
 
-    from enrich._checkpoint import Checkpoint, Counts
-    from enrich._engine.pilot import PilotReport, histogram_lines, job_latencies, percentile
-    from enrich._engine.pilot import _seconds as _secs
-    from enrich._engine.shards import area_states
-    from enrich._processors import PROCESSORS
+    from enrich._checkpoint import Checkpoint
 
+    if "://" in args.path:  # a checkpoint on object storage
+        from enrich._store import as_store
+
+        store = as_store(args.path)
+        if "manifest.json" not in store.list("manifest.json"):
+            raise CheckpointError(f"no checkpoint at {args.path}: give the URL --checkpoint named")
+        return _report_status(args, Checkpoint.read(store), args.path)
     path = Path(args.path)
     if path.is_file() or not (path / "manifest.json").exists():
         candidate = Path(str(path) + ".enrich")
@@ -503,7 +510,18 @@ def _status(args: argparse.Namespace) -> int:
             f"no checkpoint at {args.path} (nor at {args.path}.enrich): give the checkpoint directory "
             "(the one --checkpoint named, or OUTPUT.enrich beside the output)"
         )
-    cp = Checkpoint.read(path)
+    return _report_status(args, Checkpoint.read(path), str(path))
+
+
+def _report_status(args: argparse.Namespace, cp: Any, path: str) -> int:
+    import polars as pl
+
+    from enrich._checkpoint import Counts
+    from enrich._engine.pilot import PilotReport, histogram_lines, job_latencies, percentile
+    from enrich._engine.pilot import _seconds as _secs
+    from enrich._engine.shards import area_states
+    from enrich._processors import PROCESSORS
+
     fingerprint = cp.fingerprint
     # A job split in shards: one checkpoint each under the root, read one at a time.
     totals = dict.fromkeys((f.name for f in dataclasses.fields(Counts)), 0)

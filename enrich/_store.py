@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
-from ._exceptions import CheckpointError
+from ._exceptions import CheckpointError, UsageError
 
 if sys.platform != "win32":
     import fcntl
@@ -137,8 +137,20 @@ class CheckpointStore(ABC):
 
 
 def as_store(where: str | os.PathLike[str] | CheckpointStore) -> CheckpointStore:
-    """`where` itself if it is a store, else the local directory it names."""
-    return where if isinstance(where, CheckpointStore) else LocalStore(where)
+    """`where` itself if it is a store, the object storage of a URL (`s3://bucket/prefix`: an
+    `ObjectStore`), else the local directory it names."""
+    if isinstance(where, CheckpointStore):
+        return where
+    if isinstance(where, str) and "://" in where:
+        from ._store_object import ObjectStore, is_url
+
+        if not is_url(where):
+            raise UsageError(
+                f"checkpoint {where!r}: a URL must be object storage (s3://, gs://, az://); or give a "
+                "directory"
+            )
+        return ObjectStore(where)
+    return LocalStore(where)
 
 
 def check_name(name: str) -> str:

@@ -16,7 +16,9 @@ The same job as `enrich()`, spread over Ray Data:
    quota and a 429 anywhere pauses every shard on that key. Shard `s` sends under key `s % len(keys)`.
 
 `api_keys` names environment variables read on the workers: a key's value is never pickled, logged or
-written. The checkpoint must be a directory every worker can reach (one machine, or a shared file system).
+written. The checkpoint must be where every worker can reach it: a directory (one machine, or a shared file
+system) or object storage (`s3://bucket/prefix`, `gs://`, `az://`: `enrich._store_object`, whose lease stands
+in for the lock, so that a worker Ray gave up on cannot write beside the one that replaced it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from enrich._engine.pipeline import _service_name, aenrich_shard
 from enrich._engine.prepare import _checked_job
 from enrich._exceptions import UsageError
 from enrich._run_options import check_run_options
+from enrich._store import CheckpointStore, as_store
+from enrich._store_object import ObjectStore, is_url
 
 __all__ = ["enrich_dataset"]
 
@@ -66,7 +70,7 @@ def enrich_dataset(
     ds: Any,
     output: Any,
     *,
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | ObjectStore,
     api_keys: Sequence[str] = ("PARALLEL_API_KEY",),
     processor: str = "core",
     shards_count: int | None = None,
@@ -97,7 +101,9 @@ def enrich_dataset(
 
     The arguments are `enrich()`'s where they apply, and:
 
-    - `checkpoint`: the job's checkpoint directory (required), reachable from every worker. Running the
+    - `checkpoint`: the job's checkpoint (required), reachable from every worker: a directory, or an
+      object-storage URL (`s3://bucket/prefix`; `pip install 'enrich[cloud]'`) whose credentials each
+      worker reads from its environment (`AWS_*`, ...), or an `ObjectStore` of one. Running the
       same call again resumes it: nothing is paid twice, and a finished job sends nothing.
     - `api_keys`: names of environment variables that hold API keys, read on the workers. Each key gets
       its own budget (`rate_limit` requests and `run_rate` runs per `rate_window` s), kept by a broker
@@ -123,16 +129,7 @@ def enrich_dataset(
     if not isinstance(ds, ray.data.Dataset):
         raise UsageError(f"enrich_dataset takes a ray.data.Dataset, got {type(ds).__name__}")
     keys = _check_keys(api_keys)
-    if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
-        raise UsageError(
-            "enrich_dataset needs a checkpoint directory every worker can reach (checkpoint=...)"
-        )
-    root_path = Path(checkpoint)
-    if "://" in os.fspath(checkpoint):
-        raise UsageError(
-            f"checkpoint {os.fspath(checkpoint)!r}: an object store is not supported here yet; give a "
-            "directory every worker can reach"
-        )
+    root_at = _root(checkpoint)
     if shards_count is not None and (
         isinstance(shards_count, bool)
         or not isinstance(shards_count, int)
@@ -169,7 +166,7 @@ def enrich_dataset(
         options=options,
     )
     svc = _service_name(service, None, base_url)
-    root = Checkpoint.open(root_path, job.fingerprint, service=svc)
+    root = Checkpoint.open(root_at, job.fingerprint, service=svc)
     try:
         count = _layout(root, ds, shards_count)
     finally:
@@ -206,7 +203,7 @@ def enrich_dataset(
         _ShardWorker,
         fn_constructor_kwargs={
             "output": output,
-            "root": os.fspath(root_path.absolute()),
+            "root": root_at,
             "count": count,
             "keys": keys,
             "brokers": brokers,
@@ -220,6 +217,27 @@ def enrich_dataset(
         max_restarts=-1,
         max_task_retries=-1,
     )
+
+
+def _root(checkpoint: Any) -> str | ObjectStore:
+    """Where the job's checkpoint is, as every worker can reach it: an absolute directory (one machine or a
+    shared file system) or object storage (sent to the workers as its URL: each reads its credentials from
+    its own environment)."""
+    if isinstance(checkpoint, ObjectStore) or (isinstance(checkpoint, str) and "://" in checkpoint):
+        store = as_store(checkpoint)
+        assert isinstance(store, ObjectStore)
+        if not is_url(store.url):
+            raise UsageError(
+                "enrich_dataset needs an object store it can send to the workers: give its URL "
+                "(s3://bucket/prefix), not an obstore object"
+            )
+        return store
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
+        raise UsageError(
+            "enrich_dataset needs a checkpoint every worker can reach (checkpoint=...): a directory on a "
+            "shared file system or an object-storage URL (s3://bucket/prefix)"
+        )
+    return os.fspath(Path(checkpoint).absolute())
 
 
 def _check_keys(api_keys: Any) -> list[str]:
@@ -296,7 +314,7 @@ class _ShardWorker:
     def __init__(
         self,
         output: Any,
-        root: str,
+        root: str | ObjectStore,
         count: int,
         keys: list[str],
         brokers: list[Any],
@@ -315,7 +333,11 @@ class _ShardWorker:
         api_key = os.environ.get(name)
         if not api_key:
             raise UsageError(f"the environment variable {name} (api_keys) is not set on this worker")
-        area = self.root if self.count == 1 else os.path.join(self.root, shards.area_name(shard))
+        area: str | CheckpointStore = self.root
+        if self.count > 1:
+            name = shards.area_name(shard)
+            root = self.root
+            area = root.child(name) if isinstance(root, CheckpointStore) else os.path.join(root, name)
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)
         out = asyncio.run(self._run(frame, area, api_key, self.brokers[shard % len(self.brokers)]))
@@ -327,7 +349,9 @@ class _ShardWorker:
                 table = table.set_column(i, field, table.column(field.name).cast(field.type))
         return table
 
-    async def _run(self, frame: pl.DataFrame, area: str, api_key: str, broker: Any) -> pl.DataFrame:
+    async def _run(
+        self, frame: pl.DataFrame, area: str | CheckpointStore, api_key: str, broker: Any
+    ) -> pl.DataFrame:
         requests, runs, window = self.budgets
         limiter = BrokerLimiter(
             _RayLink(broker), requests_per_minute=requests, runs_per_minute=runs, period=window

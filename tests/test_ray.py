@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from enrich import Emulator, UsageError  # noqa: E402
+from enrich import Emulator, MemoryStore, UsageError  # noqa: E402
 from enrich.ray import enrich_dataset  # noqa: E402
 
 # Ray warns of its own deprecations (from its modules): not ours to fix.
@@ -29,10 +30,25 @@ KEYS = {"ENRICH_TEST_KEY_A": "ray-key-a", "ENRICH_TEST_KEY_B": "ray-key-b"}
 FIELDS = {"summary": "One-line summary of the company"}
 
 
+#: An S3-compatible server on 127.0.0.1 for the checkpoint on object storage (moto's, started by `s3`).
+S3_PORT = 0
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "enrich-test",
+    "AWS_SECRET_ACCESS_KEY": "enrich-test",
+    "AWS_REGION": "us-east-1",
+    "AWS_ALLOW_HTTP": "true",
+}
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    # The workers read their keys from the environment they were started with.
-    os.environ.update(KEYS)
+    # The workers read their keys (and object storage's credentials) from the environment they were
+    # started with.
+    global S3_PORT
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        S3_PORT = probe.getsockname()[1]
+    os.environ.update(KEYS | S3_ENV | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -76,7 +92,35 @@ def shard_workers() -> list[int]:
     return found
 
 
+@pytest.fixture
+def s3(cluster: Any) -> Any:
+    """A bucket on moto's S3 server on 127.0.0.1 (opt-in: ENRICH_S3=1, with `pip install 'moto[server]'`)."""
+    if not os.environ.get("ENRICH_S3"):
+        pytest.skip("set ENRICH_S3=1 (and pip install 'enrich[cloud]' 'moto[server]') to run it on S3")
+    pytest.importorskip("obstore")
+    server_module = pytest.importorskip("moto.server")
+    boto3 = pytest.importorskip("boto3")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket="enrich-test")
+        yield "s3://enrich-test"
+    finally:
+        server.stop()
+
+
 def test_a_shard_worker_killed_mid_shard_costs_no_run_twice(cluster: Any, tmp_path: Path) -> None:
+    kill_a_worker_mid_job(tmp_path / "job.enrich")
+
+
+def test_the_same_with_the_checkpoint_on_s3(cluster: Any, s3: str) -> None:
+    from enrich import ObjectStore
+
+    # A short lease: the killed worker's shard is taken over 5 s after its last renewal, not 30.
+    kill_a_worker_mid_job(ObjectStore(f"{s3}/job", lease=5))
+
+
+def kill_a_worker_mid_job(checkpoint: Any) -> None:
     rows, distinct = 8_000, 6_000
     df = companies(rows, distinct)
     killed: list[int] = []
@@ -94,7 +138,7 @@ def test_a_shard_worker_killed_mid_shard_costs_no_run_twice(cluster: Any, tmp_pa
         killer = threading.Thread(target=kill_one_mid_job, daemon=True)
         killer.start()
         args: dict[str, Any] = {
-            "checkpoint": tmp_path / "job.enrich",
+            "checkpoint": checkpoint,
             "api_keys": ["ENRICH_TEST_KEY_A"],
             "columns": ["company"],  # (not `row`: 6,000 distinct inputs in 8,000 rows)
             "processor": "lite-fast",
@@ -171,8 +215,10 @@ def test_bad_arguments_are_refused_before_anything_is_read(cluster: Any, tmp_pat
         enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", api_keys=["sk-live-123"])
     with pytest.raises(UsageError, match="power of two"):
         enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", shards_count=3)
-    with pytest.raises(UsageError, match="object store"):
-        enrich_dataset(ds, FIELDS, checkpoint="s3://bucket/job")
+    with pytest.raises(UsageError, match="a URL must be object storage"):
+        enrich_dataset(ds, FIELDS, checkpoint="ftp://host/job")
+    with pytest.raises(UsageError, match="every worker can reach"):
+        enrich_dataset(ds, FIELDS, checkpoint=MemoryStore())
     with pytest.raises(UsageError, match="unknown processor"):
         enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", processor="nope")
     with pytest.raises(UsageError, match=r"ray\.data\.Dataset"):

@@ -7,9 +7,11 @@ import asyncio
 import errno
 import io
 import os
+import pickle
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,6 +28,7 @@ from enrich import (
     JobStats,
     LocalStore,
     MemoryStore,
+    UsageError,
     create_app,
     enrich,
     plan,
@@ -50,13 +53,22 @@ def read(store: CheckpointStore, name: str) -> bytes:
         return f.read()
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "object"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
     if request.param == "local":
         local = LocalStore(tmp_path / "store")
         local.create()
         return local
+    if request.param == "object":  # object storage, as obstore sees it (its in-memory store)
+        return object_store()
     return MemoryStore()
+
+
+def object_store(lease: float = 0.4) -> Any:
+    obstore = pytest.importorskip("obstore.store")
+    from enrich._store_object import ObjectStore
+
+    return ObjectStore(obstore.MemoryStore(), lease=lease)
 
 
 # -- the contract, on both stores ----------------------------------------------------------------------------
@@ -150,7 +162,12 @@ def test_bad_names_are_refused(store: CheckpointStore, name: str) -> None:
 
 def test_one_writer_per_area(store: CheckpointStore) -> None:
     # Another handle on the same directory; the same MemoryStore (a second Checkpoint.open on it).
-    other = LocalStore(store.path) if isinstance(store, LocalStore) else store
+    if isinstance(store, LocalStore):
+        other: CheckpointStore = LocalStore(store.path)
+    elif type(store).__name__ == "ObjectStore":
+        other = type(store)(store._store, lease=store.lease_seconds)  # type: ignore[attr-defined]
+    else:
+        other = store
     store.lock()
     with pytest.raises(CheckpointError, match="in use by another"):
         other.lock()
@@ -474,3 +491,74 @@ def test_a_child_area_is_made_level_by_level_and_never_remakes_a_deleted_root(tm
     with pytest.raises(OSError):
         root.child("shards/04").create()
     assert not (tmp_path / "cp").exists()
+
+
+# -- object storage (obstore): a job on it, and the lease that stands in for a lock -------------------------
+
+
+def test_a_job_on_object_storage_resumes_without_a_request(tmp_path: Path) -> None:
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(40)
+    store = object_store(lease=30)
+    first, stats = job(app, df, store, _shard_rows=16)  # in shards: each its own area and lease
+    assert first["_status"].to_list() == ["completed"] * 40 and stats.requests > 0
+    assert any(name.startswith("shards/") for name in store.list())
+    assert not [name for name in store.list() if "lease" in name]  # the lease is not one of its files
+    again, stats = job(app, df, store, _shard_rows=16)
+    assert stats.requests == 0 and again.equals(first)
+    assert app.stats()["runs_created"] == 40
+    out = tmp_path / "out.parquet"
+    job(app, df, store, _shard_rows=16, write_to=out)
+    assert pl.read_parquet(out).equals(first)
+
+
+def test_a_lease_whose_holder_died_is_taken_over_and_fences_the_old_holder() -> None:
+    holder = object_store(lease=0.6)
+    other = type(holder)(holder._store, lease=0.6)
+    holder.lock()
+    holder.write("intents-000000001.parquet", put(b"i"))
+    holder._lease._stop.set()  # the holder stops renewing (killed, paused, cut off from the store)
+    started = time.monotonic()
+    other.lock()  # waits until the lease has not changed for `lease` seconds, then takes it over
+    assert 0.5 <= time.monotonic() - started < 5
+    with pytest.raises(CheckpointError, match="lost its lease"):
+        holder.write("intents-000000002.parquet", put(b"late"))  # nothing written by the old holder
+    assert other.list() == ["intents-000000001.parquet"]
+    other.write("intents-000000002.parquet", put(b"new"))
+    other.unlock()
+    third = type(holder)(holder._store, lease=60)
+    started = time.monotonic()
+    third.lock()  # a released lease is taken at once
+    assert time.monotonic() - started < 1
+    third.unlock()
+
+
+def test_a_live_lease_is_not_taken() -> None:
+    holder = object_store(lease=0.4)
+    holder.lock()
+    try:
+        for _ in range(3):  # renewed every 0.1 s: always held
+            with pytest.raises(CheckpointError, match="in use by another"):
+                type(holder)(holder._store, lease=0.4).lock()
+        holder.write("a.json", put(b"{}"))
+    finally:
+        holder.unlock()
+
+
+def test_object_storage_urls() -> None:
+    pytest.importorskip("obstore")
+    from enrich._store import as_store
+    from enrich._store_object import ObjectStore
+
+    with pytest.raises(UsageError, match="a URL must be object storage"):
+        as_store("ftp://host/x")
+    with pytest.raises(UsageError, match="a URL must be object storage"):
+        enrich(companies(2), FIELDS, checkpoint="http://host/x", api_key="k", base_url="http://emulator")
+    store = as_store("s3://bucket/jobs/ceo")
+    assert isinstance(store, ObjectStore) and store.location == "s3://bucket/jobs/ceo"
+    assert store.child("shards/03").location == "s3://bucket/jobs/ceo/shards/03"
+    # Sent to another process as its URL and area: credentials come from that machine's environment.
+    again = pickle.loads(pickle.dumps(store.child("shards/03")))
+    assert again.location == "s3://bucket/jobs/ceo/shards/03"
+    with pytest.raises(TypeError, match="give a URL"):
+        pickle.dumps(object_store())

@@ -166,7 +166,7 @@ def _plan_and_prepared(
         metadata=metadata,
         processor=processor,
         mode=mode,
-        near=Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None,
+        near=_directory(checkpoint),
         options=check_run_options(run_options, beta, processor),
     )
     if not estimate:
@@ -277,3 +277,10 @@ def _estimate(
         seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
         checkpoint=str(path) if path is not None else None,
     )
+
+
+def _directory(checkpoint: Any) -> Path | None:
+    """The checkpoint's directory, if it is one (not a store, nor object storage's URL)."""
+    if isinstance(checkpoint, (str, os.PathLike)) and "://" not in os.fspath(checkpoint):
+        return Path(checkpoint)
+    return None

@@ -193,7 +193,7 @@ class _Job:
         self.keep_basis = keep_basis  # the join reads each row's basis (the checkpoint always has it)
         self.temporary = False  # checkpoint=False: the row errors name the directory to pass to resume
         self.default_checkpoint = False  # checkpoint=None: so do they (other rows, another directory)
-        self.root = cp.path  # the job's checkpoint (a shard's `cp` is a directory under it)
+        self.root = cp.store.location  # the job's checkpoint (a shard's `cp` is an area under it)
         # Runs the job's other shards have paid for (`max_cost` counts the whole job's).
         self.paid_elsewhere: Callable[[], int] = lambda: 0
         processor_ = PROCESSORS.get(plan.processor)

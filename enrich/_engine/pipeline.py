@@ -67,9 +67,9 @@ async def _adopt_service(cp: Checkpoint, client: TaskClient, job: _Job, service:
             await job.patiently(lambda: client.get_run(run_id), "checking the checkpoint's service")
         except NotFoundError:
             raise ServiceMismatchError(
-                f"checkpoint {cp.path} was written before enrich recorded services, and its run {run_id} "
-                f"is unknown to {service}: its answers came from another service (an emulator?) and are "
-                "never used for this one; use a new checkpoint (--checkpoint DIR, or checkpoint=)"
+                f"checkpoint {cp.store.location} was written before enrich recorded services, and its run "
+                f"{run_id} is unknown to {service}: its answers came from another service (an emulator?) and "
+                "are never used for this one; use a new checkpoint (--checkpoint DIR, or checkpoint=)"
             ) from None
     cp.adopt_service(service)
 
@@ -179,7 +179,7 @@ async def aenrich(
         prepared = _prepared
     else:  # (a LazyFrame is read in batches, and set aside on disk beside the output or checkpoint)
         near = write_to if write_to is not None and os.fspath(write_to) != "-" else None
-        if near is None and isinstance(checkpoint, (str, os.PathLike)):
+        if near is None and isinstance(checkpoint, (str, os.PathLike)) and "://" not in os.fspath(checkpoint):
             near = checkpoint
         prepared = _prepare_any(data, output, near=Path(near) if near is not None else None, **arguments)
     spool = prepared if isinstance(prepared, Spool) else None
@@ -738,7 +738,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         )
         job.temporary = run.temporary
         job.default_checkpoint = run.default_checkpoint
-        job.root = run.root.path
+        job.root = run.root.store.location
         job.paid_elsewhere = functools.partial(run.tally.paid, besides=area.shard)
         run.tally.jobs[area.shard] = job
         job.load()

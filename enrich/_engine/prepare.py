@@ -33,7 +33,7 @@ from enrich._inputs import (
 from enrich._processors import PROCESSORS
 from enrich._run_options import RunOptions
 from enrich._schema import RESERVED_COLUMNS, OutputSpec, check_collisions, parse_output
-from enrich._store import CheckpointStore
+from enrich._store import CheckpointStore, as_store
 
 #: The metadata key that carries a run's row key (the API allows keys of at most 16 characters).
 KEY_FIELD = "enrich_key"
@@ -425,6 +425,8 @@ def _checkpoint_path(
     """
     if isinstance(checkpoint, CheckpointStore):
         return checkpoint, False
+    if isinstance(checkpoint, str) and "://" in checkpoint:
+        return as_store(checkpoint), False  # object storage (s3://bucket/prefix), or refused
     if checkpoint is False:
         return Path(tempfile.mkdtemp(prefix="enrich-")), True
     if checkpoint is None or checkpoint is True:
@@ -436,7 +438,8 @@ def _checkpoint_path(
         return cache_dir() / "checkpoints" / f"{fingerprint.get('processor', 'job')}-{name}", False
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(
-            "checkpoint must be a directory path, a CheckpointStore, None (a default one) or False (none), "
+            "checkpoint must be a directory path, an object-storage URL, a CheckpointStore, None (a default "
+            "one) or False (none), "
             f"got {type(checkpoint).__name__}"
         )
     return Path(checkpoint), False
