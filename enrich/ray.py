@@ -35,10 +35,11 @@ import pyarrow as pa
 
 from enrich._checkpoint import Checkpoint
 from enrich._engine import shards
-from enrich._engine.broker import Broker, BrokerLimiter
+from enrich._engine.broker import Broker, BrokerLimiter, CostShare, Ledger
 from enrich._engine.pipeline import _service_name, aenrich_shard
 from enrich._engine.prepare import _checked_job
 from enrich._exceptions import UsageError
+from enrich._processors import PROCESSORS
 from enrich._run_options import check_run_options
 from enrich._store import CheckpointStore, as_store
 from enrich._store_object import ObjectStore, is_url
@@ -83,6 +84,7 @@ def enrich_dataset(
     mode: str = "group",
     basis: bool = False,
     retry_failed: bool | str | Sequence[str] = False,
+    max_cost: float | None = None,
     base_url: str | None = None,
     service: str | None = None,
     rate_limit: int = 2000,
@@ -112,6 +114,9 @@ def enrich_dataset(
       fixed by the job's first run, and a different one is refused.
     - `workers`: shards run at once (actors of the pool); default: 6 per key. Throughput follows the
       keys, not the cluster's size.
+    - `max_cost`: the job's cap in dollars, for the whole cluster, counting every run the checkpoint
+      recorded (as `enrich()`'s): a ledger actor allows each shard its share before it sends, once per
+      add-runs call. Rows past the cap come back unsent; a call with a higher cap goes on.
     - `timeout`: seconds per shard (each shard's call stops after that long; its unfinished rows come
       back `pending`, and the next call collects them).
     - `num_cpus`: CPUs reserved per worker; default: a quarter of the cluster's CPUs shared by the
@@ -165,12 +170,24 @@ def enrich_dataset(
         mode=mode,
         options=options,
     )
+    price = PROCESSORS[processor].price_per_run
+    if max_cost is not None and (
+        isinstance(max_cost, bool) or not isinstance(max_cost, (int, float)) or not max_cost >= 0
+    ):
+        raise UsageError(f"max_cost must be a dollar amount of zero or more, got {max_cost!r}")
+    if max_cost is not None and price is None:
+        raise UsageError(f"max_cost needs a known price, and processor {processor!r} has none")
     svc = _service_name(service, None, base_url)
     root = Checkpoint.open(root_at, job.fingerprint, service=svc)
     try:
         count = _layout(root, ds, shards_count)
+        # Every run the job paid for counts against max_cost, in shards without rows now too.
+        recorded = None if max_cost is None else shards.recorded_runs(root) if count > 1 else {0: root.runs}
     finally:
         root.close()
+    ledger = None
+    if max_cost is not None:
+        ledger = ray.remote(num_cpus=0)(Ledger).remote(int(max_cost / price + 1e-9), recorded)
     brokers = [_broker(ray, name, rate_limit, run_rate, rate_window) for name in keys]
     passed = {  # the arguments of `aenrich` each shard is run with
         "columns": columns,
@@ -183,6 +200,7 @@ def enrich_dataset(
         "mode": mode,
         "basis": basis,
         "retry_failed": retry_failed,
+        "max_cost": max_cost,
         "base_url": base_url,
         "service": service,
         "timeout": timeout,
@@ -207,6 +225,7 @@ def enrich_dataset(
             "count": count,
             "keys": keys,
             "brokers": brokers,
+            "ledger": ledger,
             "budgets": (rate_limit, run_rate, rate_window),
             "options": passed,
         },
@@ -318,10 +337,11 @@ class _ShardWorker:
         count: int,
         keys: list[str],
         brokers: list[Any],
+        ledger: Any,
         budgets: tuple[float, float, float],
         options: dict[str, Any],
     ) -> None:
-        self.output, self.root, self.count = output, root, count
+        self.output, self.root, self.count, self.ledger = output, root, count, ledger
         self.keys, self.brokers, self.budgets, self.options = keys, brokers, budgets, options
 
     def __call__(self, group: pa.Table) -> pa.Table:
@@ -340,7 +360,7 @@ class _ShardWorker:
             area = root.child(name) if isinstance(root, CheckpointStore) else os.path.join(root, name)
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)
-        out = asyncio.run(self._run(frame, area, api_key, self.brokers[shard % len(self.brokers)]))
+        out = asyncio.run(self._run(frame, area, shard, api_key, self.brokers[shard % len(self.brokers)]))
         table = out.to_arrow()
         # The input's columns come back in their own Arrow types (polars would widen string to
         # large_string, say): exactly as given.
@@ -350,7 +370,7 @@ class _ShardWorker:
         return table
 
     async def _run(
-        self, frame: pl.DataFrame, area: str | CheckpointStore, api_key: str, broker: Any
+        self, frame: pl.DataFrame, area: str | CheckpointStore, shard: int, api_key: str, broker: Any
     ) -> pl.DataFrame:
         requests, runs, window = self.budgets
         limiter = BrokerLimiter(
@@ -363,6 +383,7 @@ class _ShardWorker:
             limiter=limiter,
             api_key=api_key,
             progress=False,
+            _ledger=None if self.ledger is None else CostShare(_RayLink(self.ledger), shard),
             **self.options,
         )
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from enrich._engine.broker import Broker, BrokerLimiter, LocalLink
+from enrich._engine.broker import Broker, BrokerLimiter, Ledger, LocalLink
 from enrich._limiter import RateLimiter, VirtualTimeLoop
 
 T = TypeVar("T")
@@ -150,3 +150,18 @@ def test_a_broker_set_to_new_budgets_answers_old_grants_to_the_limiter_that_gave
 
     budgets, stats = run(main())
     assert budgets == (200.0, 200.0, 10.0) and stats["unanswered"] == 0
+
+
+def test_a_ledger_never_allows_more_than_its_cap_and_resets_a_shard_to_what_it_spent() -> None:
+    ledger = Ledger(100, {0: 30})  # shard 0 paid for 30 runs in an earlier call
+    assert ledger.allow(1, 0, 50) == 50
+    assert ledger.allow(2, 0, 50) == 20  # what is left: 100 - 30 - 50
+    assert ledger.allow(3, 0, 10) == 0
+    # Asked again having spent 10 of its 50: reset to 10 + what it wants, as far as the cap goes.
+    assert ledger.allow(1, 10, 60) == 50 and ledger.allowed() == 100
+    ledger.release(1, 10)  # it sends no more: its share goes back
+    assert ledger.allow(3, 0, 100) == 40  # 100 - 30 - 10 - 20
+    # A shard run again (its worker died) replaces its dead attempt's allowance when it asks.
+    assert ledger.allow(2, 5, 0) == 5 and ledger.allowed() == 30 + 10 + 5 + 40
+    assert ledger.allow(0, 30, 50) == 45  # what the retried shard left: 15
+    assert ledger.allow(1, 10, 5) == 10  # the cap is reached: nothing more for anyone

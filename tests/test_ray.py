@@ -197,6 +197,30 @@ def test_two_keys_each_use_their_own_quota(cluster: Any, tmp_path: Path) -> None
         assert spent["rate_limited"] <= 0.01 * spent["requests"], spent
 
 
+def test_max_cost_holds_for_the_whole_cluster(cluster: Any, tmp_path: Path) -> None:
+    rows, price = 2_000, 0.005  # lite: $2.50 is 500 runs
+    df = companies(rows, rows)
+    args: dict[str, Any] = {
+        "checkpoint": tmp_path / "capped.enrich",
+        "api_keys": list(KEYS),
+        "columns": ["company"],
+        "processor": "lite",
+        "shards_count": 8,
+    }
+    with Emulator(latency=0.2, api_key=None) as emu:
+        ds = ray.data.from_arrow(df.to_arrow())
+        out = collect(enrich_dataset(ds, FIELDS, max_cost=2.5, base_url=emu.url, **args))
+        created = emu.stats()["runs_created"]
+        # Never over the cap across 8 shards and 2 keys; under it by at most a shard's unused share.
+        assert 250 <= created <= 2.5 / price
+        assert int((out["_status"] == "completed").sum()) == created and out.height == rows
+        again = collect(enrich_dataset(ds, FIELDS, max_cost=5.0, base_url=emu.url, **args))
+        # The cap counts what the first call paid: 1,000 runs in all.
+        assert created < emu.stats()["runs_created"] <= 5.0 / price
+        assert int((again["_status"] == "completed").sum()) == emu.stats()["runs_created"]
+        assert emu.stats()["max_runs_per_distinct"] == 1
+
+
 def steady_share(creates: list[tuple[float, int]], quota: int, window: float) -> float:
     """The share of a key's runs quota used in steady state: the windows (from its first create) after
     the first (a full budget may go at once) and before the one holding its last create (the tail)."""
@@ -221,6 +245,8 @@ def test_bad_arguments_are_refused_before_anything_is_read(cluster: Any, tmp_pat
         enrich_dataset(ds, FIELDS, checkpoint=MemoryStore())
     with pytest.raises(UsageError, match="unknown processor"):
         enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", processor="nope")
+    with pytest.raises(UsageError, match="max_cost must be"):
+        enrich_dataset(ds, FIELDS, checkpoint=tmp_path / "c", max_cost=-1)
     with pytest.raises(UsageError, match=r"ray\.data\.Dataset"):
         enrich_dataset(companies(3, 3), FIELDS, checkpoint=tmp_path / "c")
     assert not (tmp_path / "c").exists()

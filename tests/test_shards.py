@@ -572,3 +572,52 @@ def test_status_reads_a_settled_shard_as_its_segments(
     assert main(["status", str(tmp_path / "cp"), "--json"]) == 0
     read = json.loads(capsys.readouterr().out)
     assert settled == read and read["inputs"]["failed"] > 0 and len(read["groups"]) > 1
+
+
+@pytest.mark.parametrize("mode", ["group", "runs"])
+def test_shards_of_many_processes_keep_to_one_max_cost_through_a_ledger(tmp_path: Path, mode: str) -> None:
+    """A cluster's shards (here: coroutines, each with its own checkpoint, as Ray's actors have) share the
+    job's max_cost through a `Ledger`: together they never go over it, and a call with a higher cap goes
+    on from what was paid."""
+    from enrich import aenrich_shard
+    from enrich._engine.broker import CostShare, Ledger, LocalLink
+
+    app = create_app(EmulatorConfig(latency=0.05))
+    df = companies(400).with_row_index("i")
+    parts = [df.filter(pl.col("i") % 4 == r).drop("i") for r in range(4)]
+    price = 0.005  # lite
+
+    async def call(max_cost: float) -> list[pl.DataFrame]:
+        areas = [tmp_path / f"s{r}" for r in range(4)]
+        recorded = {r: Checkpoint.read(area).runs for r, area in enumerate(areas) if area.exists()}
+        ledger = Ledger(int(max_cost / price + 1e-9), recorded)
+        return await asyncio.gather(
+            *(
+                aenrich_shard(
+                    part,
+                    OUT,
+                    checkpoint=tmp_path / f"s{r}",
+                    base_url="http://emulator",
+                    transport=httpx.ASGITransport(app=app),
+                    api_key="k",
+                    processor="lite",
+                    mode=mode,
+                    max_cost=max_cost,
+                    rate_limit=60_000,
+                    run_rate=60_000,
+                    progress=False,
+                    _ledger=CostShare(LocalLink(ledger), r),
+                )
+                for r, part in enumerate(parts)
+            )
+        )
+
+    first = asyncio.run(call(1.0))  # 200 runs of 400 inputs
+    created = app.stats()["runs_created"]
+    assert 150 <= created <= 200  # never over; a little under at most (a shard's unused share)
+    done = sum(int((out["_status"] == "completed").sum()) for out in first)
+    assert done == created and sum(out.height for out in first) == 400
+    second = asyncio.run(call(1.5))  # the cap counts what the first call paid: 300 in all
+    assert created < app.stats()["runs_created"] <= 300
+    assert app.stats()["max_runs_per_distinct"] == 1
+    assert sum(int((out["_status"] == "completed").sum()) for out in second) == app.stats()["runs_created"]

@@ -7,6 +7,9 @@ grant is asked of the broker (once per add-runs call or read, never per row) and
 handed back to it. So the whole cluster keeps to one budget per key, and a 429 seen by any shard pauses
 every shard on that key, as it pauses the coroutines of one process.
 
+A job's cost cap is shared the same way: a `Ledger` (one per call of `enrich_dataset`) allows each shard
+its share of `max_cost` before it sends (`CostShare`, `_Job.top_up`), never more between them than the cap.
+
 The broker is plain asyncio: `enrich.ray` serves one as a Ray actor per key, and tests use one in-process.
 A `BrokerLimiter` reaches it through a `Link`: `call` awaits a method's answer, `send` does not wait.
 
@@ -23,6 +26,7 @@ What may go wrong between them, and what the broker does:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import uuid
 from collections.abc import Awaitable
 from typing import Any, NamedTuple, Protocol
@@ -139,6 +143,52 @@ class Broker:
             self.settle(token)
 
 
+class Ledger:
+    """A job's cost cap (`max_cost`) for the shards of many processes: how many runs each shard may have
+    paid for, never more than the cap's runs between them.
+
+    A shard asks for room before it sends (`allow`, once per add-runs call, or per batch of creates in
+    runs mode): it says what it has spent or may have (`_Job.spending`: recorded, being created, held),
+    and is allowed that plus what it wants, as far as the cap minus every other shard's allowance goes.
+    So a shard's allowance is reset to what it really spent each time it asks, and a shard run again
+    (its worker died) replaces its dead attempt's allowance when it first asks. A dead attempt's unused
+    allowance is held until then: the job may stop a little below its cap, never above it.
+
+    `recorded`: the runs each shard's area recorded before this call (shards with no rows now count too).
+    """
+
+    def __init__(self, limit_runs: int, recorded: dict[int, int] | None = None) -> None:
+        self.limit = limit_runs
+        self.allowance: dict[int, int] = dict(recorded or {})
+
+    def allow(self, shard: int, spent: int, want: int) -> int:
+        """The runs shard `shard` may have paid for in all (its `spent` plus at most `want` more)."""
+        others = sum(runs for s, runs in self.allowance.items() if s != shard)
+        self.allowance[shard] = spent + max(0, min(want, self.limit - others - spent))
+        return self.allowance[shard]
+
+    def release(self, shard: int, spent: int) -> None:
+        """The shard sends no more: its allowance is what it spent."""
+        self.allowance[shard] = spent
+
+    def allowed(self) -> int:
+        """Runs allowed to every shard together (at most the cap's)."""
+        return sum(self.allowance.values())
+
+
+class CostShare:
+    """A shard's handle on its job's `Ledger` (through a `Link`): `aenrich_shard(..., _ledger=...)`."""
+
+    def __init__(self, link: Link, shard: int) -> None:
+        self.link, self.shard = link, shard
+
+    async def allow(self, spent: int, want: int) -> int:
+        return int(await self.link.call("allow", self.shard, spent, want))
+
+    def release(self, spent: int) -> None:
+        self.link.send("release", self.shard, spent)
+
+
 class Link(Protocol):
     """How a `BrokerLimiter` reaches its broker."""
 
@@ -152,13 +202,14 @@ class Link(Protocol):
 
 
 class LocalLink:
-    """A `Link` to a `Broker` in this process (its event loop's)."""
+    """A `Link` to a `Broker` (or a `Ledger`) in this process (its event loop's)."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker | Ledger) -> None:
         self.broker = broker
 
     async def call(self, method: str, *args: Any) -> Any:
-        return await getattr(self.broker, method)(*args)
+        answer = getattr(self.broker, method)(*args)
+        return await answer if inspect.isawaitable(answer) else answer  # (a ledger's methods are plain)
 
     def send(self, method: str, *args: Any) -> None:
         getattr(self.broker, method)(*args)

@@ -196,6 +196,11 @@ class _Job:
         self.root = cp.store.location  # the job's checkpoint (a shard's `cp` is an area under it)
         # Runs the job's other shards have paid for (`max_cost` counts the whole job's).
         self.paid_elsewhere: Callable[[], int] = lambda: 0
+        # On a cluster, the job's cost cap is a ledger's (`broker.Ledger`): this shard may have paid for
+        # `allowance` runs in all, and asks it for more (`top_up`) before it sends.
+        self.ledger: Any = None
+        self.allowance = 0
+        self._asking = asyncio.Lock()
         processor_ = PROCESSORS.get(plan.processor)
         self.price = processor_.price_per_run if processor_ is not None else None
         self.reserved = 0  # runs being created right now (runs mode), counted against max_cost
@@ -328,11 +333,23 @@ class _Job:
         created (across resumes) and those being created now."""
         if self.max_cost is None or self.price is None:
             return n
-        spent = (self.spending() + self.paid_elsewhere()) * self.price
-        room = int((self.max_cost - spent) / self.price + 1e-9)
+        if self.ledger is not None:
+            room = self.allowance - self.spending()
+        else:
+            spent = (self.spending() + self.paid_elsewhere()) * self.price
+            room = int((self.max_cost - spent) / self.price + 1e-9)
         if room < n:
             self.capped = True
         return max(0, min(n, room))
+
+    async def top_up(self, want: int) -> None:
+        """With a cluster's ledger: make room for `want` more runs under `max_cost` if this shard's
+        allowance lacks it (one call to the ledger per add-runs call, or per batch of creates)."""
+        if self.ledger is None or self.max_cost is None or self.price is None:
+            return
+        async with self._asking:
+            if self.allowance - self.spending() < want:
+                self.allowance = await self.ledger.allow(self.spending(), want)
 
     def spending(self) -> int:
         """Runs this shard has paid for or may have: recorded, created and not recorded yet, being

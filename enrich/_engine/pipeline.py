@@ -145,6 +145,7 @@ async def aenrich(
     _prepared: _Plan | Spool | None = None,
     _shard_rows: int = shards.SHARD_ROWS,
     _limiter: RateLimiter | None = None,
+    _ledger: Any = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -204,6 +205,7 @@ async def aenrich(
         "commit_horizon": commit_horizon,
         "shard_rows": _shard_rows,
         "limiter": _limiter,
+        "ledger": _ledger,
     }
     keep = False  # the spool outlives this call: a pilot's caller goes on with the same preparation
     try:
@@ -394,6 +396,7 @@ async def _enrich_prepared(
     shard_rows: int,
     limiter: RateLimiter | None,
     started: float,
+    ledger: Any = None,
     layout_rows: int | None = None,
 ) -> Any:
     """The job of `prepared`. `layout_rows`: the rows the job's shards are laid out for (a pilot's
@@ -491,6 +494,7 @@ async def _enrich_prepared(
         write_to=write_to,
         flatten=flatten_for_csv if fmt == "csv" else None,
         inputs=write_to is not None or spool is not None,
+        ledger=ledger,
     )
     near = root.directory if write_to is None or os.fspath(write_to) == "-" else Path(write_to)
     workspace: Path | None = None
@@ -643,6 +647,7 @@ class _Run:
     deadline: float | None  # time.monotonic() past which nothing more is sent
     client: TaskClient | None = None
     limiter: RateLimiter | None = None
+    ledger: Any = None  # a cluster's `broker.CostShare` of the job's max_cost (None: this process's)
     #: The join's scratch directory, and what each shard put there: its rows joined, sorted by
     #: position (`assemble.write_parts`), the rows per status, and the columns.
     workspace: Path | None = None
@@ -740,6 +745,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
         job.default_checkpoint = run.default_checkpoint
         job.root = run.root.store.location
         job.paid_elsewhere = functools.partial(run.tally.paid, besides=area.shard)
+        job.ledger = run.ledger
         run.tally.jobs[area.shard] = job
         job.load()
         if cp.service is None:  # written before services were recorded: its runs must be this service's
@@ -773,6 +779,8 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
                 waiter.cancel()
                 if job.submitted_at is not None:
                     run.submitted_at = max(run.submitted_at or 0.0, job.submitted_at)
+                if job.ledger is not None:  # it sends no more: what it did not spend is the others'
+                    job.ledger.release(job.spending())
         submitted.set()
         job.report(force=True)
         ended = True

@@ -82,7 +82,9 @@ async def submit_group(job: _Job, group_id: str, collector: _GroupCollector) -> 
             continue
         # The size the service was seen to accept at once: a quota that counts runs may never fit
         # the full batch in one call (the limiter learns it from 429s).
-        size = job.affordable(min(job.batch_size, job.limiter.max_runs, len(job.todo)))
+        wanted = min(job.batch_size, job.limiter.max_runs, len(job.todo))
+        await job.top_up(wanted)  # (on a cluster: room under the job's max_cost, from its ledger)
+        size = job.affordable(wanted)
         granted = None
         if size > 1 and job.fill:
             # The call takes what the window holds when its turn comes, from 1/_FILL_SHARE of a full
@@ -252,6 +254,8 @@ async def run_runs_mode(job: _Job) -> None:
             key = queue.popleft()
             if key in job.run_of or key in job.done:
                 continue  # adopted meanwhile: a late commit of its lost create
+            if not capped and job.ledger is not None and not job.affordable(1):
+                await job.top_up(min(job.batch_size, len(queue) + 1))  # room for a batch of creates
             if capped or not job.affordable(1):
                 capped = True
                 job.todo.append(key)
