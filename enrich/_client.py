@@ -24,7 +24,6 @@ Example::
 from __future__ import annotations
 
 import email.utils
-import json
 import os
 import re
 import time
@@ -53,6 +52,7 @@ from enrich._models import (
     TaskOutput,
     TaskRun,
     TaskRunResult,
+    loads,
     parse_event,
 )
 from enrich._retry import RetryPolicy, retryable, should_retry_header
@@ -331,7 +331,7 @@ class TaskClient:
                 self.limiter.succeeded(grant)
             if response.status_code < 400:
                 try:
-                    return response.json()
+                    return loads(response.content)
                 except ValueError as exc:
                     error = TransportError(f"malformed JSON in a {response.status_code} answer", request=info)
                     lost = (
@@ -579,7 +579,7 @@ class TaskClient:
                     async for chunk in response.aiter_bytes():
                         for sse in decoder.feed(chunk):
                             try:
-                                data = json.loads(sse.data)
+                                data = loads(sse.data)
                             except ValueError:
                                 raise _RetryStream(
                                     TransportError("malformed JSON in a stream event", request=info), None
