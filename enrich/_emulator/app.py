@@ -74,6 +74,7 @@ from enrich._emulator.wire import (
     _compact,
     _ConnectionDropped,
     _HTTPError,
+    _json_bytes,
     _Request,
     _Response,
     _Route,
@@ -117,8 +118,19 @@ class EmulatorApp:
         self._waiters: set[asyncio.Future[str]] = set()
         self._closing = False
         self._late_pending: set[asyncio.Task[_Response]] = set()
+        self._answering: asyncio.Task[None] | None = None
         self._late_commits = 0
         self._streams_closed_early = 0
+
+    def _answer_soon(self) -> None:
+        """Make the answers of the runs just created while they run (`EmulatorState.prepare_answers`), a
+        few at a time between requests, so that no request waits on them."""
+        if self._answering is None or self._answering.done():
+            self._answering = asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        while self.state.prepare_answers(16):  # noqa: ASYNC110 (it waits for nothing: it lets requests in)
+            await asyncio.sleep(0)
 
     def __repr__(self) -> str:
         s = self.state
@@ -640,6 +652,7 @@ class EmulatorApp:
 
         def commit(reserved: bool) -> _Response:
             (run,) = self.state.create_runs([prepared], None, reserved=reserved)
+            self._answer_soon()
             return self._json(202, self.state.run_json(run))
 
         return await self._commit(req, [prepared], commit)
@@ -679,7 +692,8 @@ class EmulatorApp:
             state.advance()
         if run.state != _COMPLETED:  # failed, cancelled or action_required: never an output
             raise self._error(404, _MSG_RESULT_404)
-        return self._json(200, {"run": state.run_json(run), "output": state.run_output(run)})
+        body = _json_bytes({"run": state.run_json(run), "output": None}, state.output_json(run))
+        return _Response(200, body, [])
 
     async def _h_run_events(self, req: _Request, route: _Route) -> _Stream:
         run = self._run(req)
@@ -730,8 +744,9 @@ class EmulatorApp:
                 "event_id": _run_cursor(run.group, run.index + 1) if run.group is not None else None,
                 "run": state.run_json(run),
                 "input": None,
-                "output": state.run_output(run) if output and run.state == _COMPLETED else None,
+                "output": None,
             },
+            state.output_json(run) if output and run.state == _COMPLETED else None,
         )
 
     async def _run_event_stream(self, req: _Request, run: _Run) -> AsyncGenerator[bytes, None]:
@@ -836,6 +851,7 @@ class EmulatorApp:
             before_events = len(group.events)
             cached = group.cached_status
             runs = self.state.create_runs(prepared, group, reserved=reserved)
+            self._answer_soon()
             if refresh or cached is None:
                 status = self.state.group_status(group)
             else:
@@ -888,9 +904,10 @@ class EmulatorApp:
                 "event_id": _run_cursor(group, i + 1),
                 "run": state.run_json(run),
                 "input": state.run_input(run) if include_input else None,
-                "output": state.run_output(run) if include_output and run.state == _COMPLETED else None,
+                "output": None,
             }
-            buf.append(_sse("task_run.state", event))
+            output = state.output_json(run) if include_output and run.state == _COMPLETED else None
+            buf.append(_sse("task_run.state", event, output))
             if len(buf) >= 256:
                 yield b"".join(buf)
                 buf = []
