@@ -247,14 +247,14 @@ def _root(checkpoint: Any) -> str | ObjectStore:
         assert isinstance(store, ObjectStore)
         if not is_url(store.url):
             raise UsageError(
-                "enrich_dataset needs an object store it can send to the workers: give its URL "
-                "(s3://bucket/prefix), not an obstore object"
+                "the workers need an object store they can rebuild: give its URL (s3://bucket/prefix), "
+                "not an obstore object"
             )
         return store
     if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
         raise UsageError(
-            "enrich_dataset needs a checkpoint every worker can reach (checkpoint=...): a directory on a "
-            "shared file system or an object-storage URL (s3://bucket/prefix)"
+            "a job on a cluster needs a checkpoint every worker can reach (checkpoint=...): a directory on "
+            "a shared file system or an object-storage URL (s3://bucket/prefix)"
         )
     return os.fspath(Path(checkpoint).absolute())
 

@@ -730,6 +730,14 @@ def test_readme_block(block: Block, workdir: Path, emu: Emulator) -> None:
             r"^\s*(import ray|from enrich\.ray import)", block.text, re.M
         ) and not importlib.util.find_spec("ray"):
             pytest.skip("this block needs the ray extra: pip install -e '.[test,ray]'")
+        # The Spark block needs PySpark and a JVM, and a Spark session's start: it runs where asked for,
+        # as tests/test_spark.py does (CI installs neither).
+        if re.search(r"^\s*(from pyspark|import pyspark|from enrich\.spark import)", block.text, re.M) and (
+            os.environ.get("ENRICH_SPARK") != "1" or not importlib.util.find_spec("pyspark")
+        ):
+            pytest.skip(
+                "this block needs the spark extra and a JVM: pip install -e '.[spark]', ENRICH_SPARK=1"
+            )
         run_python(block, workdir, emu)
     elif is_synopsis(block):
         check_synopsis(block)
