@@ -24,6 +24,7 @@ in for the lock, so that a worker Ray gave up on cannot write beside the one tha
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -109,7 +110,7 @@ def enrich_dataset(
       same call again resumes it: nothing is paid twice, and a finished job sends nothing.
     - `api_keys`: names of environment variables that hold API keys, read on the workers. Each key gets
       its own budget (`rate_limit` requests and `run_rate` runs per `rate_window` s), kept by a broker
-      actor per key for the whole cluster.
+      actor per key for the whole cluster (per key value: two variables holding one key share it).
     - `shards_count`: the number of shards, a power of two up to 256; default: one per 32,768 rows. It is
       fixed by the job's first run, and a different one is refused.
     - `workers`: shards run at once (actors of the pool); default: 6 per key. Throughput follows the
@@ -188,7 +189,6 @@ def enrich_dataset(
     ledger = None
     if max_cost is not None:
         ledger = ray.remote(num_cpus=0)(Ledger).remote(int(max_cost / price + 1e-9), recorded)
-    brokers = [_broker(ray, name, rate_limit, run_rate, rate_window) for name in keys]
     passed = {  # the arguments of `aenrich` each shard is run with
         "columns": columns,
         "prompt": prompt,
@@ -224,7 +224,6 @@ def enrich_dataset(
             "root": root_at,
             "count": count,
             "keys": keys,
-            "brokers": brokers,
             "ledger": ledger,
             "budgets": (rate_limit, run_rate, rate_window),
             "options": passed,
@@ -303,13 +302,21 @@ def _layout(root: Checkpoint, ds: Any, wanted: int | None) -> int:
     return count
 
 
-def _broker(ray: Any, name: str, rate_limit: float, run_rate: float, window: float) -> Any:
-    """The broker actor of the API key in variable `name`: one per key in the cluster, made on first use
-    (detached: it outlives this driver, so that every job on the cluster shares the key's budget), and
+def _broker_name(api_key: str) -> str:
+    """The name of the broker actor of the API key `api_key`: named by a hash of the key's value, not by
+    the variable that holds it, so that two variables (or two jobs) holding one key share its budget.
+    (A 64-bit prefix of its SHA-256 tells nothing of the key.)"""
+    return "enrich-broker-" + hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def _broker(api_key: str, rate_limit: float, run_rate: float, window: float) -> Any:
+    """The broker actor of `api_key`: one per key in the cluster, made by the first worker that needs
+    it (detached: it outlives the job, so that every job on the cluster shares the key's budget), and
     set to this call's budgets."""
+    ray = _ray()
     actor = ray.remote(num_cpus=0, max_restarts=-1)(Broker)
     handle = actor.options(
-        name=f"enrich-broker-{name}", namespace="enrich", get_if_exists=True, lifetime="detached"
+        name=_broker_name(api_key), namespace="enrich", get_if_exists=True, lifetime="detached"
     ).remote(rate_limit, run_rate, window)
     ray.get(handle.configure.remote(rate_limit, run_rate, window))
     return handle
@@ -336,13 +343,13 @@ class _ShardWorker:
         root: str | ObjectStore,
         count: int,
         keys: list[str],
-        brokers: list[Any],
         ledger: Any,
         budgets: tuple[float, float, float],
         options: dict[str, Any],
     ) -> None:
         self.output, self.root, self.count, self.ledger = output, root, count, ledger
-        self.keys, self.brokers, self.budgets, self.options = keys, brokers, budgets, options
+        self.keys, self.budgets, self.options = keys, budgets, options
+        self.brokers: dict[str, Any] = {}  # by key variable: the broker of the key it holds
 
     def __call__(self, group: pa.Table) -> pa.Table:
         if not group.num_rows:
@@ -360,7 +367,9 @@ class _ShardWorker:
             area = root.child(name) if isinstance(root, CheckpointStore) else os.path.join(root, name)
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)
-        out = asyncio.run(self._run(frame, area, shard, api_key, self.brokers[shard % len(self.brokers)]))
+        if name not in self.brokers:
+            self.brokers[name] = _broker(api_key, *self.budgets)
+        out = asyncio.run(self._run(frame, area, shard, api_key, self.brokers[name]))
         table = out.to_arrow()
         # The input's columns come back in their own Arrow types (polars would widen string to
         # large_string, say): exactly as given.

@@ -27,6 +27,7 @@ from enrich.ray import enrich_dataset  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray", "ignore::FutureWarning:ray")
 
 KEYS = {"ENRICH_TEST_KEY_A": "ray-key-a", "ENRICH_TEST_KEY_B": "ray-key-b"}
+ALIAS = {"ENRICH_TEST_KEY_A_AGAIN": "ray-key-a"}  # a second variable holding key A
 FIELDS = {"summary": "One-line summary of the company"}
 
 
@@ -48,7 +49,7 @@ def cluster() -> Any:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         S3_PORT = probe.getsockname()[1]
-    os.environ.update(KEYS | S3_ENV | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
+    os.environ.update(KEYS | ALIAS | S3_ENV | {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}"})
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -170,6 +171,8 @@ def kill_a_worker_mid_job(checkpoint: Any) -> None:
 
 
 def test_two_keys_each_use_their_own_quota(cluster: Any, tmp_path: Path) -> None:
+    # Three variables, two keys: the shards of key A's two variables share key A's one budget (two
+    # budgets would double its rate: 429s, and more than its quota in steady state).
     rows, quota, window = 6_000, 500, 2.0
     df = companies(rows, rows)
     with Emulator(latency=0.5, api_key=None, run_rate_limit=quota, rate_window=window) as emu:
@@ -178,7 +181,7 @@ def test_two_keys_each_use_their_own_quota(cluster: Any, tmp_path: Path) -> None
                 ray.data.from_arrow(df.to_arrow()),
                 FIELDS,
                 checkpoint=tmp_path / "two.enrich",
-                api_keys=list(KEYS),
+                api_keys=[*KEYS, *ALIAS],
                 columns=["company"],
                 processor="lite-fast",
                 base_url=emu.url,
