@@ -144,9 +144,14 @@ def as_store(where: str | os.PathLike[str] | CheckpointStore) -> CheckpointStore
     if isinstance(where, str) and "://" in where:
         from ._store_object import ObjectStore, is_url
 
+        if where.split("://", 1)[0].lower() in ("gs", "az", "abfs", "abfss", "azure"):
+            raise UsageError(
+                f"checkpoint {where!r}: gs:// and az:// checkpoints are not supported yet (untested); use "
+                "s3:// (or an S3-compatible endpoint) or a directory"
+            )
         if not is_url(where):
             raise UsageError(
-                f"checkpoint {where!r}: a URL must be object storage (s3://, gs://, az://); or give a "
+                f"checkpoint {where!r}: a URL must be object storage (s3://bucket/prefix); or give a "
                 "directory"
             )
         return ObjectStore(where)

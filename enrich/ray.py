@@ -17,7 +17,7 @@ The same job as `enrich()`, spread over Ray Data:
 
 `api_keys` names environment variables read on the workers: a key's value is never pickled, logged or
 written. The checkpoint must be where every worker can reach it: a directory (one machine, or a shared file
-system) or object storage (`s3://bucket/prefix`, `gs://`, `az://`: `enrich._store_object`, whose lease stands
+system) or object storage (`s3://bucket/prefix`: `enrich._store_object`, whose lease stands
 in for the lock, so that a worker Ray gave up on cannot write beside the one that replaced it).
 """
 
@@ -362,9 +362,8 @@ class _ShardWorker:
             raise UsageError(f"the environment variable {name} (api_keys) is not set on this worker")
         area: str | CheckpointStore = self.root
         if self.count > 1:
-            name = shards.area_name(shard)
-            root = self.root
-            area = root.child(name) if isinstance(root, CheckpointStore) else os.path.join(root, name)
+            sub, root = shards.area_name(shard), self.root
+            area = root.child(sub) if isinstance(root, CheckpointStore) else os.path.join(root, sub)
         frame = pl.from_arrow(rows)
         assert isinstance(frame, pl.DataFrame)
         if name not in self.brokers:

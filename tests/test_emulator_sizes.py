@@ -287,3 +287,34 @@ def test_enrich_emulate_basis_bytes_serves_sized_answers_over_http(tmp_path: Pat
             proc.kill()
             proc.wait()
     assert "Traceback" not in log.read_text()
+
+
+def test_answers_made_while_runs_run_are_the_answers_made_when_read() -> None:
+    """The emulator makes a run's answer while it runs (`prepare_answers`) and gives it up at its first
+    read: what is read is what it would have made at the read, and nothing is kept once read."""
+    import asyncio
+
+    import httpx
+
+    from enrich import EmulatorConfig, create_app
+    from enrich._emulator import state as emulator_state
+
+    app = create_app(EmulatorConfig(latency=0.05, api_key=None, basis_bytes=2000))
+
+    async def main() -> tuple[list[dict], list[dict]]:
+        kw = {"transport": httpx.ASGITransport(app=app), "headers": {"x-api-key": "k"}}
+        async with httpx.AsyncClient(base_url="http://emulator", **kw) as http:
+            group = (await http.post("/v1/tasks/groups", json={})).json()["taskgroup_id"]
+            inputs = [{"input": f"Company {i}", "processor": "core"} for i in range(40)]
+            await http.post(f"/v1/tasks/groups/{group}/runs", json={"inputs": inputs})
+            await asyncio.sleep(0.3)  # (made meanwhile, between requests; the runs end)
+            runs = list(app.state.groups[group].runs)
+            assert all(r.answer for r in runs) and app.state.answer_bytes > 0
+            made = [(await http.get(f"/v1/tasks/runs/{r.run_id}/result")).json()["output"] for r in runs]
+            assert app.state.answer_bytes == 0  # given up at the first read
+            again = [(await http.get(f"/v1/tasks/runs/{r.run_id}/result")).json()["output"] for r in runs]
+            return made, again
+
+    made, again = asyncio.run(main())
+    assert made == again and made[0]["basis"]  # (made again at the second read: the same answer)
+    assert emulator_state.ANSWER_CACHE_BYTES >= 1 << 20

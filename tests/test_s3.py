@@ -80,6 +80,12 @@ def test_the_cli_runs_resumes_and_reports_a_job_on_s3(
     report = json.loads(capsys.readouterr().out)
     assert report["inputs"]["completed"] == 40 and report["runs_created"] == 40
     assert main(["status", f"{bucket}/nothing"]) == 2
+    capsys.readouterr()
+    # A bucket that does not exist: one line that says so, exit 2, nothing sent.
+    assert main([*args, "--checkpoint", "s3://enrich-s3-missing/jobs/ceo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the bucket does not exist" in err[0], err
+    assert emu.stats()["runs_created"] == 40
 
 
 def test_enrich_takes_the_url_and_a_second_writer_is_refused(bucket: str, emu: Emulator) -> None:

@@ -562,3 +562,57 @@ def test_object_storage_urls() -> None:
     assert again.location == "s3://bucket/jobs/ceo/shards/03"
     with pytest.raises(TypeError, match="give a URL"):
         pickle.dumps(object_store())
+
+
+def test_a_taker_waits_the_holders_lease_not_its_own() -> None:
+    holder = object_store(lease=2.0)  # renewed every 0.5 s
+    holder.lock()
+    try:
+        started = time.monotonic()
+        with pytest.raises(CheckpointError, match="in use by another"):  # not taken after 0.3 s
+            type(holder)(holder._store, lease=0.3).lock()
+        assert time.monotonic() - started < 2
+        holder.write("a.json", put(b"{}"))
+    finally:
+        holder.unlock()
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease_and_a_takeover_fences_at_once() -> None:
+    obstore = pytest.importorskip("obstore")
+    holder = object_store(lease=0.8)  # renewed every 0.2 s; valid for 0.53 s after each
+    holder.lock()
+    lease = holder._lease
+    key = lease.key
+    # Its own renewal landed but the answer was lost: the lease changed under it, with its own token.
+    obstore.put(holder._store, key, holder._lease_body(lease.token, 99))
+    time.sleep(0.5)
+    assert not lease.lost
+    holder.write("a.json", put(b"{}"))
+    # Another writer took it over (a body with another token): the holder stops writing at its next
+    # renewal, long before its lease would have run out by time alone.
+    obstore.put(holder._store, key, holder._lease_body("someone-else", 0))
+    time.sleep(0.35)
+    assert lease.lost
+    with pytest.raises(CheckpointError, match="lost its lease"):
+        holder.write("b.json", put(b"{}"))
+    holder.unlock()  # (a lost lease is not released: it is the taker's)
+    assert b"someone-else" in bytes(obstore.get(holder._store, key).bytes())
+
+
+def test_object_storage_errors_while_taking_a_lease_are_checkpoint_errors(monkeypatch: Any) -> None:
+    obstore = pytest.importorskip("obstore")
+    holder, other = object_store(lease=5), None
+    holder.lock()
+    other = type(holder)(holder._store, lease=5)
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise obstore.exceptions.GenericError("503 Slow Down")
+
+    monkeypatch.setattr(obstore, "get", unavailable)
+    with pytest.raises(OSError, match=r"cannot take the lease.*503 Slow Down"):
+        other.lock()
+    monkeypatch.undo()
+    holder.unlock()
+    with pytest.raises(CheckpointError, match="cannot open checkpoint"):
+        monkeypatch.setattr(obstore, "get", unavailable)
+        Checkpoint.open(other, FP)  # the lease is free now, but its first read fails: one clear error

@@ -167,6 +167,8 @@ class EmulatorApp:
         for fut in list(self._waiters):
             if not fut.done():
                 fut.set_result("closing")
+        if self._answering is not None:
+            self._answering.cancel()
 
     # -- ASGI entry point
 

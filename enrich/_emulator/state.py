@@ -34,8 +34,10 @@ __all__ = ["EmulatorState"]
 # Status codes, in an order that makes the checks cheap: below _COMPLETED a run is active (queued,
 # running, cancelling); from _COMPLETED to _CANCELLED it has ended for good; _ACTION_REQUIRED is
 # neither active nor ended.
-#: The answers made ahead of their reads (`EmulatorState.prepare_answers`) take at most this much memory.
+#: The answers made ahead of their first read (`EmulatorState.prepare_answers`) take at most this much.
+#: (`_READ` marks a run whose answer was read: not made ahead any more.)
 ANSWER_CACHE_BYTES = 64 << 20
+_READ = b""
 _STATUSES = ("queued", "running", "cancelling", "completed", "failed", "cancelled", "action_required")
 _QUEUED, _RUNNING, _CANCELLING, _COMPLETED, _FAILED, _CANCELLED, _ACTION_REQUIRED = range(7)
 #: The statuses in the order the API reference lists them (task-api.md §4).
@@ -309,7 +311,7 @@ class EmulatorState:
                 self.interactions[run.interaction_id] = run
             self.status_counts[_QUEUED] += 1
             heapq.heappush(self._heap, (run.start, run.seq, run))
-            if run.outcome == _COMPLETED and self.answer_bytes < ANSWER_CACHE_BYTES:
+            if run.outcome == _COMPLETED:
                 self._to_answer.append(run)
             n = self.distinct.get(item.dedup, 0) + 1
             self.distinct[item.dedup] = n
@@ -427,28 +429,33 @@ class EmulatorState:
         return body
 
     def prepare_answers(self, count: int) -> bool:
-        """Make the answers of up to `count` runs created lately; whether more are waiting.
+        """Make the answers of up to `count` runs created lately; whether more can be made now.
 
         A service answers a read of finished runs from what it stored when they ended: making them at
         the read instead (3 KB of JSON with its basis in ~0.1 ms each) made the last read of a job wait
-        on the emulator. Bounded by `ANSWER_CACHE_BYTES`; past it, answers are made when read."""
-        while count > 0 and self._to_answer:
+        on the emulator. An answer is kept until it is first read (`output_json`), within
+        `ANSWER_CACHE_BYTES` of answers not read yet; past that, the next are made when read, or here
+        once reads have made room (the next create asks)."""
+        while count > 0 and self._to_answer and self.answer_bytes < ANSWER_CACHE_BYTES:
             run = self._to_answer.popleft()
-            if self.answer_bytes >= ANSWER_CACHE_BYTES:
-                self._to_answer.clear()
-                break
+            if run.answer is not None:  # (read already: made then)
+                continue
             count -= 1
             try:
                 run.answer = orjson.dumps(self.run_output(run))
             except orjson.JSONEncodeError:  # (an integer beyond 64 bits in its input: made when read)
                 continue
             self.answer_bytes += len(run.answer)
-        return bool(self._to_answer)
+        return bool(self._to_answer) and self.answer_bytes < ANSWER_CACHE_BYTES
 
     def output_json(self, run: _Run) -> bytes:
-        """The run's output as JSON (made now unless `prepare_answers` made it)."""
-        if run.answer is not None:
-            return run.answer
+        """The run's output as JSON (made now unless `prepare_answers` made it; then given up: a read
+        again, rare, makes it again)."""
+        if run.answer:
+            made, run.answer = run.answer, _READ
+            self.answer_bytes -= len(made)
+            return made
+        run.answer = _READ
         output = self.run_output(run)
         try:
             return orjson.dumps(output)

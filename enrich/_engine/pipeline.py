@@ -48,7 +48,7 @@ from enrich._processors import PROCESSORS
 from enrich._progress import Progress, ProgressSink, TqdmSink
 from enrich._retry import RetryPolicy
 from enrich._run_options import check_run_options
-from enrich._store import CheckpointStore
+from enrich._store import CheckpointStore, LocalStore, MemoryStore
 
 # The limiter's window is this much longer than the service's (a share of it), to absorb network jitter.
 _WINDOW_MARGIN = 0.02
@@ -703,6 +703,20 @@ def _made(area: shards.Area | Callable[[], shards.Area]) -> shards.Area:
     return area if isinstance(area, shards.Area) else area()
 
 
+async def _open_area(run: _Run, area: shards.Area) -> Checkpoint:
+    """`shards.open_area`; on object storage in a thread: taking a dead writer's lease waits for it to
+    run out (`ObjectStore.lock`), and the other shards' requests must not wait with it. Cancelled
+    meanwhile, the area is closed once it is open (its lease never outlives the call)."""
+    if area.name is None or isinstance(run.root.store, (LocalStore, MemoryStore)):
+        return shards.open_area(run.root, area, run.service)
+    opening = asyncio.ensure_future(asyncio.to_thread(shards.open_area, run.root, area, run.service))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result().close())
+        raise
+
+
 async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> None:
     """One shard: its checkpoint opened and loaded, its rows sent and collected (until the call's
     deadline), its answers set aside for the join, its state freed."""
@@ -712,7 +726,7 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
     job: _Job | None = None
     if area.name is not None and not run.basis and await _run_settled(run, area, submitted, t0):
         return
-    cp = shards.open_area(run.root, area, run.service)
+    cp = await _open_area(run, area)
     run.tally.live[area.shard] = cp
     try:  # a shard with nothing left to do: joined from its checkpoint's columns, no job state built
         meta = _finished_meta(area.plan, cp, retry_failed=run.options["retry_failed"])
@@ -764,6 +778,8 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
             try:
                 async with asyncio.timeout(left):
                     await work(job)
+                if job.ledger is not None:  # it sends no more: what it did not spend is the others'
+                    job.ledger.release(job.spending())
             except TimeoutError:
                 if not stats.timed_out:
                     stats.timed_out = True
@@ -779,8 +795,8 @@ async def _run_area(run: _Run, area: shards.Area, submitted: asyncio.Event) -> N
                 waiter.cancel()
                 if job.submitted_at is not None:
                     run.submitted_at = max(run.submitted_at or 0.0, job.submitted_at)
-                if job.ledger is not None:  # it sends no more: what it did not spend is the others'
-                    job.ledger.release(job.spending())
+                # Ended otherwise (a timeout, an error): its allowance is kept, not released, since a
+                # create cut off on the wire may still be committed; its shard's next ask resets it.
         submitted.set()
         job.report(force=True)
         ended = True

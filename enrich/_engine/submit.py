@@ -254,7 +254,7 @@ async def run_runs_mode(job: _Job) -> None:
             key = queue.popleft()
             if key in job.run_of or key in job.done:
                 continue  # adopted meanwhile: a late commit of its lost create
-            if not capped and job.ledger is not None and not job.affordable(1):
+            if not capped and job.ledger is not None and job.allowance - job.spending() < 1:
                 await job.top_up(min(job.batch_size, len(queue) + 1))  # room for a batch of creates
             if capped or not job.affordable(1):
                 capped = True
