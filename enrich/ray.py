@@ -136,24 +136,13 @@ def enrich_dataset(
         raise UsageError(f"enrich_dataset takes a ray.data.Dataset, got {type(ds).__name__}")
     keys = _check_keys(api_keys)
     root_at = _root(checkpoint)
-    if shards_count is not None and (
-        isinstance(shards_count, bool)
-        or not isinstance(shards_count, int)
-        or not 1 <= shards_count <= shards.MAX_SHARDS
-        or shards_count & (shards_count - 1)
-    ):
-        raise UsageError(
-            f"shards_count must be a power of two from 1 to {shards.MAX_SHARDS}, got {shards_count!r}"
-        )
+    _check_layout(shards_count, rate_limit, run_rate, rate_window)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UsageError(f"workers must be a whole number, 1 or more, got {workers!r}")
     if num_cpus is not None and not (
         isinstance(num_cpus, (int, float)) and not isinstance(num_cpus, bool) and 0 < num_cpus <= 64
     ):
         raise UsageError(f"num_cpus must be a positive number of CPUs per worker, got {num_cpus!r}")
-    for name, value in (("rate_limit", rate_limit), ("run_rate", run_rate), ("rate_window", rate_window)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UsageError(f"{name} must be a positive number, got {value!r}")
     options = check_run_options(run_options, beta, processor)
     schema = _polars_schema(ds)
     if SHARD_COLUMN in schema:
@@ -256,6 +245,22 @@ def _root(checkpoint: Any) -> str | ObjectStore:
             "a shared file system or an object-storage URL (s3://bucket/prefix)"
         )
     return os.fspath(Path(checkpoint).absolute())
+
+
+def _check_layout(shards_count: Any, rate_limit: Any, run_rate: Any, rate_window: Any) -> None:
+    """The shard count and a key's budgets of a job on a cluster (Ray's, Spark's), checked on the driver."""
+    if shards_count is not None and (
+        isinstance(shards_count, bool)
+        or not isinstance(shards_count, int)
+        or not 1 <= shards_count <= shards.MAX_SHARDS
+        or shards_count & (shards_count - 1)
+    ):
+        raise UsageError(
+            f"shards_count must be a power of two from 1 to {shards.MAX_SHARDS}, got {shards_count!r}"
+        )
+    for name, value in (("rate_limit", rate_limit), ("run_rate", run_rate), ("rate_window", rate_window)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise UsageError(f"{name} must be a positive number, got {value!r}")
 
 
 def _check_keys(api_keys: Any) -> list[str]:

@@ -44,7 +44,7 @@ from enrich._exceptions import UsageError
 from enrich._run_options import check_run_options
 from enrich._schema import parse_output
 from enrich._store_object import ObjectStore
-from enrich.ray import _check_keys, _layout, _root
+from enrich.ray import _check_keys, _check_layout, _layout, _root
 
 __all__ = ["SparkJob", "enrich_spark", "prepare_spark"]
 
@@ -143,10 +143,11 @@ def prepare_spark(
     """
     keys = _check_keys(api_keys)
     root_at = _root(checkpoint)
-    _check_counts(shards_count, tasks_per_key)
-    for name, value in (("rate_limit", rate_limit), ("run_rate", run_rate), ("rate_window", rate_window)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise UsageError(f"{name} must be a positive number, got {value!r}")
+    _check_layout(shards_count, rate_limit, run_rate, rate_window)
+    if tasks_per_key is not None and (
+        isinstance(tasks_per_key, bool) or not isinstance(tasks_per_key, int) or tasks_per_key < 1
+    ):
+        raise UsageError(f"tasks_per_key must be a whole number, 1 or more, got {tasks_per_key!r}")
     if tasks_per_key is not None and rate_limit / tasks_per_key < 1:
         raise UsageError(
             f"rate_limit / tasks_per_key is {rate_limit / tasks_per_key:g}: each task needs a budget of "
@@ -344,22 +345,6 @@ class SparkJob:
         return pa.Table.from_arrays(
             [out.column(f.name).cast(f.type) for f in self.result_schema], schema=self.result_schema
         )
-
-
-def _check_counts(shards_count: Any, tasks_per_key: Any) -> None:
-    if shards_count is not None and (
-        isinstance(shards_count, bool)
-        or not isinstance(shards_count, int)
-        or not 1 <= shards_count <= shards.MAX_SHARDS
-        or shards_count & (shards_count - 1)
-    ):
-        raise UsageError(
-            f"shards_count must be a power of two from 1 to {shards.MAX_SHARDS}, got {shards_count!r}"
-        )
-    if tasks_per_key is not None and (
-        isinstance(tasks_per_key, bool) or not isinstance(tasks_per_key, int) or tasks_per_key < 1
-    ):
-        raise UsageError(f"tasks_per_key must be a whole number, 1 or more, got {tasks_per_key!r}")
 
 
 def _check_shard_options(
