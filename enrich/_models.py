@@ -74,6 +74,7 @@ def loads(text: str | bytes) -> Any:
             pass
     return _DECODER.decode(text if isinstance(text, str) else text.decode())
 
+
 #: Statuses in which a run is still doing something (`is_active` is true).
 ACTIVE_STATUSES = frozenset({"queued", "running", "cancelling"})
 #: Every status the API documents (../shared/task-api.md section 4). `action_required` is neither active

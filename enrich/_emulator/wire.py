@@ -201,4 +201,3 @@ def _json_bytes(data: Mapping[str, Any], output: bytes | None = None) -> bytes:
 
 
 _NO_OUTPUT = b'"output":null}'
-
