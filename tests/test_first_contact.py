@@ -261,6 +261,42 @@ def test_ctrl_c_stops_a_sync_call_made_inside_a_running_loop(tmp_path: Path) -> 
     assert Checkpoint.read(tmp_path / "cp").counts().submitted == 2  # its runs are recorded
 
 
+def test_ctrl_c_in_a_script_cancels_the_job_from_the_loop_not_from_the_signal_handler() -> None:
+    """asyncio.run's handler cancels the main task inside the signal handler, which can land between an
+    Event.set()'s `fut.done()` check and its `set_result()`: the loop then dies with a "Fatal error ...
+    InvalidStateError" traceback (seen once in CI, on `enrich run`). enrich() cancels on the loop instead."""
+    script = textwrap.dedent(
+        """
+        import asyncio, signal
+        from enrich._engine.sync import _run_here
+
+        seen = {}
+
+        async def job():
+            task = asyncio.current_task()
+            signal.raise_signal(signal.SIGINT)  # the Python handler has run when this returns
+            seen["cancelled in the handler"] = task.cancelling()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.05)  # the job's flush still runs
+                seen["flushed"] = True
+                raise
+
+        try:
+            _run_here(job())
+        except KeyboardInterrupt:
+            seen["KeyboardInterrupt"] = True
+        seen["handler restored"] = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        print(seen)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert done.stdout.strip() == str(
+        {"cancelled in the handler": 0, "flushed": True, "KeyboardInterrupt": True, "handler restored": True}
+    ), done.stdout + done.stderr[-2000:]
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_ctrl_c_at_the_confirmation_prompt_sends_nothing(tmp_path: Path, emu: Emulator) -> None:
     import pty

@@ -1,4 +1,4 @@
-"""The one sync bridge: `enrich()` runs `aenrich()` with `asyncio.run()`, or on a worker thread with its
+"""The one sync bridge: `enrich()` runs `aenrich()` on an `asyncio.Runner`, or on a worker thread with its
 own loop when one is already running (a notebook), with Ctrl-C handled so the checkpoint is flushed.
 """
 
@@ -135,11 +135,53 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        pass  # no loop in this thread: a script (asyncio.run is called outside the except, so errors
-        # raised by the job are not chained to "no running event loop")
+        pass  # no loop in this thread: a script (run outside the except, so errors raised by the job
+        # are not chained to "no running event loop")
     else:
         return _run_in_thread(lambda: aenrich(data, output, **kwargs))
-    return asyncio.run(aenrich(data, output, **kwargs))
+    return _run_here(aenrich(data, output, **kwargs))
+
+
+def _run_here(coro: Any) -> Any:
+    """`asyncio.run(coro)`, with a Ctrl-C that cancels the job from the loop, not from the signal handler.
+
+    asyncio's own handler calls `task.cancel()` inside the signal handler, which runs between any two
+    bytecodes of the loop's thread: landing between an `Event.set()`'s `if not fut.done()` and its
+    `fut.set_result()` (anyio's socket reads do that on every packet), it cancels the future in between and
+    the loop dies with "Fatal error: protocol.data_received() call failed ... InvalidStateError". Here the
+    first Ctrl-C schedules the cancel with `call_soon_threadsafe`; the job then flushes its checkpoint and
+    KeyboardInterrupt is raised, as asyncio.run would. A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        return asyncio.run(coro)  # the caller handles SIGINT itself (asyncio.run then leaves it alone)
+    main: dict[str, Any] = {}
+    interrupts = 0
+
+    async def job() -> Any:
+        main["loop"], main["task"] = asyncio.get_running_loop(), asyncio.current_task()
+        return await coro
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        task = main.get("task")
+        if interrupts > 1 or task is None:
+            raise KeyboardInterrupt
+        with contextlib.suppress(RuntimeError):  # (the loop closed as the signal came)
+            main["loop"].call_soon_threadsafe(task.cancel)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with asyncio.Runner() as runner:  # (sees our handler, so installs none of its own)
+            return runner.run(job())
+    except asyncio.CancelledError:
+        if interrupts:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run_in_thread(make: Callable[[], Any]) -> Any:
