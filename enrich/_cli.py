@@ -987,15 +987,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _statuses_flag(argv: Sequence[str]) -> list[str]:
+    """`--retry-failed` takes an optional value: a path after it (`--retry-failed in.csv -o ...`) is the
+    next argument, not the flag's (argparse would take it, then miss the input)."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--":
+            break
+        value = out[i + 1]
+        if arg == "--retry-failed" and (any(c in value for c in "./\\") or Path(value).exists()):
+            out[i] = "--retry-failed=failed"  # a path (statuses have neither dots nor slashes)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `enrich` command; returns its exit code."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_statuses_flag(sys.argv[1:] if argv is None else argv))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `enrich status ... | head`: the reader has what it wanted
+        # (stdout is pointed at /dev/null so the interpreter's last flush does not fail again)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         _say("interrupted")
         return EXIT_INCOMPLETE

@@ -246,6 +246,26 @@ def test_status(table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]) 
     assert main(["status", str(table.parent / "out.parquet.enrich")]) == 0
     assert "12 completed" in capsys.readouterr().out
     assert main(["status", str(table.parent / "nothing-here")]) == 2
+    # Into a pipe its reader closed (`enrich status ... | head -1`): no traceback.
+    reader = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "status", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert reader.stdout is not None and reader.stderr is not None
+    reader.stdout.close()
+    with reader.stderr:
+        err = reader.stderr.read()
+    assert reader.wait(timeout=30) == 1 and err == b"", err.decode()
+
+
+def test_retry_failed_before_the_input_takes_no_path(
+    table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--retry-failed` has an optional value: a path after it is the input, not statuses."""
+    out = table.with_name("out.parquet")
+    assert main(["run", "--retry-failed", str(table), "-o", str(out), "--field", "ceo=CEO", "--dry-run"]) == 0
+    assert "rows:" in capsys.readouterr().out
+    code = main(["run", "--retry-failed", "canceled", str(table), "-o", str(out), "--field", "c=C", "--dry-run"])
+    assert code == 2 and "'canceled' is not a status" in capsys.readouterr().err
 
 
 def test_emulator_flag_needs_no_key(
