@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,11 @@ exit codes:
 """
 
 _TYPES = ("string", "integer", "number", "boolean", "array")
+_TYPE_ALIASES = ("str", "text", "int", "float", "bool", "list")  # (as in Python specs)
+_ENUM = re.compile(
+    r"(?P<array>(?:array|list)\[)?enum\((?P<choices>[^()]*)\)(?P<items>\??)(?P<end>\]?)(?P<null>\??)\Z",
+    re.IGNORECASE,
+)
 FORMAT_CHOICES = ("csv", "parquet", "jsonl", "ndjson", "json")
 #: What a checkpoint of `enrich run --emulator` records as its service: never a real one.
 EMULATOR_SERVICE = "the in-process emulator of enrich run --emulator (synthetic answers)"
@@ -59,12 +65,13 @@ def _say(message: str) -> None:
 
 
 def _parse_field(spec: str) -> tuple[str, Any]:
-    """`NAME=DESCRIPTION` (a string field) or `NAME:TYPE=DESCRIPTION`."""
+    """`NAME=DESCRIPTION` (a string field), `NAME:TYPE=DESCRIPTION`, or with TYPE `enum(a,b,c)` or
+    `array[enum(a,b,c)]`."""
     name, sep, description = spec.partition("=")
     if not sep or not name.strip() or not description.strip():
         raise UsageError(f"--field {spec!r}: write NAME=DESCRIPTION or NAME:TYPE=DESCRIPTION")
     name, _, kind = name.partition(":")
-    name, kind = name.strip(), kind.strip().lower()
+    name, written, kind = name.strip(), kind.strip(), kind.strip().lower()
     if not kind:
         return name, description.strip()
     base = kind.rstrip("?")
@@ -73,8 +80,25 @@ def _parse_field(spec: str) -> tuple[str, Any]:
             f"--field {spec!r}: an object needs its fields, which a flag cannot hold; describe it in a "
             "JSON Schema file and pass --schema FILE.json"
         )
-    if base not in _TYPES and not base.startswith("array["):
-        raise UsageError(f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}, array[T]")
+    if "enum" in base:
+        enum = _ENUM.match(written)  # (the choices as written: B2B stays B2B)
+        if enum is None or bool(enum["array"]) != bool(enum["end"]):
+            raise UsageError(
+                f"--field {spec!r}: write an enum's choices as enum(a,b,c) or array[enum(a,b,c)]"
+            )
+        choices = [c.strip() for c in enum["choices"].split(",") if c.strip()]
+        if not choices:
+            raise UsageError(f"--field {spec!r}: an enum needs its choices: enum(a,b,c)")
+        item = f"enum{enum['items']}"
+        return name, (
+            f"array[{item}]{enum['null']}" if enum["array"] else f"{item}{enum['null']}",
+            choices,
+            description.strip(),
+        )
+    if base not in _TYPES + _TYPE_ALIASES and not base.startswith(("array[", "list[")):
+        raise UsageError(
+            f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}, array[T], enum(a,b,c)"
+        )
     return name, (kind, description.strip())
 
 
@@ -774,8 +798,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="an output column: NAME=DESCRIPTION, or NAME:TYPE=DESCRIPTION with TYPE one of "
-        "string, integer, number, boolean, array, array[T] (a trailing ? makes it nullable); repeatable; "
-        "objects need --schema",
+        "string, integer, number, boolean, array, array[T], enum(a,b,c) (a trailing ? makes it nullable); "
+        "repeatable; objects need --schema",
     )
     run.add_argument("--columns", help="input columns to send, comma-separated (default: all)")
     run.add_argument(

@@ -15,7 +15,8 @@ import polars as pl
 import pytest
 
 from enrich import Emulator
-from enrich._cli import main
+from enrich._cli import _parse_field, main
+from enrich._schema import parse_output
 
 SECRET = "sk-RECOGNISABLE-SECRET-0123456789"
 
@@ -161,6 +162,9 @@ def test_expensive_job_needs_yes_without_a_terminal(tmp_path: Path, emu: Emulato
         (["-o", "{dir}/out.parquet"], "--field"),
         (["--field", "ceo", "-o", "{dir}/out.parquet"], "NAME=DESCRIPTION"),
         (["--field", "ceo:int64=CEO", "-o", "{dir}/out.parquet"], "unknown type"),
+        (["--field", "seg:enum(a,b=S", "-o", "{dir}/out.parquet"], "enum(a,b,c)"),
+        (["--field", "seg:array[enum(a)=S", "-o", "{dir}/out.parquet"], "enum(a,b,c)"),
+        (["--field", "seg:enum( , )=S", "-o", "{dir}/out.parquet"], "needs its choices"),
         (["--field", "company=dup", "-o", "{dir}/out.parquet"], "company"),
         (["--field", "ceo=CEO", "--columns", "nope", "-o", "{dir}/out.parquet"], "nope"),
         (["--field", "ceo=CEO", "--processor", "hyper", "-o", "{dir}/out.parquet"], "unknown processor"),
@@ -177,6 +181,21 @@ def test_usage_errors_exit_2_with_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("enrich: error:") and message in err[0], err
     assert emu.stats()["requests_total"] == 0
+
+
+def test_field_types_take_python_aliases_and_enums_with_their_choices_as_written(
+    table: Path, emu: Emulator
+) -> None:
+    out = table.with_name("out.parquet")
+    fields = ["n:int=Count", "ok:bool?=Ok", "seg:Enum(B2B, b2c)=Market", "tags:array[enum(x,y)?]?=Tags"]
+    assert main(["run", str(table), "-o", str(out), *[f"--field={f}" for f in fields], "--no-progress"]) == 0
+    df = pl.read_parquet(out)
+    assert df.schema["n"] == pl.Int64 and df.schema["ok"] == pl.Boolean
+    assert set(df["seg"]) <= {"B2B", "b2c"} and df.schema["tags"] == pl.List(pl.String)
+    assert {t for tags in df["tags"] if tags is not None for t in tags} <= {"x", "y", None}
+    sent = parse_output(dict(map(_parse_field, fields))).task_spec()["output_schema"]["json_schema"]
+    assert sent["properties"]["seg"]["enum"] == ["B2B", "b2c"]
+    assert sent["properties"]["tags"]["items"]["anyOf"][0]["enum"] == ["x", "y"]
 
 
 def test_missing_input_and_missing_key(
@@ -264,7 +283,9 @@ def test_retry_failed_before_the_input_takes_no_path(
     out = table.with_name("out.parquet")
     assert main(["run", "--retry-failed", str(table), "-o", str(out), "--field", "ceo=CEO", "--dry-run"]) == 0
     assert "rows:" in capsys.readouterr().out
-    code = main(["run", "--retry-failed", "canceled", str(table), "-o", str(out), "--field", "c=C", "--dry-run"])
+    code = main(
+        ["run", "--retry-failed", "canceled", str(table), "-o", str(out), "--field", "c=C", "--dry-run"]
+    )
     assert code == 2 and "'canceled' is not a status" in capsys.readouterr().err
 
 
