@@ -168,6 +168,7 @@ def test_expensive_job_needs_yes_without_a_terminal(tmp_path: Path, emu: Emulato
         (["--field", "company=dup", "-o", "{dir}/out.parquet"], "company"),
         (["--field", "ceo=CEO", "--columns", "nope", "-o", "{dir}/out.parquet"], "nope"),
         (["--field", "ceo=CEO", "--processor", "hyper", "-o", "{dir}/out.parquet"], "unknown processor"),
+        (["--field", "ceo=CEO", "--processor", "core-fst", "-o", "{dir}/out.parquet"], "mean 'core-fast'?"),
         (["--field", "ceo=CEO", "--schema", "{dir}/missing.json", "-o", "{dir}/out.parquet"], "either"),
         (["--schema", "{dir}/missing.json", "-o", "{dir}/out.parquet"], "no such file"),
         (["--field", "ceo=CEO", "-o", "{dir}/nodir/out.parquet"], "does not exist"),
