@@ -123,6 +123,8 @@ def test_dry_run_sends_nothing(table: Path, emu: Emulator, capsys: pytest.Captur
     assert main(["run", str(table), "-o", str(out), *FIELDS, "--processor", "pro", "--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "runs to submit:     12" in plan and "$1.20" in plan and "nothing was sent" in plan
+    # The time says what it assumes: pro's documented run time and the --run-rate.
+    assert "(assumes runs take 2 min to 10 min, 6 min on average, and 2,000 runs created a minute)" in plan
     assert emu.stats()["requests_total"] == 0
     assert not out.exists() and not table.with_name("out.parquet.enrich").exists()
 

@@ -48,6 +48,10 @@ class JobPlan:
     cost: float | None
     seconds: float
     checkpoint: str | None
+    #: What `seconds` assumes: a run's typical (low, high) seconds for the processor (None: unknown,
+    #: 300 s taken) and the runs created per minute.
+    latency: tuple[float, float] | None = None
+    run_rate: int | None = None
 
     def lines(self) -> list[str]:
         """The plan as short lines for a terminal."""
@@ -65,9 +69,24 @@ class JobPlan:
             f"processor:          {self.processor} ({money(self.price_per_run and self.price_per_run * 1000)}"
             " per 1,000 runs)",
             f"estimated cost:     {money(self.cost)} (spent so far: {money(self.spent)})",
-            f"estimated time:     {_duration(self.seconds)} in {self.mode} mode",
+            f"estimated time:     {_duration(self.seconds)} in {self.mode} mode{self._assumes()}",
             f"checkpoint:         {self.checkpoint or '(temporary)'}",
         ]
+
+
+    def _assumes(self) -> str:
+        if not self.seconds or self.run_rate is None:
+            return ""
+        if self.latency is None:
+            took = "runs of an unknown processor take 5 min"
+        else:
+            lo, hi = self.latency
+            took = f"runs take {_short(lo)} to {_short(hi)}, {_short((lo + hi) / 2)} on average"
+        return f" (assumes {took}, and {self.run_rate:,} runs created a minute)"
+
+
+def _short(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _duration(seconds: float) -> str:
@@ -276,6 +295,8 @@ def _estimate(
         cost=to_submit * price if price is not None else None,
         seconds=(submit_seconds + latency) if (to_submit or running) else 0.0,
         checkpoint=str(path) if path is not None else None,
+        latency=proc.latency if proc is not None else None,
+        run_rate=run_rate,
     )
 
 
