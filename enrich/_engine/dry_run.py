@@ -73,7 +73,6 @@ class JobPlan:
             f"checkpoint:         {self.checkpoint or '(temporary)'}",
         ]
 
-
     def _assumes(self) -> str:
         if not self.seconds or self.run_rate is None:
             return ""
