@@ -5,6 +5,7 @@ an enriched table can be enriched again, and what the tool says is true."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -227,6 +228,17 @@ def test_each_stop_names_its_own_next_step(
     assert run(str(src), "-o", str(tmp_path / "c.csv"), "--field", "ceo=CEO") == 2
     err = capsys.readouterr().err
     assert "could not reach http://127.0.0.1:9" in err and "long while" not in err, err
+
+
+def test_a_misspelt_argument_names_enrich_and_the_near_name(tmp_path: Path) -> None:
+    """enrich() hands its keyword arguments to aenrich(): a typo used to be "aenrich() got an unexpected
+    keyword argument", and help(enrich) showed only **kwargs."""
+    with pytest.raises(TypeError, match=r"^enrich\(\) got an unexpected keyword argument 'procesor'; did "):
+        enrich(pl.DataFrame({"a": [1]}), "x", procesor="base", checkpoint=tmp_path / "cp")
+    assert not (tmp_path / "cp").exists()
+    shown = inspect.signature(enrich).parameters
+    assert {"processor", "checkpoint", "basis", "max_cost"} <= set(shown)
+    assert not [name for name in shown if name.startswith("_")]
 
 
 # -- 12. Ctrl-C -------------------------------------------------------------------------------------------

@@ -6,14 +6,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
+import inspect
 import signal
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 from enrich._engine.pipeline import aenrich
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
+
+def _sync_twin(of: Callable[P, Coroutine[Any, Any, R]]) -> Callable[[Callable[..., Any]], Callable[P, R]]:
+    """Give a blocking function its async twin's parameters, for `help()`, IDEs and type checkers (the
+    body takes `**kwargs` and hands them on; the private `_`-named ones are left out of the signature)."""
+    signature = inspect.signature(of)
+    shown = signature.replace(
+        parameters=[p for p in signature.parameters.values() if not p.name.startswith("_")]
+    )
+
+    def decorate(function: Callable[..., Any]) -> Callable[P, R]:
+        function.__signature__ = shown  # type: ignore[attr-defined]
+        return function
+
+    return decorate
+
+
+def _check_arguments(data: Any, output: Any, kwargs: dict[str, Any]) -> None:
+    """A wrong argument names `enrich()`, not the `aenrich()` it is handed to, and a near name is offered."""
+    known = inspect.signature(aenrich).parameters
+    for name in kwargs:
+        if name not in known:
+            close = difflib.get_close_matches(name, [k for k in known if not k.startswith("_")], n=1)
+            meant = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"enrich() got an unexpected keyword argument {name!r}{meant}")
+    try:
+        inspect.signature(aenrich).bind(data, output, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"enrich(): {exc}") from None
+
+
+@_sync_twin(aenrich)
 def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
     """Enrich `data` with the columns described by `output`, one Task API run per distinct row.
 
@@ -132,6 +167,7 @@ def enrich(data: Any, output: Any, **kwargs: Any) -> Any:
             checkpoint="companies.enrich",
         )
     """
+    _check_arguments(data, output, kwargs)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
