@@ -503,6 +503,23 @@ class RateLimiter:
             f" waiting {self._n_waiting}, paused {paused}>"
         )
 
+    def _carry(self, before: RateLimiter) -> None:
+        """Count in this limiter's window what `before` granted that has not expired, and its pause.
+
+        For a limiter that takes over from another on the same key in the same process, the other's loop
+        closed (a Spark task after the one before it in a Python worker): it starts with the other's
+        window, not with a fresh burst on top of what the service still counts. Both must use the
+        default clock (every asyncio loop's time is `time.monotonic()`), and this one must be unused.
+        """
+        foreign = before._clock is not None and not isinstance(before._clock, LoopClock)
+        if self._loop is not None or self._clock is not None or foreign:
+            raise RuntimeError("_carry: both limiters must be on the default clock, this one unused")
+        for expiry, runs in before._log:
+            self._log.append((expiry, runs))
+            self._runs_used += runs
+        self._paused_until = before._paused_until
+        self._reads_paused_until = before._reads_paused_until
+
     # -- internals: time and grants ---------------------------------------------------------------------
 
     def _bind(self) -> None:

@@ -738,3 +738,29 @@ def test_requests_that_reach_the_service_late_are_counted_when_they_arrived() ->
     results = [job(seed) for seed in range(12)]
     late, requests = sum(r[0] for r in results), sum(r[1] for r in results)
     assert late <= 0.012 * requests, (late, requests)
+
+
+def test_a_limiter_carried_over_to_a_new_loop_starts_with_the_window_of_the_one_before() -> None:
+    """A Spark task follows another on the same key in one Python worker, each on its own loop: the new
+    task's limiter counts what the last one sent in the window, where a fresh one would burst on top."""
+    before = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
+
+    async def fill() -> float:
+        for _ in range(4):
+            await before.acquire(10)
+        return time.monotonic()
+
+    filled = asyncio.run(fill())
+
+    async def first_grant(limiter: RateLimiter) -> float:
+        await limiter.acquire(1)
+        return time.monotonic()
+
+    carried = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
+    carried._carry(before)
+    assert carried._runs_used == 40
+    fresh = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
+    assert asyncio.run(first_grant(fresh)) - filled < 0.3  # (the burst that drew 429s at hand-overs)
+    assert asyncio.run(first_grant(carried)) - filled >= 0.6 - 0.05
+    with pytest.raises(RuntimeError, match="unused"):
+        carried._carry(before)  # (once bound to a loop's clock, it cannot take another's window)

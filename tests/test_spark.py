@@ -128,12 +128,12 @@ def test_a_task_killed_mid_shard_is_retried_and_costs_no_run_twice(spark: Any, t
         assert stats["runs_created"] == distinct and stats["max_runs_per_distinct"] == 1
         # Every row has its own answer: the emulator's text answers start with the input they answer.
         assert (out["summary"].str.starts_with(out["company"] + ":")).all()
-        # The key's budget split between the two tasks kept the job near the key's quota. Not within it
-        # throughout: a task that follows another in a slot starts with a full share while the other's
-        # last window still counts, so some requests at those hand-overs are refused (429: retried, no
-        # run lost or paid twice). Measured: 28 of 217 requests.
+        # The key's budget split between the two tasks kept the job within the key's quota, hand-overs
+        # included: a task that follows another in a Python worker starts with that task's last window
+        # (a fresh limiter's burst on top of it drew 28 and 33 429s in 217 and 210 requests). Measured
+        # since: 4 of 234 and 4 of 240 (the worker started after the kill has no window to take over).
         spent = stats["per_key"][key_id(KEYS["ENRICH_TEST_SPARK_KEY_A"])]
-        assert spent["rate_limited"] <= 0.25 * spent["requests"], spent
+        assert spent["rate_limited"] <= 0.05 * spent["requests"], spent
         # The same call again (the one-call form): resumed from the checkpoint, nothing created.
         again = collect(enrich_spark(df, FIELDS, **args))
         assert emu.stats()["runs_created"] == distinct
