@@ -503,22 +503,37 @@ class RateLimiter:
             f" waiting {self._n_waiting}, paused {paused}>"
         )
 
-    def _carry(self, before: RateLimiter) -> None:
-        """Count in this limiter's window what `before` granted that has not expired, and its pause.
+    def _adopt(self, on_learn: Callable[[dict[str, Any]], object] | None) -> bool:
+        """Take this limiter over to the running loop from the loop it was last used on, now closed.
 
-        For a limiter that takes over from another on the same key in the same process, the other's loop
-        closed (a Spark task after the one before it in a Python worker): it starts with the other's
-        window, not with a fresh burst on top of what the service still counts. Both must use the
-        default clock (every asyncio loop's time is `time.monotonic()`), and this one must be unused.
+        A Spark task follows another on the same key in one Python worker, each on a loop of its own: the
+        new task goes on with the last one's window (what the service still counts), pause and learned
+        quota, where a fresh limiter would burst a full budget on top of them. Both loops must keep
+        `time.monotonic()` (asyncio's own loops do; a `VirtualTimeLoop` or a custom clock does not), and
+        nothing may still wait on the old one. Returns False, changing nothing, when that is not so.
         """
-        foreign = before._clock is not None and not isinstance(before._clock, LoopClock)
-        if self._loop is not None or self._clock is not None or foreign:
-            raise RuntimeError("_carry: both limiters must be on the default clock, this one unused")
-        for expiry, runs in before._log:
-            self._log.append((expiry, runs))
-            self._runs_used += runs
-        self._paused_until = before._paused_until
-        self._reads_paused_until = before._reads_paused_until
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if old is loop:
+            self._on_learn = on_learn
+            return True
+        if (
+            not _monotonic(loop)
+            or (old is not None and not (old.is_closed() and _monotonic(old)))
+            or not (self._clock is None or (isinstance(self._clock, LoopClock) and self._clock.loop is old))
+            or any(not future.done() for future, _, _ in (*self._creators, *self._readers))
+        ):
+            return False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._creators.clear()
+        self._readers.clear()
+        self._n_waiting = 0
+        self._trial = None  # (its answer went with the old loop: after a 429, the next one is a trial)
+        self._loop = self._clock = None  # bound to this loop at its next use
+        self._on_learn = on_learn
+        return True
 
     # -- internals: time and grants ---------------------------------------------------------------------
 
@@ -865,6 +880,11 @@ class RateLimiter:
         # expired yet by the clock, and _dispatch simply sets the timer again for the same instant.
         self._timer = None
         self._dispatch(self._now())
+
+
+def _monotonic(loop: asyncio.AbstractEventLoop) -> bool:
+    """The loop's time is `time.monotonic()`, as every asyncio loop's is unless it overrides `time()`."""
+    return type(loop).time is asyncio.BaseEventLoop.time
 
 
 def _fits(

@@ -39,10 +39,9 @@ from enrich._checkpoint import Checkpoint
 from enrich._engine import shards
 from enrich._engine.job import _Job, retry_statuses
 from enrich._engine.join import _join
-from enrich._engine.pipeline import _WINDOW_MARGIN, _service_name, aenrich_shard
+from enrich._engine.pipeline import _service_name, aenrich_shard
 from enrich._engine.prepare import _check_choices, _checked_job, _prepare
 from enrich._exceptions import UsageError
-from enrich._limiter import RateLimiter
 from enrich._run_options import check_run_options
 from enrich._schema import parse_output
 from enrich._store_object import ObjectStore
@@ -329,8 +328,8 @@ class SparkJob:
         frame = pl.from_arrow(table.drop_columns([SHARD_COLUMN]))
         assert isinstance(frame, pl.DataFrame)
         requests, runs, window = self.budgets
-        budgets = (requests / self.tasks_per_key, runs / self.tasks_per_key, window)
-        limiter = _task_limiter(api_key, budgets)
+        # This worker's last limiter on the key goes on (see `_HAND_OVER`).
+        slot = _HAND_OVER.setdefault(hashlib.sha256(api_key.encode()).hexdigest()[:16], [None])
         out = asyncio.run(
             aenrich_shard(
                 frame,
@@ -338,8 +337,10 @@ class SparkJob:
                 checkpoint=area,
                 api_key=api_key,
                 progress=False,
-                limiter=limiter,
+                rate_limit=requests / self.tasks_per_key,
+                run_rate=runs / self.tasks_per_key,
                 rate_window=window,
+                _hand_over=slot,
                 **self.options,
             )
         ).to_arrow()
@@ -350,28 +351,13 @@ class SparkJob:
         )
 
 
-#: The limiter of the last task run in this Python worker, per key and budgets (by the key's hash).
-_LAST_LIMITER: dict[tuple[str, tuple[float, float, float]], RateLimiter] = {}
-
-
-def _task_limiter(api_key: str, budgets: tuple[float, float, float]) -> RateLimiter:
-    """A task's limiter, its share of a key's budget. Spark runs a slot's tasks one after another in one
-    Python worker: a task that follows another on the key starts with that task's last window (and what
-    it learned of the quota), not with a fresh burst while the service still counts the other's requests.
-    (Measured in the kill test, 2 tasks a key on 2 slots: 28 of 217 requests were 429s at hand-overs.)"""
-    requests, runs, window = budgets
-    name = (hashlib.sha256(api_key.encode()).hexdigest()[:16], budgets)
-    before = _LAST_LIMITER.get(name)
-    limiter = RateLimiter(  # (the window a little longer than the service's, as `enrich()` makes it)
-        requests,
-        runs,
-        period=window * (1 + _WINDOW_MARGIN),
-        learned=before.learned if before is not None else None,
-    )
-    if before is not None:
-        limiter._carry(before)
-    _LAST_LIMITER[name] = limiter
-    return limiter
+#: The limiter of the last task run in this Python worker on each key (by a hash of the key: never its
+#: value). Spark runs a slot's tasks one after another in one Python worker, and a task that follows
+#: another on the key goes on with that task's limiter: its last window, which the service still counts,
+#: its pause and what it learned of the quota. A fresh one would burst a full share on top of them
+#: (measured in the kill test, 2 tasks a key on 2 slots: 28 and 33 of 217 and 210 requests were 429s).
+#: One entry per key, replaced by each task.
+_HAND_OVER: dict[str, list[Any]] = {}
 
 
 def _check_shard_options(

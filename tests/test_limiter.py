@@ -740,27 +740,31 @@ def test_requests_that_reach_the_service_late_are_counted_when_they_arrived() ->
     assert late <= 0.012 * requests, (late, requests)
 
 
-def test_a_limiter_carried_over_to_a_new_loop_starts_with_the_window_of_the_one_before() -> None:
+def test_a_limiter_adopted_by_a_new_loop_goes_on_with_its_window() -> None:
     """A Spark task follows another on the same key in one Python worker, each on its own loop: the new
-    task's limiter counts what the last one sent in the window, where a fresh one would burst on top."""
-    before = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
+    task adopts the last one's limiter, so it counts what that one sent in the window, where a fresh one
+    would burst on top."""
+    limiter = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
 
     async def fill() -> float:
         for _ in range(4):
-            await before.acquire(10)
+            await limiter.acquire(10)
         return time.monotonic()
 
     filled = asyncio.run(fill())
 
-    async def first_grant(limiter: RateLimiter) -> float:
+    async def adopted_then_granted() -> float:
+        assert limiter._adopt(on_learn=None)
         await limiter.acquire(1)
         return time.monotonic()
 
-    carried = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
-    carried._carry(before)
-    assert carried._runs_used == 40
-    fresh = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
-    assert asyncio.run(first_grant(fresh)) - filled < 0.3  # (the burst that drew 429s at hand-overs)
-    assert asyncio.run(first_grant(carried)) - filled >= 0.6 - 0.05
-    with pytest.raises(RuntimeError, match="unused"):
-        carried._carry(before)  # (once bound to a loop's clock, it cannot take another's window)
+    assert asyncio.run(adopted_then_granted()) - filled >= 0.6 - 0.05  # the window of the loop before
+    # Not from a loop on other time (virtual time here), nor onto one: its grants' expiries mean nothing.
+    virtual = RateLimiter(requests_per_minute=4, runs_per_minute=100, period=0.6)
+    run(virtual.acquire(1))
+    assert not asyncio.run(_adopt(virtual)) and virtual._loop is not None
+    assert not run(_adopt(RateLimiter(requests_per_minute=4)))
+
+
+async def _adopt(limiter: RateLimiter) -> bool:
+    return limiter._adopt(on_learn=None)

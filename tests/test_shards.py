@@ -621,3 +621,48 @@ def test_shards_of_many_processes_keep_to_one_max_cost_through_a_ledger(tmp_path
     assert created < app.stats()["runs_created"] <= 300
     assert app.stats()["max_runs_per_distinct"] == 1
     assert sum(int((out["_status"] == "completed").sum()) for out in second) == app.stats()["runs_created"]
+
+
+@pytest.mark.parametrize("hand_over", [True, False])
+def test_a_shard_after_another_on_its_key_goes_on_with_its_limiter(tmp_path: Path, hand_over: bool) -> None:
+    """Spark runs a slot's shards one after another in a Python worker, each on a loop of its own: with
+    `_hand_over`, the next shard goes on with the last one's limiter (the window the service still counts)
+    instead of bursting a fresh budget on top of it; what the limiter learns is kept in each area."""
+    from enrich import aenrich_shard
+
+    window = 1.5
+    app = create_app(EmulatorConfig(latency=0.05, run_rate_limit=40, rate_limit=1000, rate_window=window))
+    parts = [companies(120).slice(40 * r, 40) for r in range(3)]
+    slot: list[Any] = [None]
+    limiters = []
+
+    def shard(r: int) -> pl.DataFrame:
+        return asyncio.run(
+            aenrich_shard(
+                parts[r],
+                OUT,
+                checkpoint=tmp_path / f"s{r}",
+                base_url="http://emulator",
+                transport=httpx.ASGITransport(app=app),
+                api_key="k",
+                processor="lite",
+                rate_limit=1000,
+                run_rate=40,
+                rate_window=window,
+                progress=False,
+                _hand_over=slot if hand_over else None,
+            )
+        )
+
+    for r in range(3):
+        out = shard(r)
+        assert (
+            set(out["_status"]) == {"completed"} and out["company"].to_list() == parts[r]["company"].to_list()
+        )
+        limiters.append(slot[0])
+    assert app.stats()["runs_created"] == 120
+    if hand_over:
+        assert limiters[0] is limiters[1] is limiters[2] is not None
+        assert app.stats()["rate_limited"] == 0, app.stats()  # each shard waited for the last one's window
+    else:
+        assert app.stats()["rate_limited"] > 0  # a fresh limiter sent its 40 on top of the last 40

@@ -129,9 +129,9 @@ def test_a_task_killed_mid_shard_is_retried_and_costs_no_run_twice(spark: Any, t
         # Every row has its own answer: the emulator's text answers start with the input they answer.
         assert (out["summary"].str.starts_with(out["company"] + ":")).all()
         # The key's budget split between the two tasks kept the job within the key's quota, hand-overs
-        # included: a task that follows another in a Python worker starts with that task's last window
-        # (a fresh limiter's burst on top of it drew 28 and 33 429s in 217 and 210 requests). Measured
-        # since: 4 of 234 and 4 of 240 (the worker started after the kill has no window to take over).
+        # included: a task that follows another in a Python worker goes on with that task's limiter
+        # (a fresh limiter's burst on top of its last window drew 28 and 33 429s in 217 and 210
+        # requests). Measured since: 0 of 142 (a worker started after the kill has no limiter to adopt).
         spent = stats["per_key"][key_id(KEYS["ENRICH_TEST_SPARK_KEY_A"])]
         assert spent["rate_limited"] <= 0.05 * spent["requests"], spent
         # The same call again (the one-call form): resumed from the checkpoint, nothing created.

@@ -146,6 +146,7 @@ async def aenrich(
     _shard_rows: int = shards.SHARD_ROWS,
     _limiter: RateLimiter | None = None,
     _ledger: Any = None,
+    _hand_over: list[RateLimiter | None] | None = None,
 ) -> Any:
     """Enrich `data` through the Task API; the async form of `enrich()` (same arguments, same result).
 
@@ -206,6 +207,7 @@ async def aenrich(
         "shard_rows": _shard_rows,
         "limiter": _limiter,
         "ledger": _ledger,
+        "hand_over": _hand_over,
     }
     keep = False  # the spool outlives this call: a pilot's caller goes on with the same preparation
     try:
@@ -398,6 +400,7 @@ async def _enrich_prepared(
     started: float,
     ledger: Any = None,
     layout_rows: int | None = None,
+    hand_over: list[RateLimiter | None] | None = None,
 ) -> Any:
     """The job of `prepared`. `layout_rows`: the rows the job's shards are laid out for (a pilot's
     sample is laid out as its whole job is)."""
@@ -504,13 +507,28 @@ async def _enrich_prepared(
         # The service counts a request when it arrives, the limiter when it is sent: a window a little
         # longer than the service's keeps arrival jitter from turning a full budget into a 429.
         # It starts from what the last process learned of the key's real quota (kept in the checkpoint).
+        # With `hand_over` (a Spark worker's last limiter on this key), that one goes on here instead.
+        keep = functools.partial(_keep_pacing, root, stats)
+        before = hand_over[0] if hand_over else None
+        period = rate_window * (1 + _WINDOW_MARGIN)
+        if (
+            limiter is None
+            and before is not None
+            and (before.requests_budget, before.runs_budget, before.period) == (rate_limit, run_rate, period)
+            and before._adopt(on_learn=keep)
+        ):
+            limiter = before
+            if limiter.learned is None and root.pacing:
+                limiter._restore(root.pacing)
         limiter = limiter or RateLimiter(
             requests_per_minute=rate_limit,
             runs_per_minute=run_rate,
-            period=rate_window * (1 + _WINDOW_MARGIN),
+            period=period,
             learned=root.pacing,
-            on_learn=functools.partial(_keep_pacing, root, stats),
+            on_learn=keep,
         )
+        if hand_over is not None:
+            hand_over[0] = limiter
         client = TaskClient(
             api_key,
             base_url=base_url,
