@@ -196,28 +196,38 @@ def _run_here(coro: Any) -> Any:
     interrupts = 0
 
     async def job() -> Any:
+        if interrupts:  # Ctrl-C before the job began: it does not begin
+            coro.close()
+            raise asyncio.CancelledError
         main["loop"], main["task"] = asyncio.get_running_loop(), asyncio.current_task()
         return await coro
 
     def on_sigint(signum: int, frame: Any) -> None:
         nonlocal interrupts
         interrupts += 1
-        task = main.get("task")
-        if interrupts > 1 or task is None:
+        if interrupts > 1:
             raise KeyboardInterrupt
-        with contextlib.suppress(RuntimeError):  # (the loop closed as the signal came)
-            main["loop"].call_soon_threadsafe(task.cancel)
+        if "task" in main:  # (before it: job() sees `interrupts`)
+            with contextlib.suppress(RuntimeError):  # (the loop closed as the signal came)
+                main["loop"].call_soon_threadsafe(main["task"].cancel)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGINT) is on_sigint:  # (not a handler the job installed)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
         with asyncio.Runner() as runner:  # (sees our handler, so installs none of its own)
-            return runner.run(job())
+            try:
+                return runner.run(job())
+            finally:
+                restore()  # before the runner closes, as asyncio.run does: Ctrl-C then stops the close
     except asyncio.CancelledError:
         if interrupts:
             raise KeyboardInterrupt from None
         raise
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore()
 
 
 def _run_in_thread(make: Callable[[], Any]) -> Any:
