@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import errno
 import json
 import os
@@ -21,6 +22,7 @@ from typing import Any
 
 from enrich._exceptions import (
     APIError,
+    AuthenticationError,
     CheckpointError,
     EnrichError,
     ForeignRunError,
@@ -34,6 +36,7 @@ from enrich._exceptions import (
 __all__ = ["main"]
 
 EXIT_OK = 0
+EXIT_PIPE = 1  # the reader of the output went away (`| head`)
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
 EXIT_API = 4
@@ -42,6 +45,7 @@ CONFIRM_ABOVE = 10.0  # dollars: a bigger job asks first
 _EPILOG = """\
 exit codes:
   0  every row finished (completed, failed, cancelled or action required; the summary line counts each)
+  1  the reader of what it printed went away (`enrich status ... | head -1`)
   2  a usage or input error, or an address that never answered: nothing was created
   3  incomplete (timeout, interrupt, --max-cost reached, the service unreachable for a long while, or
      the checkpoint or the output could not be written once the job had started): run the same
@@ -96,8 +100,11 @@ def _parse_field(spec: str) -> tuple[str, Any]:
             description.strip(),
         )
     if base not in _TYPES + _TYPE_ALIASES and not base.startswith(("array[", "list[")):
+        close = difflib.get_close_matches(base, _TYPES + _TYPE_ALIASES, n=1)
+        meant = f"did you mean {close[0]!r}? " if close else ""
         raise UsageError(
-            f"--field {spec!r}: unknown type {kind!r}; use one of {', '.join(_TYPES)}, array[T], enum(a,b,c)"
+            f"--field {spec!r}: unknown type {kind!r}; {meant}use one of {', '.join(_TYPES)}, array[T], "
+            "enum(a,b,c)"
         )
     return name, (kind, description.strip())
 
@@ -250,9 +257,7 @@ def _run(args: argparse.Namespace) -> int:
         "processor": args.processor,
         "checkpoint": checkpoint,
         "mode": args.mode,
-        "retry_failed": [n.strip() for n in args.retry_failed.split(",") if n.strip()]
-        if args.retry_failed
-        else False,
+        "retry_failed": _retry_statuses(args.retry_failed),
         "rate_limit": args.rate_limit,
         "run_rate": args.run_rate,
     }
@@ -471,27 +476,34 @@ def _pilot(
     return None
 
 
+def _n(count: int, noun: str) -> str:
+    """`1,234 runs`, `1 run`."""
+    return f"{count:,} {noun if count == 1 else noun + 's'}"
+
+
 def _summary(rows: int, by: dict[str, int], stats: Any, emulator: bool = False) -> str:
     """The job's one-line account: rows by status (`by`: `_status` -> rows; cancelled and action
     required only when there are any), runs created or found now, requests, 429s, spend."""
-    distinct = f" ({stats.distinct:,} distinct inputs)" if stats.distinct != rows else ""
-    now = f"{stats.runs_now:,} runs created or found now"
+    distinct = f" ({_n(stats.distinct, 'distinct input')})" if stats.distinct != rows else ""
+    now = f"{_n(stats.runs_now, 'run')} created or found now"
     found = stats.reconciled + stats.found_late
     if found:
         now += f" ({stats.submitted:,} submitted, {found:,} found after a lost answer)"
     limited = f", {stats.rate_limited:,} rate-limited (429)" if stats.rate_limited else ""
     spent = (
-        f"; ${stats.spent:,.2f} spent on this job so far ({stats.runs_total:,} runs)"
+        f"; ${stats.spent:,.2f} spent on this job so far ({_n(stats.runs_total, 'run')})"
         if stats.spent is not None
-        else f"; {stats.runs_total:,} runs on this job so far"
+        else f"; {_n(stats.runs_total, 'run')} on this job so far"
     )
     if emulator and stats.spent is not None:
-        spent = f"; ${stats.spent:,.2f} at list prices, not billed: the emulator ({stats.runs_total:,} runs)"
+        spent = (
+            f"; ${stats.spent:,.2f} at list prices, not billed: the emulator ({_n(stats.runs_total, 'run')})"
+        )
     ended = [f"{by.get('completed', 0):,} completed", f"{by.get('failed', 0):,} failed"]
     ended += [f"{by[s]:,} {s.replace('_', ' ')}" for s in ("cancelled", "action_required") if by.get(s)]
     return (
-        f"{', '.join(ended)}, {by.get('pending', 0):,} pending of {rows:,} rows{distinct}; "
-        f"{now}, {stats.requests:,} requests{limited}{spent}"
+        f"{', '.join(ended)}, {by.get('pending', 0):,} pending of {_n(rows, 'row')}{distinct}; "
+        f"{now}, {_n(stats.requests, 'request')}{limited}{spent}"
     )
 
 
@@ -710,7 +722,10 @@ def _emulate(args: argparse.Namespace) -> int:
     port = _check_port_free(args.host, args.port)
     key = args.api_key or "any non-empty key"
     _say(f"Task API emulator on http://{args.host}:{port} (key: {key}); its answers are synthetic.")
-    _say(f"export PARALLEL_BASE_URL=http://{args.host}:{port}   (Ctrl-C stops it)")
+    _say(
+        f"export PARALLEL_BASE_URL=http://{args.host}:{port} PARALLEL_API_KEY={args.api_key or 'demo-key'}"
+        "   (in the shell that runs enrich; Ctrl-C stops the emulator)"
+    )
     serve(config, host=args.host, port=port)
     return EXIT_OK
 
@@ -1011,16 +1026,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RETRYABLE = ("failed", "cancelled", "action_required")
+
+
+def _retry_statuses(value: str | None) -> list[str] | bool:
+    """`--retry-failed [STATUSES]`: the statuses to send again (None: the flag was not given)."""
+    if value is None:
+        return False
+    named = [n.strip() for n in value.split(",") if n.strip()]
+    wrong = [n for n in named if n not in _RETRYABLE] or ([] if named else [value])
+    if wrong:
+        close = difflib.get_close_matches(wrong[0].lower(), _RETRYABLE, n=1)
+        meant = f"did you mean {close[0]!r}? " if close else ""
+        raise UsageError(
+            f"--retry-failed {value!r}: {wrong[0]!r} is not a status that can be sent again; {meant}name "
+            "any of failed, cancelled, action_required, comma-separated (alone, the flag means failed)"
+        )
+    return named
+
+
 def _statuses_flag(argv: Sequence[str]) -> list[str]:
-    """`--retry-failed` takes an optional value: a path after it (`--retry-failed in.csv -o ...`) is the
-    next argument, not the flag's (argparse would take it, then miss the input)."""
+    """`--retry-failed` takes an optional value: after it, a path (`--retry-failed in.csv -o ...`) is the
+    next argument, not the flag's (argparse would take it, then miss the input). Statuses stay its value."""
     out = list(argv)
     for i, arg in enumerate(out[:-1]):
         if arg == "--":
             break
         value = out[i + 1]
-        if arg == "--retry-failed" and (any(c in value for c in "./\\") or Path(value).exists()):
-            out[i] = "--retry-failed=failed"  # a path (statuses have neither dots nor slashes)
+        if arg != "--retry-failed" or (value.startswith("-") and value != "-") or not value.strip():
+            continue
+        named = [n.strip() for n in value.split(",")]
+        if named and all(n in _RETRYABLE for n in named):
+            continue
+        try:
+            path = value == "-" or any(c in value for c in "./\\:*?[") or Path(value).exists()
+        except (OSError, ValueError):  # (a name too long, a NUL)
+            path = False
+        if path:
+            out[i] = "--retry-failed=failed"
     return out
 
 
@@ -1034,10 +1077,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `enrich status ... | head`: the reader has what it wanted
+        if args.verbose:
+            raise
         # (stdout is pointed at /dev/null so the interpreter's last flush does not fail again)
         with contextlib.suppress(OSError, ValueError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        return EXIT_PIPE
     except KeyboardInterrupt:
         _say("interrupted")
         return EXIT_INCOMPLETE
@@ -1056,6 +1103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "PARALLEL_BASE_URL; nothing was created"
             )
             return EXIT_USAGE
+        if isinstance(exc, AuthenticationError):  # one line that says which key, and what to do
+            _say(
+                f"error: the service refused the API key in PARALLEL_API_KEY ({exc}); export the right "
+                "one and run the same command again (the checkpoint is kept)"
+            )
+            return EXIT_API
         _say(f"error: {exc}")
         if isinstance(exc, (TransportError, ServerError, RateLimitError)):
             # The service stayed unreachable or overloaded: nothing is wrong with the job itself.

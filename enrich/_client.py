@@ -199,6 +199,19 @@ _TLS: dict[tuple[str | None, str | None], ssl.SSLContext] = {}
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
+def api_key_of(api_key: str | None) -> str:
+    """`api_key`, or else PARALLEL_API_KEY's value; a UsageError if there is none or it looks mangled."""
+    key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
+    if not key:
+        raise UsageError(
+            "no API key: set the PARALLEL_API_KEY environment variable or pass api_key= (to try enrich "
+            "without one, `with enrich.Emulator() as emu:` and api_key=emu.api_key, base_url=emu.url)"
+        )
+    if any(c in key for c in "\r\n") or key != key.strip():
+        raise UsageError("the API key has spaces or line breaks around it: copy it again")
+    return key
+
+
 class TaskClient:
     """Async client for the Task API.
 
@@ -229,11 +242,7 @@ class TaskClient:
         max_connections: int = 100,
         beta: Sequence[str] = (),
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get("PARALLEL_API_KEY")
-        if not key:
-            raise UsageError("no API key: set the PARALLEL_API_KEY environment variable or pass api_key=")
-        if any(c in key for c in "\r\n") or key != key.strip():
-            raise UsageError("the API key has spaces or line breaks around it: copy it again")
+        key = api_key_of(api_key)
         url = base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"base URL {url!r} must start with http:// or https://")

@@ -226,6 +226,9 @@ def test_bad_key_exits_4_and_keeps_the_checkpoint(
     )
     err = capsys.readouterr().err
     assert "401" in err and "Traceback" not in err and "wrong-key" not in err
+    assert (
+        err.strip().splitlines()[-1].startswith("enrich: error: the service refused the API key in PARALLEL")
+    )
     assert (table.parent / "out.parquet.enrich" / "manifest.json").exists()
 
 
@@ -280,7 +283,11 @@ def test_status(table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]) 
 
 
 def test_retry_failed_before_the_input_takes_no_path(
-    table: Path, emu: Emulator, capsys: pytest.CaptureFixture[str]
+    table: Path,
+    emu: Emulator,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """`--retry-failed` has an optional value: a path after it is the input, not statuses."""
     out = table.with_name("out.parquet")
@@ -289,7 +296,14 @@ def test_retry_failed_before_the_input_takes_no_path(
     code = main(
         ["run", "--retry-failed", "canceled", str(table), "-o", str(out), "--field", "c=C", "--dry-run"]
     )
-    assert code == 2 and "'canceled' is not a status" in capsys.readouterr().err
+    assert code == 2 and "'canceled' is not a status" in (err := capsys.readouterr().err)
+    assert "did you mean 'cancelled'?" in err and "True" not in err
+    # Statuses stay the flag's value, even with a file of that name where the command runs.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "failed").write_text("company\nA\n")
+    args = ["run", "--retry-failed", "failed", str(table), "-o", str(out), "--field", "ceo=CEO", "--dry-run"]
+    assert main(args) == 0
+    assert "rows:               12" in capsys.readouterr().out
 
 
 def test_emulator_flag_needs_no_key(

@@ -21,7 +21,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from enrich import Emulator, JobStats, ServiceMismatchError, aenrich, enrich
+from enrich import Emulator, JobStats, ServiceMismatchError, UsageError, aenrich, enrich
 from enrich._checkpoint import Checkpoint
 from enrich._cli import main
 
@@ -228,6 +228,15 @@ def test_each_stop_names_its_own_next_step(
     assert run(str(src), "-o", str(tmp_path / "c.csv"), "--field", "ceo=CEO") == 2
     err = capsys.readouterr().err
     assert "could not reach http://127.0.0.1:9" in err and "long while" not in err, err
+
+
+def test_no_key_is_refused_before_the_table_is_read_or_a_checkpoint_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARALLEL_API_KEY", raising=False)
+    with pytest.raises(UsageError, match=r"^no API key: .*enrich\.Emulator\(\)"):
+        enrich(pl.DataFrame({"company": ["a"]}), "ceo", checkpoint=tmp_path / "cp", progress=False)
+    assert not (tmp_path / "cp").exists()  # (it used to hold a manifest naming a service never asked)
 
 
 def test_a_misspelt_argument_names_enrich_and_the_near_name(tmp_path: Path) -> None:

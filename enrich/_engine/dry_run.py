@@ -52,6 +52,8 @@ class JobPlan:
     #: 300 s taken) and the runs created per minute.
     latency: tuple[float, float] | None = None
     run_rate: int | None = None
+    rate_limit: int | None = None
+    rate_window: float = 60.0
 
     def lines(self) -> list[str]:
         """The plan as short lines for a terminal."""
@@ -81,7 +83,11 @@ class JobPlan:
         else:
             lo, hi = self.latency
             took = f"runs take {_short(lo)} to {_short(hi)}, {_short((lo + hi) / 2)} on average"
-        return f" (assumes {took}, and {self.run_rate:,} runs created a minute)"
+        per = "a minute" if self.rate_window == 60 else f"per {self.rate_window:g} s"
+        rates = f"{self.run_rate:,} runs created"
+        if self.mode == "runs" and self.rate_limit is not None:  # (a create and a read per run)
+            rates += f" and {self.rate_limit:,} requests"
+        return f" (assumes {took}, and {rates} {per})"
 
 
 def _short(seconds: float) -> str:
@@ -296,6 +302,8 @@ def _estimate(
         checkpoint=str(path) if path is not None else None,
         latency=proc.latency if proc is not None else None,
         run_rate=run_rate,
+        rate_limit=rate_limit,
+        rate_window=rate_window,
     )
 
 

@@ -25,7 +25,7 @@ import httpx
 import polars as pl
 
 from enrich._checkpoint import Checkpoint, Settled, read_pilot, read_settled
-from enrich._client import TaskClient, service_of
+from enrich._client import TaskClient, api_key_of, service_of
 from enrich._engine import assemble, shards
 from enrich._engine import pilot as pilot_sample
 from enrich._engine.job import JobStats, _Fatal, _Job, retry_statuses
@@ -109,6 +109,14 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return leaves[0]
 
 
+def _visibly_empty(data: Any) -> bool:
+    """A table in memory with no rows (a LazyFrame is not read to find out)."""
+    try:
+        return len(data) == 0
+    except TypeError:
+        return False
+
+
 async def aenrich(
     data: Any,
     output: Any,
@@ -156,6 +164,8 @@ async def aenrich(
     """
     started = time.monotonic()
     stats = stats if stats is not None else JobStats()
+    if not _visibly_empty(data):  # (an empty table needs no key: nothing is sent)
+        api_key_of(api_key)  # (before a table is read and set aside, or a checkpoint made, for nothing)
     if pilot is not None:  # (before a large table is read and set aside, or a pilot paid for)
         _check_pilot(pilot, checkpoint)
         if write_to is not None:
