@@ -246,8 +246,10 @@ def test_cli_emulate_maps_basis_bytes_to_the_config(
 ) -> None:
     served: list[EmulatorConfig] = []
     monkeypatch.setattr("enrich._emulator.serve", lambda config, host, port: served.append(config))
-    assert main(["emulate", "--basis-bytes", "4000"]) == 0 and served.pop().basis_bytes == 4_000
-    assert main(["emulate"]) == 0 and served.pop().basis_bytes is None
+    assert (
+        main(["emulate", "--port", "0", "--basis-bytes", "4000"]) == 0 and served.pop().basis_bytes == 4_000
+    )
+    assert main(["emulate", "--port", "0"]) == 0 and served.pop().basis_bytes is None
     capsys.readouterr()
     assert main(["emulate", "--basis-bytes", "0"]) == 2 and served == []
     err = capsys.readouterr().err.strip().splitlines()

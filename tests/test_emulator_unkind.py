@@ -385,14 +385,14 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[EmulatorConfig]:
 
 
 def test_cli_emulate_maps_its_flags_to_the_config(served: list[EmulatorConfig]) -> None:
-    assert main(["emulate"]) == 0
+    assert main(["emulate", "--port", "0"]) == 0  # (any free port: 8787 may be in use here)
     default = served.pop()
     assert (
         default.seed is None and default.late_commit_seconds == 0.0 and default.stream_close_seconds is None
     )
     assert default.own_interaction_ids is False
     argv = [
-        "emulate",
+        *("emulate", "--port", "0"),
         *("--late-commit", "2.5", "--late-commit-rate", "0.3", "--late-commit-answer", "after"),
         *("--stream-close", "30", "--rate-limit", "100", "--rate-burst", "10"),
         *("--run-rate-limit", "2000", "--run-burst", "500", "--rate-window", "30"),
@@ -415,7 +415,7 @@ def test_cli_emulate_maps_its_flags_to_the_config(served: list[EmulatorConfig]) 
     )
     assert config.retry_after_header is False and config.seed == 7 and config.credit == 5.0
     assert config.faults == frozenset({"drop", "slow"}) and config.own_interaction_ids is True
-    assert main(["emulate", "--seed", "none"]) == 0 and served.pop().seed is None
+    assert main(["emulate", "--port", "0", "--seed", "none"]) == 0 and served.pop().seed is None
 
 
 @pytest.mark.parametrize(
