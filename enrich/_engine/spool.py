@@ -13,6 +13,7 @@ A table of at most `STREAM_ROWS` rows is collected and prepared as a frame (`pre
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -289,9 +290,34 @@ def _prepare_stream(
 
 def _batches(data: pl.LazyFrame) -> Iterator[pl.DataFrame]:
     try:
+        if _parquet_scan(data):
+            # polars' streaming reader of Parquet reads row groups ahead of a slow consumer, as far as
+            # its prefetch allows: 10M rows in row groups of 1M held 850-950 MB at once while they were
+            # keyed. A slice of a plain scan is read from the row groups it needs (186 MB, 0.9 s).
+            rows = data.select(pl.len()).collect().item()
+            for start in range(0, rows, BATCH_ROWS):
+                yield data.slice(start, BATCH_ROWS).collect()
+            return
         yield from data.collect_batches(chunk_size=BATCH_ROWS)
     except (pl.exceptions.PolarsError, OSError) as exc:  # (an input file gone or unreadable since)
         raise UsageError(f"cannot read the input: {_first_line(exc)}") from exc
+
+
+_PLAIN_SCAN = re.compile(r"(?:Parquet SCAN \[.*|PROJECT .*|ESTIMATED ROWS.*|)")
+
+
+def _parquet_scan(data: pl.LazyFrame) -> bool:
+    """The plan is a Parquet scan and nothing else (of some columns, of one or several files): a slice of
+    it is read from its row groups, not by reading everything before it. (Anything else, or a plan polars
+    describes otherwise, is read by `collect_batches`: the same rows, with more memory.)"""
+    try:
+        plan = data.explain(optimized=True)
+    except Exception:  # (a plan that cannot be described is read the other way)
+        return False
+    lines = [line.strip() for line in plan.splitlines()]
+    return any(line.startswith("Parquet SCAN") for line in lines) and all(
+        _PLAIN_SCAN.fullmatch(line) for line in lines
+    )
 
 
 def _chained(head: list[pl.DataFrame], rest: Iterator[pl.DataFrame]) -> Iterator[pl.DataFrame]:
