@@ -253,3 +253,17 @@ def test_bad_arguments_are_refused_before_anything_is_read(cluster: Any, tmp_pat
     with pytest.raises(UsageError, match=r"ray\.data\.Dataset"):
         enrich_dataset(companies(3, 3), FIELDS, checkpoint=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("count", [8, 256])
+def test_each_shard_is_routed_to_a_partition_of_its_own(count: int) -> None:
+    """With the shard numbers as the group column, Ray's hash shuffle put two shards in one partition (run
+    one after the other by one worker) and left another empty: a key could wait with no shard sending."""
+    from ray.data._internal.arrow_ops.transform_pyarrow import _hash_partition_vectorized
+
+    from enrich.ray import SHARD_COLUMN, _routes
+
+    routes = _routes(count)
+    assert [r % count for r in routes] == list(range(count))  # (a worker takes the route modulo count)
+    table = pa.table({SHARD_COLUMN: pa.array(routes, pa.int32())})
+    assert _hash_partition_vectorized(table, count).tolist() == list(range(count))
