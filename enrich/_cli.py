@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import errno
 import json
 import os
@@ -20,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from enrich._engine.job import UNANSWERED as _RETRYABLE
 from enrich._exceptions import (
     APIError,
     AuthenticationError,
@@ -32,6 +32,7 @@ from enrich._exceptions import (
     TransportError,
     UsageError,
 )
+from enrich._inputs import near_name
 
 __all__ = ["main"]
 
@@ -100,8 +101,8 @@ def _parse_field(spec: str) -> tuple[str, Any]:
             description.strip(),
         )
     if base not in _TYPES + _TYPE_ALIASES and not base.startswith(("array[", "list[")):
-        close = difflib.get_close_matches(base, _TYPES + _TYPE_ALIASES, n=1)
-        meant = f"did you mean {close[0]!r}? " if close else ""
+        close = near_name(base, _TYPES + _TYPE_ALIASES)
+        meant = f"did you mean {close!r}? " if close else ""
         raise UsageError(
             f"--field {spec!r}: unknown type {kind!r}; {meant}use one of {', '.join(_TYPES)}, array[T], "
             "enum(a,b,c)"
@@ -1026,9 +1027,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RETRYABLE = ("failed", "cancelled", "action_required")
-
-
 def _retry_statuses(value: str | None) -> list[str] | bool:
     """`--retry-failed [STATUSES]`: the statuses to send again (None: the flag was not given)."""
     if value is None:
@@ -1036,8 +1034,8 @@ def _retry_statuses(value: str | None) -> list[str] | bool:
     named = [n.strip() for n in value.split(",") if n.strip()]
     wrong = [n for n in named if n not in _RETRYABLE] or ([] if named else [value])
     if wrong:
-        close = difflib.get_close_matches(wrong[0].lower(), _RETRYABLE, n=1)
-        meant = f"did you mean {close[0]!r}? " if close else ""
+        close = near_name(wrong[0], _RETRYABLE)
+        meant = f"did you mean {close!r}? " if close else ""
         raise UsageError(
             f"--retry-failed {value!r}: {wrong[0]!r} is not a status that can be sent again; {meant}name "
             "any of failed, cancelled, action_required, comma-separated (alone, the flag means failed)"

@@ -441,12 +441,18 @@ def _python_column(df: pl.DataFrame, name: str) -> list[Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+def near_name(name: str, choices: Sequence[str]) -> str | None:
+    """The choice `name` was probably meant to be (the same but for case, else the closest), or None."""
     lowered = {c.lower(): c for c in choices}
     if name.lower() in lowered:
-        return f" Did you mean {lowered[name.lower()]!r}?"
+        return lowered[name.lower()]
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = near_name(name, choices)
+    return f" Did you mean {close!r}?" if close else ""
 
 
 def _missing_column(name: str, available: Sequence[str], what: str = "column") -> UsageError:

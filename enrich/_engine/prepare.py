@@ -5,7 +5,6 @@ the job's checkpoint. Every bad input is a one-line `UsageError` here, before an
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from enrich._inputs import (
     chosen_columns,
     dedupe,
     keys_and_sizes,
+    near_name,
     text_keys_and_sizes,
     to_polars,
     validate_inputs,
@@ -216,8 +216,8 @@ def _check_choices(processor: str, mode: str) -> None:
         raise UsageError(f"mode must be 'group' or 'runs', got {mode!r}")
     if not isinstance(processor, str) or processor not in _allowed_processors():
         known = ", ".join(sorted(PROCESSORS, key=lambda p: (PROCESSORS[p].price_per_1k, p)))
-        close = difflib.get_close_matches(str(processor).lower(), PROCESSORS, n=1, cutoff=0.6)
-        meant = f"did you mean {close[0]!r}? " if close else ""
+        close = near_name(str(processor), list(PROCESSORS))
+        meant = f"did you mean {close!r}? " if close else ""
         raise UsageError(
             f"unknown processor {processor!r}; {meant}known: {known} "
             "(a newer one can be allowed with ENRICH_EXTRA_PROCESSORS=name)"

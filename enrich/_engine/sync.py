@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import inspect
 import signal
 import threading
@@ -14,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 from enrich._engine.pipeline import aenrich
+from enrich._inputs import near_name
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,8 +39,8 @@ def _check_arguments(data: Any, output: Any, kwargs: dict[str, Any]) -> None:
     known = inspect.signature(aenrich).parameters
     for name in kwargs:
         if name not in known:
-            close = difflib.get_close_matches(name, [k for k in known if not k.startswith("_")], n=1)
-            meant = f"; did you mean {close[0]!r}?" if close else ""
+            close = near_name(name, [k for k in known if not k.startswith("_")])
+            meant = f"; did you mean {close!r}?" if close else ""
             raise TypeError(f"enrich() got an unexpected keyword argument {name!r}{meant}")
     try:
         inspect.signature(aenrich).bind(data, output, **kwargs)
