@@ -29,6 +29,22 @@ def companies(n: int) -> pl.DataFrame:
     )
 
 
+def emulated_shard(app: Any, frame: pl.DataFrame, area: Path, **kw: Any) -> Any:
+    """`aenrich_shard` of `frame` (lite, the OUT fields) in `area`, against `app` in process."""
+    from enrich import aenrich_shard
+
+    return aenrich_shard(
+        frame,
+        OUT,
+        checkpoint=area,
+        base_url="http://emulator",
+        transport=httpx.ASGITransport(app=app),
+        api_key="k",
+        processor="lite",
+        **kw,
+    )
+
+
 def run_job(app: Any, data: Any, output: Any = OUT, **kw: Any) -> Any:
     kw.setdefault("api_key", "test-key")
     kw.setdefault("progress", False)
@@ -579,7 +595,6 @@ def test_shards_of_many_processes_keep_to_one_max_cost_through_a_ledger(tmp_path
     """A cluster's shards (here: coroutines, each with its own checkpoint, as Ray's actors have) share the
     job's max_cost through a `Ledger`: together they never go over it, and a call with a higher cap goes
     on from what was paid."""
-    from enrich import aenrich_shard
     from enrich._engine.broker import CostShare, Ledger, LocalLink
 
     app = create_app(EmulatorConfig(latency=0.05))
@@ -593,14 +608,10 @@ def test_shards_of_many_processes_keep_to_one_max_cost_through_a_ledger(tmp_path
         ledger = Ledger(int(max_cost / price + 1e-9), recorded)
         return await asyncio.gather(
             *(
-                aenrich_shard(
+                emulated_shard(
+                    app,
                     part,
-                    OUT,
-                    checkpoint=tmp_path / f"s{r}",
-                    base_url="http://emulator",
-                    transport=httpx.ASGITransport(app=app),
-                    api_key="k",
-                    processor="lite",
+                    tmp_path / f"s{r}",
                     mode=mode,
                     max_cost=max_cost,
                     rate_limit=60_000,
@@ -628,7 +639,6 @@ def test_a_shard_after_another_on_its_key_goes_on_with_its_limiter(tmp_path: Pat
     """Spark runs a slot's shards one after another in a Python worker, each on a loop of its own: with
     `_hand_over`, the next shard goes on with the last one's limiter (the window the service still counts)
     instead of bursting a fresh budget on top of it; what the limiter learns is kept in each area."""
-    from enrich import aenrich_shard
 
     window = 1.5
     app = create_app(EmulatorConfig(latency=0.05, run_rate_limit=40, rate_limit=1000, rate_window=window))
@@ -638,14 +648,10 @@ def test_a_shard_after_another_on_its_key_goes_on_with_its_limiter(tmp_path: Pat
 
     def shard(r: int) -> pl.DataFrame:
         return asyncio.run(
-            aenrich_shard(
+            emulated_shard(
+                app,
                 parts[r],
-                OUT,
-                checkpoint=tmp_path / f"s{r}",
-                base_url="http://emulator",
-                transport=httpx.ASGITransport(app=app),
-                api_key="k",
-                processor="lite",
+                tmp_path / f"s{r}",
                 rate_limit=1000,
                 run_rate=40,
                 rate_window=window,
